@@ -1,0 +1,124 @@
+//! `chipsite`: run a whole dev site, or one service for containers.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use chipsite_site::{Config, Service, Site};
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "chipsite", version, about = "The chipsite site server")]
+struct Cli {
+    /// Configuration file (TOML). CHIPSITE_* environment variables override it.
+    #[arg(long, global = true, env = "CHIPSITE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole site in one process on loopback, with SQLite in a data directory.
+    Dev {
+        /// Data directory (default: $CHIPSITE_DATA_DIR or ~/.local/share/chipsite/dev).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// One service (admin, key-vault or ticket), configured from file and environment.
+    Serve { service: String },
+    /// Print the effective configuration, secrets masked.
+    Config,
+    /// Ticket issue + redeem benchmark against PostgreSQL, beside pgbench.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Config => {
+            print!("{}", config.to_masked_toml());
+            Ok(())
+        }
+        Command::Dev { data_dir } => {
+            if let Some(d) = data_dir {
+                config.data_dir = d;
+            }
+            let _telemetry = chipsite_telemetry::init("chipsite", &config.log, &config.otlp_endpoint)?;
+            runtime.block_on(dev(config))
+        }
+        Command::Serve { service } => {
+            let service = Service::parse(&service)
+                .with_context(|| format!("unknown service {service:?}: use admin, key-vault or ticket"))?;
+            let _telemetry = chipsite_telemetry::init(service.identity(), &config.log, &config.otlp_endpoint)?;
+            runtime.block_on(chipsite_site::serve_one(&config, service, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+    }
+}
+
+async fn dev(config: Config) -> anyhow::Result<()> {
+    let site = Site::start_dev(&config).await?;
+    let e = &site.endpoints;
+    let data = e.data_dir.display();
+    println!("chipsite dev site is running (data directory {data})");
+    println!();
+    println!("  admin      {}  (AdminService, gRPC over mutual TLS, reflection on)", e.admin);
+    println!("  key-vault  {}", e.key_vault);
+    println!("  ticket     {}", e.ticket);
+    println!();
+    println!("  endpoints  {}", chipsite_site::Endpoints::path(&e.data_dir).display());
+    println!("  CA         {}", e.ca.display());
+    println!("  admin cert {} / {}", e.admin_client_cert.display(), e.admin_client_key.display());
+    println!();
+    if site.created_site_key {
+        println!("  first launch: created the site key");
+    }
+    if !site.init_scripts_ran.is_empty() {
+        println!("  init scripts run: {}", site.init_scripts_ran.join(", "));
+    }
+    println!(
+        "  WARNING: dev mode keeps the site key pass phrase in {} so it can unseal by itself.",
+        chipsite_site::dev::passphrase_path(&e.data_dir).display()
+    );
+    println!("           Never do this in production (`chipsite serve` never does).");
+    println!("  vault: {}", if site.unsealed { "unsealed" } else { "SEALED (chipsctl key unseal)" });
+    println!();
+    println!("Try:");
+    println!("  chipsctl user create alice --name 'Alice Example' --email alice@example.com");
+    println!("  chipsctl ticket issue alice --qr");
+    println!("  chipsctl key status");
+    println!("  chipsctl audit");
+    println!();
+    println!("Ctrl-C stops the site.");
+    shutdown_signal().await;
+    println!("stopping…");
+    site.shutdown(Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,180 @@
+//! Configuration: defaults → TOML file → `CHIPSITE_*` environment → flags.
+//! Nested keys use `__` in the environment (`CHIPSITE_TLS__CERT`).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// The services a site is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Service {
+    Admin,
+    KeyVault,
+    Ticket,
+}
+
+impl Service {
+    pub const ALL: [Service; 3] = [Service::Admin, Service::KeyVault, Service::Ticket];
+
+    /// The internal identity (certificate name) of the service.
+    pub fn identity(self) -> &'static str {
+        match self {
+            Self::Admin => chipsite_tls::identity::ADMIN,
+            Self::KeyVault => chipsite_tls::identity::KEY_VAULT,
+            Self::Ticket => chipsite_tls::identity::TICKET,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.identity() == s)
+    }
+}
+
+/// Where each service listens (`chipsite dev`) or is reached (`serve`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addresses {
+    pub admin: String,
+    pub key_vault: String,
+    pub ticket: String,
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Self { admin: "127.0.0.1:44310".into(), key_vault: "127.0.0.1:44311".into(), ticket: "127.0.0.1:44312".into() }
+    }
+}
+
+impl Addresses {
+    pub fn of(&self, s: Service) -> &str {
+        match s {
+            Service::Admin => &self.admin,
+            Service::KeyVault => &self.key_vault,
+            Service::Ticket => &self.ticket,
+        }
+    }
+}
+
+/// Certificate, key and internal CA files (serve mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// The whole configuration. Every field has a default, so an empty file
+/// and environment give a working dev site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Where `chipsite dev` keeps its databases, PKI and endpoints file.
+    pub data_dir: PathBuf,
+    /// One database URL for every service (PostgreSQL in production). Empty:
+    /// an SQLite file per service under `data_dir/db`.
+    pub database_url: String,
+    /// Service addresses: where each service listens, and where others reach it.
+    pub addresses: Addresses,
+    /// `serve`: this service's address to listen on (default: its entry in `addresses`).
+    pub listen: Option<SocketAddr>,
+    /// `serve`: certificate files; reloaded when they change.
+    pub tls: Option<TlsFiles>,
+    /// Directory of init scripts (`*.sql`, run once each, in name order).
+    pub init_dir: Option<PathBuf>,
+    /// OTLP endpoint for traces (e.g. `http://127.0.0.1:4317`); empty is off.
+    pub otlp_endpoint: String,
+    /// Log filter (tracing's EnvFilter syntax).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            database_url: String::new(),
+            addresses: Addresses::default(),
+            listen: None,
+            tls: None,
+            init_dir: None,
+            otlp_endpoint: String::new(),
+            log: "info,sea_orm_migration=warn".into(),
+        }
+    }
+}
+
+/// `$CHIPSITE_DATA_DIR`, else `$XDG_DATA_HOME/chipsite/dev`, else
+/// `~/.local/share/chipsite/dev`, else `./.chipsite`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CHIPSITE_DATA_DIR") {
+        return d.into();
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("chipsite/dev");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/chipsite/dev");
+    }
+    PathBuf::from(".chipsite")
+}
+
+impl Config {
+    /// Defaults, then `file` (if given), then `CHIPSITE_*` environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(Box::new(figment::Error::from(format!("config file {} does not exist", f.display()))));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("CHIPSITE_").split("__").ignore(&["site_key_passphrase"]));
+        fig.extract().map_err(Box::new)
+    }
+
+    pub fn init_dir(&self) -> PathBuf {
+        self.init_dir.clone().unwrap_or_else(|| self.data_dir.join("init.d"))
+    }
+
+    /// The database URL a service uses.
+    pub fn database_url_for(&self, s: Service) -> String {
+        if self.database_url.is_empty() {
+            chipsite_store::sqlite_url(&self.data_dir.join("db").join(format!("{}.sqlite", s.identity())))
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The configuration as TOML, with the database password masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        c.database_url = chipsite_store::redact_url(&c.database_url);
+        toml_string(&c)
+    }
+}
+
+fn toml_string(c: &Config) -> String {
+    // figment can serialize back through serde_json; TOML-ish output is
+    // enough for humans and avoids another dependency.
+    let v = serde_json::to_value(c).unwrap_or_default();
+    let mut out = String::new();
+    if let serde_json::Value::Object(m) = v {
+        let mut tables = String::new();
+        for (k, v) in m {
+            match v {
+                serde_json::Value::Object(inner) => {
+                    tables.push_str(&format!("\n[{k}]\n"));
+                    for (ik, iv) in inner {
+                        tables.push_str(&format!("{ik} = {iv}\n"));
+                    }
+                }
+                serde_json::Value::Null => out.push_str(&format!("# {k} is not set\n")),
+                v => out.push_str(&format!("{k} = {v}\n")),
+            }
+        }
+        out.push_str(&tables);
+    }
+    out
+}

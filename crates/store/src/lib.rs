@@ -1,0 +1,118 @@
+//! Database connections for chipsite's services: PostgreSQL in production,
+//! embedded SQLite for `chipsite dev`, both through sea-orm. Each service
+//! owns its tables and runs its own migrations (with its own migration
+//! table), so services can share one database or use one each.
+
+use std::{path::Path, time::Duration};
+
+pub use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, Database};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL must start with postgres://, postgresql:// or sqlite:// (got {0:?})")]
+    BadUrl(String),
+    #[error("creating the database directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("cannot connect to the database: {0}")]
+    Connect(DbErr),
+}
+
+/// Which engine a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+impl Engine {
+    pub fn of_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else {
+            Err(StoreError::BadUrl(redact_url(url)))
+        }
+    }
+}
+
+/// The URL of an SQLite file, created if absent.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Connect to a database. SQLite gets WAL, a busy timeout and foreign keys;
+/// its parent directory is created.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
+    let engine = Engine::of_url(url)?;
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.sqlx_logging(false).connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(10));
+    match engine {
+        Engine::Sqlite => {
+            if let Some(path) = url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
+                if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
+                }
+            }
+            opts.max_connections(8).map_sqlx_sqlite_opts(|o| {
+                o.busy_timeout(Duration::from_secs(10))
+                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+            });
+        }
+        Engine::Postgres => {
+            opts.max_connections(32);
+        }
+    }
+    Database::connect(opts).await.map_err(StoreError::Connect)
+}
+
+/// A URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Milliseconds since the Unix epoch: how every service stores time, so
+/// that SQLite and PostgreSQL hold the same values.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether a database error is a uniqueness violation (both engines).
+pub fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn engines_are_told_apart() {
+        assert_eq!(Engine::of_url("postgresql://h/db").ok(), Some(Engine::Postgres));
+        assert_eq!(Engine::of_url("sqlite://x?mode=rwc").ok(), Some(Engine::Sqlite));
+        assert!(Engine::of_url("mysql://h/db").is_err());
+    }
+}

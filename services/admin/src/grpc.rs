@@ -1,0 +1,425 @@
+//! AdminService gRPC: mapping to and from protobuf, orchestration of
+//! key-vault and ticket calls, the audit record of every command, and who
+//! may call what.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_proto::{
+    admin::v1::{self as pb, admin_service_server::AdminService},
+    keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
+    ticket::v1::{self as tk, tickets_client::TicketsClient},
+};
+use chipsite_ticket::{Kind, render::PublishedTicket};
+use chipsite_tls::{Caller, Policy, identity as id};
+use tonic::{Code, Request, Response, Status, transport::Channel};
+
+use crate::{Admin, UserChanges, UserData, store::user};
+
+/// Which internal identities may call which AdminService RPC: the operator
+/// and console everything; gateways may read users and lockdown state.
+pub fn policy() -> Policy {
+    const S: &str = "/chipsite.admin.v1.AdminService/";
+    Policy::new()
+        .allow(S, &[id::ADMIN_CLIENT, id::CONSOLE])
+        .allow(&format!("{S}GetUser"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(&format!("{S}GetLockdown"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(&format!("{S}GetSiteConfig"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(&format!("{S}GetPeerServer"), &[id::PEER_GATEWAY])
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminGrpc {
+    admin: Arc<Admin>,
+    vault: KeyVaultClient<Channel>,
+    tickets: TicketsClient<Channel>,
+}
+
+impl AdminGrpc {
+    pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel) -> Self {
+        Self { admin, vault: KeyVaultClient::new(key_vault), tickets: TicketsClient::new(tickets) }
+    }
+
+    /// Run one command and leave one audit record of it.
+    async fn audited<T, F>(&self, caller: &str, action: &str, subject: &str, f: F) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T, Status>>,
+    {
+        let result = f.await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        };
+        if let Err(e) = self.admin.audit(caller, action, subject, &outcome).await {
+            tracing::error!(error = %e, action, "could not write the admin audit record");
+            return Err(Status::internal("could not write the audit record"));
+        }
+        result.map(Response::new)
+    }
+
+    async fn user_pb(&self, u: user::Model) -> Result<pb::User, Status> {
+        let has_key = match self.vault.clone().get_user_key(kv::GetUserKeyRequest { chip_id: u.chip_id.clone() }).await
+        {
+            Ok(_) => true,
+            Err(s) if s.code() == Code::NotFound => false,
+            Err(s) => return Err(s),
+        };
+        Ok(pb::User {
+            chip_id: u.chip_id,
+            name: u.name,
+            address: u.address,
+            contact: Some(pb::Contact { email: u.email, phone: u.phone }),
+            status: u.status,
+            created_at_ms: u.created_at_ms,
+            updated_at_ms: u.updated_at_ms,
+            locked: u.locked,
+            has_key,
+        })
+    }
+
+    async fn vault_view(&self, s: kv::VaultStatus) -> pb::VaultStatusView {
+        pb::VaultStatusView {
+            has_key: s.has_key,
+            sealed: s.sealed,
+            site_key_pin: s.site_key_pin,
+            key_created_at_ms: s.key_created_at_ms,
+        }
+    }
+}
+
+fn ticket_pb(t: tk::TicketInfo) -> pb::TicketInfo {
+    let kind = match tk::TicketKind::try_from(t.kind) {
+        Ok(tk::TicketKind::User) => "user",
+        Ok(tk::TicketKind::Tally) => "tally",
+        _ => "unknown",
+    };
+    pb::TicketInfo {
+        id: t.id,
+        kind: kind.to_owned(),
+        chip_id: t.chip_id,
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        state: t.state,
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl AdminService for AdminGrpc {
+    async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> R<pb::User> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "create_user", &r.chip_id.clone(), async {
+            let contact = r.contact.unwrap_or_default();
+            let data = UserData { name: r.name, address: r.address, email: contact.email, phone: contact.phone };
+            let u = self.admin.create_user(&r.chip_id, data).await?;
+            self.user_pb(u).await
+        })
+        .await
+    }
+
+    async fn get_user(&self, req: Request<pb::GetUserRequest>) -> R<pb::User> {
+        let u = self.admin.user(&req.into_inner().chip_id).await?;
+        Ok(Response::new(self.user_pb(u).await?))
+    }
+
+    async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> R<pb::ListUsersResponse> {
+        let r = req.into_inner();
+        let size = if r.page_size == 0 { 50 } else { r.page_size.min(1000) };
+        let mut users = self.admin.list_users(&r.query, &r.page_token, u64::from(size) + 1).await?;
+        let more = users.len() > size as usize;
+        users.truncate(size as usize);
+        let next_page_token = if more { users.last().map(|u| u.chip_id.clone()).unwrap_or_default() } else { String::new() };
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            out.push(self.user_pb(u).await?);
+        }
+        Ok(Response::new(pb::ListUsersResponse { users: out, next_page_token }))
+    }
+
+    async fn update_user(&self, req: Request<pb::UpdateUserRequest>) -> R<pb::User> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "update_user", &r.chip_id.clone(), async {
+            let changes =
+                UserChanges { name: r.name, address: r.address, email: r.email, phone: r.phone, status: r.status };
+            let u = self.admin.update_user(&r.chip_id, changes).await?;
+            self.user_pb(u).await
+        })
+        .await
+    }
+
+    async fn dump_user(&self, req: Request<pb::DumpUserRequest>) -> R<pb::DumpUserResponse> {
+        let caller = Caller::of(&req);
+        let chip_id = req.into_inner().chip_id;
+        self.audited(&caller, "dump_user", &chip_id, async {
+            let u = self.admin.user(&chip_id).await?;
+            let key = match self.vault.clone().get_user_key(kv::GetUserKeyRequest { chip_id: chip_id.clone() }).await {
+                Ok(k) => Some(URL_SAFE_NO_PAD.encode(k.into_inner().public_key)),
+                Err(s) if s.code() == Code::NotFound => None,
+                Err(s) => return Err(s),
+            };
+            let dump = Admin::dump_of(&u, key);
+            let json = serde_json::to_string_pretty(&dump).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::DumpUserResponse { json })
+        })
+        .await
+    }
+
+    async fn load_user(&self, req: Request<pb::LoadUserRequest>) -> R<pb::User> {
+        let caller = Caller::of(&req);
+        let json = req.into_inner().json;
+        let dump = match Admin::parse_dump(&json) {
+            Ok(d) => d,
+            Err(e) => return self.audited(&caller, "load_user", "", async { Err(e.into()) }).await,
+        };
+        self.audited(&caller, "load_user", &dump.chip_id.clone(), async {
+            let u = self.admin.load_user(&dump).await?;
+            if let Some(key) = &dump.public_key {
+                let public_key = URL_SAFE_NO_PAD.decode(key).unwrap_or_default();
+                let registered = self
+                    .vault
+                    .clone()
+                    .register_user_key(kv::RegisterUserKeyRequest { chip_id: u.chip_id.clone(), public_key })
+                    .await;
+                if let Err(s) = registered {
+                    // Nothing half-written: take the user back out.
+                    self.admin.unload_user(&u.chip_id).await?;
+                    return Err(Status::invalid_argument(format!("bad user dump: public_key: {}", s.message())));
+                }
+            }
+            self.user_pb(u).await
+        })
+        .await
+    }
+
+    async fn issue_user_ticket(&self, req: Request<pb::IssueUserTicketRequest>) -> R<pb::IssuedTicketView> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "issue_user_ticket", &r.chip_id.clone(), async {
+            let u = self.admin.user(&r.chip_id).await?;
+            if u.status != "active" {
+                return Err(Status::failed_precondition(format!("user {:?} is {}", u.chip_id, u.status)));
+            }
+            let config = self.admin.config().await?;
+            let get = |k: &str| config.get(k).cloned().unwrap_or_default();
+            let ttl = if r.ttl_seconds == 0 { get("ticket.ttl_seconds").parse().unwrap_or(86400) } else { r.ttl_seconds };
+            let host = get("user_gateway.host");
+            let port: u16 = get("user_gateway.port").parse().unwrap_or(0);
+            let issued = self
+                .tickets
+                .clone()
+                .issue_ticket(tk::IssueTicketRequest {
+                    kind: tk::TicketKind::User as i32,
+                    chip_id: u.chip_id.clone(),
+                    ttl_seconds: ttl,
+                    host: host.clone(),
+                    port: u32::from(port),
+                })
+                .await?
+                .into_inner();
+            let info = issued.info.unwrap_or_default();
+            let published = PublishedTicket::new(
+                Kind::User,
+                &u.chip_id,
+                &host,
+                port,
+                &issued.token,
+                &issued.site_public_key,
+                info.expires_at_ms,
+            );
+            Ok(pb::IssuedTicketView {
+                ticket_id: info.id,
+                chip_id: u.chip_id,
+                expires_at_ms: info.expires_at_ms,
+                json: published.to_json(),
+                uri: published.to_uri(),
+            })
+        })
+        .await
+    }
+
+    async fn list_tickets(&self, req: Request<pb::ListTicketsRequest>) -> R<pb::ListTicketsResponse> {
+        let r = req.into_inner();
+        let list = self
+            .tickets
+            .clone()
+            .list_tickets(tk::ListTicketsRequest { chip_id: r.chip_id, include_closed: r.include_closed, limit: 1000 })
+            .await?
+            .into_inner();
+        Ok(Response::new(pb::ListTicketsResponse { tickets: list.tickets.into_iter().map(ticket_pb).collect() }))
+    }
+
+    async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::RevokeTicketResponse> {
+        let caller = Caller::of(&req);
+        let id = req.into_inner().id;
+        self.audited(&caller, "revoke_ticket", &id.clone(), async {
+            let t = self.tickets.clone().revoke_ticket(tk::RevokeTicketRequest { id }).await?.into_inner();
+            Ok(pb::RevokeTicketResponse { ticket: Some(ticket_pb(t)) })
+        })
+        .await
+    }
+
+    async fn get_vault_status(&self, _: Request<pb::GetVaultStatusRequest>) -> R<pb::VaultStatusView> {
+        let s = self.vault.clone().get_status(kv::GetStatusRequest {}).await?.into_inner();
+        Ok(Response::new(self.vault_view(s).await))
+    }
+
+    async fn unseal_vault(&self, req: Request<pb::UnsealVaultRequest>) -> R<pb::VaultStatusView> {
+        let caller = Caller::of(&req);
+        let passphrase = req.into_inner().passphrase;
+        self.audited(&caller, "unseal_vault", "site key", async {
+            let s = self.vault.clone().unseal(kv::UnsealRequest { passphrase }).await?.into_inner();
+            Ok(self.vault_view(s).await)
+        })
+        .await
+    }
+
+    async fn seal_vault(&self, req: Request<pb::SealVaultRequest>) -> R<pb::VaultStatusView> {
+        let caller = Caller::of(&req);
+        self.audited(&caller, "seal_vault", "site key", async {
+            let s = self.vault.clone().seal(kv::SealRequest {}).await?.into_inner();
+            Ok(self.vault_view(s).await)
+        })
+        .await
+    }
+
+    async fn create_site_key(&self, req: Request<pb::CreateSiteKeyRequest>) -> R<pb::VaultStatusView> {
+        let caller = Caller::of(&req);
+        let passphrase = req.into_inner().passphrase;
+        self.audited(&caller, "create_site_key", "site key", async {
+            let s = self.vault.clone().create_site_key(kv::CreateSiteKeyRequest { passphrase }).await?.into_inner();
+            Ok(self.vault_view(s).await)
+        })
+        .await
+    }
+
+    async fn change_passphrase(&self, req: Request<pb::ChangePassphraseRequest>) -> R<pb::VaultStatusView> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "change_passphrase", "site key", async {
+            let s = self
+                .vault
+                .clone()
+                .change_passphrase(kv::ChangePassphraseRequest {
+                    old_passphrase: r.old_passphrase,
+                    new_passphrase: r.new_passphrase,
+                })
+                .await?
+                .into_inner();
+            Ok(self.vault_view(s).await)
+        })
+        .await
+    }
+
+    async fn get_peer_server(&self, _: Request<pb::GetPeerServerRequest>) -> R<pb::PeerServerState> {
+        let (desired, changed_at_ms) = self.admin.peer_server().await?;
+        Ok(Response::new(pb::PeerServerState { desired, changed_at_ms }))
+    }
+
+    async fn start_peer_server(&self, req: Request<pb::StartPeerServerRequest>) -> R<pb::PeerServerState> {
+        let caller = Caller::of(&req);
+        let passphrase = req.into_inner().passphrase;
+        self.audited(&caller, "start_peer_server", "peer server", async {
+            // The pass phrase proves the operator holds the site key, and
+            // unseals the vault the peer server needs.
+            self.vault.clone().unseal(kv::UnsealRequest { passphrase }).await?;
+            let (desired, changed_at_ms) = self.admin.set_peer_server(true).await?;
+            Ok(pb::PeerServerState { desired, changed_at_ms })
+        })
+        .await
+    }
+
+    async fn stop_peer_server(&self, req: Request<pb::StopPeerServerRequest>) -> R<pb::PeerServerState> {
+        let caller = Caller::of(&req);
+        self.audited(&caller, "stop_peer_server", "peer server", async {
+            let (desired, changed_at_ms) = self.admin.set_peer_server(false).await?;
+            Ok(pb::PeerServerState { desired, changed_at_ms })
+        })
+        .await
+    }
+
+    async fn set_lockdown(&self, req: Request<pb::SetLockdownRequest>) -> R<pb::LockdownState> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let action = if r.locked { "lockdown" } else { "lift_lockdown" };
+        let subject = if r.chip_id.is_empty() { "site".to_owned() } else { r.chip_id.clone() };
+        self.audited(&caller, action, &subject, async {
+            if r.chip_id.is_empty() {
+                self.admin.set_site_locked(r.locked).await?;
+                Ok(pb::LockdownState { site_locked: r.locked, chip_id: String::new(), user_locked: false })
+            } else {
+                let u = self.admin.set_user_locked(&r.chip_id, r.locked).await?;
+                let site_locked = self.admin.site_locked().await?;
+                Ok(pb::LockdownState { site_locked, chip_id: u.chip_id, user_locked: u.locked })
+            }
+        })
+        .await
+    }
+
+    async fn get_lockdown(&self, req: Request<pb::GetLockdownRequest>) -> R<pb::LockdownState> {
+        let chip_id = req.into_inner().chip_id;
+        let site_locked = self.admin.site_locked().await?;
+        let user_locked = if chip_id.is_empty() { false } else { self.admin.user(&chip_id).await?.locked };
+        Ok(Response::new(pb::LockdownState { site_locked, chip_id, user_locked }))
+    }
+
+    async fn get_site_config(&self, _: Request<pb::GetSiteConfigRequest>) -> R<pb::SiteConfig> {
+        Ok(Response::new(pb::SiteConfig { values: self.admin.config().await?.into_iter().collect() }))
+    }
+
+    async fn update_site_config(&self, req: Request<pb::UpdateSiteConfigRequest>) -> R<pb::SiteConfig> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let mut keys: Vec<&str> = r.set.keys().map(String::as_str).chain(r.reset.iter().map(String::as_str)).collect();
+        keys.sort_unstable();
+        let subject = keys.join(",");
+        self.audited(&caller, "update_site_config", &subject, async {
+            let set: BTreeMap<String, String> = r.set.clone().into_iter().collect();
+            let values = self.admin.update_config(&set, &r.reset).await?;
+            Ok(pb::SiteConfig { values: values.into_iter().collect() })
+        })
+        .await
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) };
+        let mut entries = vec![];
+        if r.source.is_empty() || r.source == "admin" {
+            for a in self.admin.audit_log(u64::from(limit)).await? {
+                entries.push(pb::AuditEntry {
+                    at_ms: a.at_ms,
+                    source: "admin".into(),
+                    actor: a.actor,
+                    action: a.action,
+                    subject: a.subject,
+                    outcome: a.outcome,
+                });
+            }
+        }
+        if r.source.is_empty() || r.source == "ticket" {
+            let records = self
+                .tickets
+                .clone()
+                .list_audit(tk::ListAuditRequest { ticket_id: String::new(), limit })
+                .await?
+                .into_inner()
+                .records;
+            for t in records {
+                entries.push(pb::AuditEntry {
+                    at_ms: t.at_ms,
+                    source: "ticket".into(),
+                    actor: t.source,
+                    action: "ticket".into(),
+                    subject: t.ticket_id,
+                    outcome: t.outcome,
+                });
+            }
+        }
+        entries.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+        entries.truncate(limit as usize);
+        Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+}

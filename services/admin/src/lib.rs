@@ -1,0 +1,517 @@
+//! admin: the site's users, configuration defaults, lockdown, peer-server
+//! desired state, first launch (init scripts), and AdminService — every
+//! administration command of the seed design note.
+
+mod grpc;
+pub mod store;
+
+use std::{collections::BTreeMap, path::Path};
+
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use chipsite_store::{is_unique_violation, now_ms};
+pub use grpc::{AdminGrpc, policy};
+use store::{audit, init_script, setting, user};
+
+pub const USER_STATUSES: &[&str] = &["active", "suspended", "closed"];
+/// The dump format name.
+pub const DUMP_FORMAT: &str = "chipsite.user.v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("user {0:?} not found")]
+    UserNotFound(String),
+    #[error("user {0:?} already exists")]
+    UserExists(String),
+    #[error("bad user dump: {0}")]
+    BadDump(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("init script {name}: {message}")]
+    InitScript { name: String, message: String },
+    #[error("database: {0}")]
+    Store(#[from] sea_orm::DbErr),
+}
+
+impl AdminError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument(_) | Self::BadDump(_) => tonic::Code::InvalidArgument,
+            Self::UserNotFound(_) => tonic::Code::NotFound,
+            Self::UserExists(_) => tonic::Code::AlreadyExists,
+            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Self::InitScript { .. } | Self::Store(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<AdminError> for tonic::Status {
+    fn from(e: AdminError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+/// A user's editable data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserData {
+    pub name: String,
+    pub address: String,
+    pub email: String,
+    pub phone: String,
+}
+
+/// Changes to a user; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UserChanges {
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub status: Option<String>,
+}
+
+/// A user as dumped to and loaded from JSON (format "chipsite.user.v1").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDump {
+    pub format: String,
+    pub chip_id: String,
+    pub name: String,
+    pub address: String,
+    pub contact: DumpContact,
+    pub status: String,
+    pub locked: bool,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// base64url SPKI DER of the user's registered key, if any.
+    pub public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DumpContact {
+    pub email: String,
+    pub phone: String,
+}
+
+pub fn validate_chip_id(chip_id: &str) -> Result<(), AdminError> {
+    let ok = !chip_id.is_empty()
+        && chip_id.len() <= 64
+        && chip_id.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chip_id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::InvalidArgument(format!(
+            "invalid CHIP ID {chip_id:?}: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )))
+    }
+}
+
+fn validate_data(d: &UserData) -> Result<(), AdminError> {
+    let bad = |m: &str| Err(AdminError::InvalidArgument(m.to_owned()));
+    if d.name.trim().is_empty() || d.name.chars().count() > 200 {
+        return bad("name must have 1 to 200 characters");
+    }
+    if d.address.chars().count() > 1000 {
+        return bad("address may have at most 1000 characters");
+    }
+    if !d.email.is_empty()
+        && (d.email.len() > 254 || !d.email.contains('@') || d.email.chars().any(|c| c.is_whitespace()))
+    {
+        return bad("email must look like name@domain");
+    }
+    if d.phone.len() > 32 || !d.phone.chars().all(|c| c.is_ascii_digit() || "+-() ".contains(c)) {
+        return bad("phone may hold digits, spaces and + - ( ), at most 32 characters");
+    }
+    Ok(())
+}
+
+fn validate_status(s: &str) -> Result<(), AdminError> {
+    if USER_STATUSES.contains(&s) {
+        Ok(())
+    } else {
+        Err(AdminError::InvalidArgument(format!("status must be one of {}", USER_STATUSES.join(", "))))
+    }
+}
+
+/// Site configuration keys, their defaults, and what values they take.
+pub fn config_defaults() -> BTreeMap<&'static str, &'static str> {
+    BTreeMap::from([
+        ("site.name", "chipsite"),
+        ("ticket.ttl_seconds", "86400"),
+        ("user_gateway.host", "127.0.0.1"),
+        ("user_gateway.port", "44301"),
+        ("peer_gateway.host", "127.0.0.1"),
+        ("peer_gateway.port", "44302"),
+        ("alarm.email_from", "chipsite@localhost"),
+        ("alarm.sms_webhook", ""),
+    ])
+}
+
+fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
+    let bad = |m: String| Err(AdminError::InvalidArgument(m));
+    if !config_defaults().contains_key(key) {
+        return bad(format!(
+            "unknown configuration key {key:?}; known keys: {}",
+            config_defaults().keys().copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    match key {
+        "ticket.ttl_seconds" => match value.parse::<u32>() {
+            Ok(n) if (60..=30 * 86400).contains(&n) => Ok(()),
+            _ => bad("ticket.ttl_seconds must be a whole number from 60 to 2592000".into()),
+        },
+        k if k.ends_with(".port") => match value.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(()),
+            _ => bad(format!("{k} must be a port number from 1 to 65535")),
+        },
+        k if k.ends_with(".host") => {
+            if !value.is_empty()
+                && value.len() <= 255
+                && value.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+            {
+                Ok(())
+            } else {
+                bad(format!("{k} must be a host name or IP address"))
+            }
+        }
+        "site.name" if value.trim().is_empty() || value.len() > 100 => {
+            bad("site.name must have 1 to 100 characters".into())
+        }
+        "alarm.sms_webhook" if !(value.is_empty() || value.starts_with("http://") || value.starts_with("https://")) => {
+            bad("alarm.sms_webhook must be empty or an http(s) URL".into())
+        }
+        _ if value.len() > 1000 => bad(format!("{key} is too long")),
+        _ => Ok(()),
+    }
+}
+
+const CONFIG: &str = "config";
+const STATE: &str = "state";
+
+pub struct Admin {
+    db: DatabaseConnection,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// Open admin's store, building its tables on first launch.
+    pub async fn open(db: DatabaseConnection) -> Result<Self, AdminError> {
+        store::Migrator::up(&db, None).await?;
+        Ok(Self { db })
+    }
+
+    /// Run every `*.sql` file in `dir` (in name order) that has not run
+    /// before, each in one transaction with the record that it ran.
+    /// Returns the names of the scripts that ran now.
+    pub async fn run_init_scripts(&self, dir: &Path) -> Result<Vec<String>, AdminError> {
+        let mut names = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".sql"))
+                .collect::<Vec<_>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => {
+                return Err(AdminError::InitScript { name: dir.display().to_string(), message: e.to_string() });
+            }
+        };
+        names.sort();
+        let mut ran = vec![];
+        for name in names {
+            let sql = std::fs::read_to_string(dir.join(&name))
+                .map_err(|e| AdminError::InitScript { name: name.clone(), message: e.to_string() })?;
+            let digest = hex(&Sha256::digest(sql.as_bytes()));
+            if let Some(done) = init_script::Entity::find_by_id(name.clone()).one(&self.db).await? {
+                if done.sha256 != digest {
+                    tracing::warn!(script = %name, "init script changed since it ran; it is not run again");
+                }
+                continue;
+            }
+            let txn = self.db.begin().await?;
+            txn.execute_unprepared(&sql)
+                .await
+                .map_err(|e| AdminError::InitScript { name: name.clone(), message: e.to_string() })?;
+            init_script::ActiveModel { name: Set(name.clone()), sha256: Set(digest), ran_at_ms: Set(now_ms()) }
+                .insert(&txn)
+                .await?;
+            txn.commit().await?;
+            tracing::info!(script = %name, "init script ran");
+            ran.push(name);
+        }
+        Ok(ran)
+    }
+
+    pub async fn init_scripts(&self) -> Result<Vec<init_script::Model>, AdminError> {
+        Ok(init_script::Entity::find().order_by_asc(init_script::Column::Name).all(&self.db).await?)
+    }
+
+    pub async fn create_user(&self, chip_id: &str, data: UserData) -> Result<user::Model, AdminError> {
+        validate_chip_id(chip_id)?;
+        validate_data(&data)?;
+        let now = now_ms();
+        self.insert_user(user::Model {
+            chip_id: chip_id.to_owned(),
+            name: data.name,
+            address: data.address,
+            email: data.email,
+            phone: data.phone,
+            status: "active".to_owned(),
+            locked: false,
+            created_at_ms: now,
+            updated_at_ms: now,
+        })
+        .await
+    }
+
+    async fn insert_user(&self, u: user::Model) -> Result<user::Model, AdminError> {
+        let chip_id = u.chip_id.clone();
+        let row: user::ActiveModel = u.into();
+        row.insert(&self.db).await.map_err(|e| {
+            if is_unique_violation(&e) { AdminError::UserExists(chip_id) } else { AdminError::Store(e) }
+        })
+    }
+
+    pub async fn user(&self, chip_id: &str) -> Result<user::Model, AdminError> {
+        user::Entity::find_by_id(chip_id.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| AdminError::UserNotFound(chip_id.to_owned()))
+    }
+
+    /// Users in CHIP ID order, after `after`, matching `query` (a substring of
+    /// CHIP ID or name).
+    pub async fn list_users(&self, query: &str, after: &str, limit: u64) -> Result<Vec<user::Model>, AdminError> {
+        let mut q = user::Entity::find().order_by_asc(user::Column::ChipId);
+        if !query.is_empty() {
+            q = q.filter(
+                Condition::any()
+                    .add(user::Column::ChipId.contains(query))
+                    .add(user::Column::Name.contains(query)),
+            );
+        }
+        if !after.is_empty() {
+            q = q.filter(user::Column::ChipId.gt(after));
+        }
+        Ok(q.limit(limit.clamp(1, 1000)).all(&self.db).await?)
+    }
+
+    pub async fn update_user(&self, chip_id: &str, changes: UserChanges) -> Result<user::Model, AdminError> {
+        let current = self.user(chip_id).await?;
+        let data = UserData {
+            name: changes.name.unwrap_or(current.name.clone()),
+            address: changes.address.unwrap_or(current.address.clone()),
+            email: changes.email.unwrap_or(current.email.clone()),
+            phone: changes.phone.unwrap_or(current.phone.clone()),
+        };
+        validate_data(&data)?;
+        let status = changes.status.unwrap_or(current.status.clone());
+        validate_status(&status)?;
+        let mut row: user::ActiveModel = current.into();
+        row.name = Set(data.name);
+        row.address = Set(data.address);
+        row.email = Set(data.email);
+        row.phone = Set(data.phone);
+        row.status = Set(status);
+        row.updated_at_ms = Set(now_ms());
+        Ok(row.update(&self.db).await?)
+    }
+
+    pub fn dump_of(u: &user::Model, public_key: Option<String>) -> UserDump {
+        UserDump {
+            format: DUMP_FORMAT.to_owned(),
+            chip_id: u.chip_id.clone(),
+            name: u.name.clone(),
+            address: u.address.clone(),
+            contact: DumpContact { email: u.email.clone(), phone: u.phone.clone() },
+            status: u.status.clone(),
+            locked: u.locked,
+            created_at_ms: u.created_at_ms,
+            updated_at_ms: u.updated_at_ms,
+            public_key,
+        }
+    }
+
+    /// Parse and check a dump without writing anything.
+    pub fn parse_dump(json: &str) -> Result<UserDump, AdminError> {
+        if json.len() > 1 << 20 {
+            return Err(AdminError::BadDump("larger than 1 MiB".into()));
+        }
+        let dump: UserDump = serde_json::from_str(json).map_err(|e| AdminError::BadDump(e.to_string()))?;
+        if dump.format != DUMP_FORMAT {
+            return Err(AdminError::BadDump(format!("format must be {DUMP_FORMAT:?}, not {:?}", dump.format)));
+        }
+        let wrap = |e: AdminError| AdminError::BadDump(e.to_string());
+        validate_chip_id(&dump.chip_id).map_err(wrap)?;
+        validate_data(&UserData {
+            name: dump.name.clone(),
+            address: dump.address.clone(),
+            email: dump.contact.email.clone(),
+            phone: dump.contact.phone.clone(),
+        })
+        .map_err(wrap)?;
+        validate_status(&dump.status).map_err(wrap)?;
+        if dump.created_at_ms < 0 || dump.updated_at_ms < dump.created_at_ms {
+            return Err(AdminError::BadDump("timestamps are out of order".into()));
+        }
+        if let Some(k) = &dump.public_key {
+            use base64::Engine;
+            let der = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(k)
+                .map_err(|_| AdminError::BadDump("public_key must be base64url SPKI DER".into()))?;
+            if der.is_empty() || der.len() > 512 {
+                return Err(AdminError::BadDump("public_key must be base64url SPKI DER".into()));
+            }
+        }
+        Ok(dump)
+    }
+
+    /// Insert a user exactly as dumped. The caller registers the key.
+    pub async fn load_user(&self, dump: &UserDump) -> Result<user::Model, AdminError> {
+        self.insert_user(user::Model {
+            chip_id: dump.chip_id.clone(),
+            name: dump.name.clone(),
+            address: dump.address.clone(),
+            email: dump.contact.email.clone(),
+            phone: dump.contact.phone.clone(),
+            status: dump.status.clone(),
+            locked: dump.locked,
+            created_at_ms: dump.created_at_ms,
+            updated_at_ms: dump.updated_at_ms,
+        })
+        .await
+    }
+
+    /// Undo [`Admin::load_user`] when a later step of loading fails.
+    pub async fn unload_user(&self, chip_id: &str) -> Result<(), AdminError> {
+        user::Entity::delete_by_id(chip_id.to_owned()).exec(&self.db).await?;
+        Ok(())
+    }
+
+    pub async fn set_user_locked(&self, chip_id: &str, locked: bool) -> Result<user::Model, AdminError> {
+        let mut row: user::ActiveModel = self.user(chip_id).await?.into();
+        row.locked = Set(locked);
+        row.updated_at_ms = Set(now_ms());
+        Ok(row.update(&self.db).await?)
+    }
+
+    async fn setting(&self, scope: &str, key: &str) -> Result<Option<setting::Model>, AdminError> {
+        Ok(setting::Entity::find_by_id((scope.to_owned(), key.to_owned())).one(&self.db).await?)
+    }
+
+    async fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<setting::Model, AdminError> {
+        let row = setting::ActiveModel {
+            scope: Set(scope.to_owned()),
+            key: Set(key.to_owned()),
+            value: Set(value.to_owned()),
+            changed_at_ms: Set(now_ms()),
+        };
+        Ok(if self.setting(scope, key).await?.is_some() {
+            row.update(&self.db).await?
+        } else {
+            row.insert(&self.db).await?
+        })
+    }
+
+    pub async fn site_locked(&self) -> Result<bool, AdminError> {
+        Ok(self.setting(STATE, "site_locked").await?.is_some_and(|s| s.value == "true"))
+    }
+
+    pub async fn set_site_locked(&self, locked: bool) -> Result<(), AdminError> {
+        self.put_setting(STATE, "site_locked", if locked { "true" } else { "false" }).await?;
+        Ok(())
+    }
+
+    /// The peer server's desired state ("running"/"stopped") and when it changed.
+    pub async fn peer_server(&self) -> Result<(String, i64), AdminError> {
+        Ok(match self.setting(STATE, "peer_server").await? {
+            Some(s) => (s.value, s.changed_at_ms),
+            None => ("stopped".to_owned(), 0),
+        })
+    }
+
+    pub async fn set_peer_server(&self, running: bool) -> Result<(String, i64), AdminError> {
+        let s = self.put_setting(STATE, "peer_server", if running { "running" } else { "stopped" }).await?;
+        Ok((s.value, s.changed_at_ms))
+    }
+
+    /// Effective site configuration: defaults overlaid with what was set.
+    pub async fn config(&self) -> Result<BTreeMap<String, String>, AdminError> {
+        let mut values: BTreeMap<String, String> =
+            config_defaults().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        for s in setting::Entity::find().filter(setting::Column::Scope.eq(CONFIG)).all(&self.db).await? {
+            values.insert(s.key, s.value);
+        }
+        Ok(values)
+    }
+
+    /// Set and reset configuration keys; all are validated before any is written.
+    pub async fn update_config(
+        &self,
+        set: &BTreeMap<String, String>,
+        reset: &[String],
+    ) -> Result<BTreeMap<String, String>, AdminError> {
+        for (k, v) in set {
+            validate_config(k, v)?;
+        }
+        for k in reset {
+            if !config_defaults().contains_key(k.as_str()) {
+                return Err(AdminError::InvalidArgument(format!("unknown configuration key {k:?}")));
+            }
+        }
+        let txn = self.db.begin().await?;
+        for k in reset {
+            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone())).exec(&txn).await?;
+        }
+        for (k, v) in set {
+            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone())).exec(&txn).await?;
+            setting::ActiveModel {
+                scope: Set(CONFIG.to_owned()),
+                key: Set(k.clone()),
+                value: Set(v.clone()),
+                changed_at_ms: Set(now_ms()),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        self.config().await
+    }
+
+    /// Record one admin action. The subject and outcome never hold secrets.
+    pub async fn audit(&self, actor: &str, action: &str, subject: &str, outcome: &str) -> Result<(), AdminError> {
+        audit::ActiveModel {
+            at_ms: Set(now_ms()),
+            actor: Set(actor.chars().take(64).collect()),
+            action: Set(action.to_owned()),
+            subject: Set(subject.chars().take(255).collect()),
+            outcome: Set(outcome.chars().take(255).collect()),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn audit_log(&self, limit: u64) -> Result<Vec<audit::Model>, AdminError> {
+        Ok(audit::Entity::find().order_by_desc(audit::Column::Id).limit(limit.clamp(1, 10_000)).all(&self.db).await?)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,214 @@
+//! admin's tables: users, site configuration, site state (lockdown, peer
+//! server), init scripts that ran, and the admin audit log.
+
+use sea_orm_migration::prelude::*;
+
+pub mod user {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "admin_users")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub chip_id: String,
+        pub name: String,
+        #[sea_orm(column_type = "Text")]
+        pub address: String,
+        pub email: String,
+        pub phone: String,
+        pub status: String,
+        pub locked: bool,
+        pub created_at_ms: i64,
+        pub updated_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Key/value rows: site configuration (`config`) and site state (`state`).
+pub mod setting {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "admin_settings")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub scope: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        #[sea_orm(column_type = "Text")]
+        pub value: String,
+        pub changed_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod init_script {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "admin_init_scripts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub sha256: String,
+        pub ran_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "admin_audit")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub at_ms: i64,
+        pub actor: String,
+        pub action: String,
+        pub subject: String,
+        pub outcome: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+#[derive(DeriveIden)]
+struct AdminMigrations;
+
+#[derive(DeriveIden)]
+enum AdminUsers {
+    Table,
+    ChipId,
+    Name,
+    Address,
+    Email,
+    Phone,
+    Status,
+    Locked,
+    CreatedAtMs,
+    UpdatedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum AdminSettings {
+    Table,
+    Scope,
+    Key,
+    Value,
+    ChangedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum AdminInitScripts {
+    Table,
+    Name,
+    Sha256,
+    RanAtMs,
+}
+
+#[derive(DeriveIden)]
+enum AdminAudit {
+    Table,
+    Id,
+    AtMs,
+    Actor,
+    Action,
+    Subject,
+    Outcome,
+}
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001Initial)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        AdminMigrations.into_iden()
+    }
+}
+
+struct M0001Initial;
+
+impl MigrationName for M0001Initial {
+    fn name(&self) -> &str {
+        "m0001_admin_initial"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(AdminUsers::Table)
+                    .col(ColumnDef::new(AdminUsers::ChipId).string_len(64).not_null().primary_key())
+                    .col(ColumnDef::new(AdminUsers::Name).string_len(200).not_null())
+                    .col(ColumnDef::new(AdminUsers::Address).text().not_null())
+                    .col(ColumnDef::new(AdminUsers::Email).string_len(254).not_null())
+                    .col(ColumnDef::new(AdminUsers::Phone).string_len(32).not_null())
+                    .col(ColumnDef::new(AdminUsers::Status).string_len(16).not_null())
+                    .col(ColumnDef::new(AdminUsers::Locked).boolean().not_null())
+                    .col(ColumnDef::new(AdminUsers::CreatedAtMs).big_integer().not_null())
+                    .col(ColumnDef::new(AdminUsers::UpdatedAtMs).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AdminSettings::Table)
+                    .col(ColumnDef::new(AdminSettings::Scope).string_len(16).not_null())
+                    .col(ColumnDef::new(AdminSettings::Key).string_len(128).not_null())
+                    .col(ColumnDef::new(AdminSettings::Value).text().not_null())
+                    .col(ColumnDef::new(AdminSettings::ChangedAtMs).big_integer().not_null())
+                    .primary_key(Index::create().col(AdminSettings::Scope).col(AdminSettings::Key))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AdminInitScripts::Table)
+                    .col(ColumnDef::new(AdminInitScripts::Name).string_len(255).not_null().primary_key())
+                    .col(ColumnDef::new(AdminInitScripts::Sha256).string_len(64).not_null())
+                    .col(ColumnDef::new(AdminInitScripts::RanAtMs).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AdminAudit::Table)
+                    .col(ColumnDef::new(AdminAudit::Id).big_integer().not_null().auto_increment().primary_key())
+                    .col(ColumnDef::new(AdminAudit::AtMs).big_integer().not_null())
+                    .col(ColumnDef::new(AdminAudit::Actor).string_len(64).not_null())
+                    .col(ColumnDef::new(AdminAudit::Action).string_len(64).not_null())
+                    .col(ColumnDef::new(AdminAudit::Subject).string_len(255).not_null())
+                    .col(ColumnDef::new(AdminAudit::Outcome).string_len(255).not_null())
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,428 @@
+//! key-vault: the site key, sealed at rest, and the public keys the site
+//! knows (its users' and its peers').
+//!
+//! The site private key exists in the clear only in this process's memory
+//! while the vault is unsealed. At rest it is standard encrypted PKCS#8 (PBES2:
+//! scrypt + AES-256-CBC), which `openssl pkey -passin` opens. Other services
+//! get signatures made with it (short-lived gateway certificates), never the key.
+
+mod grpc;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use p256::{
+    PublicKey, SecretKey,
+    elliptic_curve::Generate,
+    pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SubjectPublicKeyInfo,
+};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, RwLock};
+use zeroize::Zeroizing;
+
+use chipsite_store::now_ms;
+pub use grpc::{KeyVaultGrpc, policy};
+use store::{peer_key, site_key, user_key};
+
+/// Longest lifetime of a gateway certificate.
+pub const MAX_SERVICE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Shortest acceptable new pass phrase.
+pub const MIN_PASSPHRASE_LEN: usize = 8;
+/// Wrong pass phrases tolerated before attempts are spaced out.
+const FREE_FAILURES: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("the vault is sealed: unseal it with the site key pass phrase")]
+    Sealed,
+    #[error("there is no site key yet")]
+    NoKey,
+    #[error("wrong pass phrase")]
+    WrongPassphrase,
+    #[error("too many wrong pass phrases; try again in {0} s")]
+    Throttled(u64),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("database: {0}")]
+    Store(#[from] sea_orm::DbErr),
+    #[error("key handling failed: {0}")]
+    Crypto(String),
+}
+
+impl VaultError {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Sealed | Self::NoKey => tonic::Code::FailedPrecondition,
+            Self::WrongPassphrase => tonic::Code::PermissionDenied,
+            Self::Throttled(_) => tonic::Code::ResourceExhausted,
+            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            Self::Store(_) | Self::Crypto(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<VaultError> for tonic::Status {
+    fn from(e: VaultError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+fn crypto(e: impl std::fmt::Display) -> VaultError {
+    VaultError::Crypto(e.to_string())
+}
+
+/// The public state of the vault.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub has_key: bool,
+    pub sealed: bool,
+    pub site_public_key: Vec<u8>,
+    pub site_key_pin: String,
+    pub key_created_at_ms: i64,
+    pub site_certificate: Vec<u8>,
+}
+
+struct Unsealed {
+    key_id: i64,
+    signer: Arc<KeyPair>,
+}
+
+#[derive(Default)]
+struct Throttle {
+    failures: u32,
+    next_allowed: Option<tokio::time::Instant>,
+}
+
+pub struct KeyVault {
+    db: DatabaseConnection,
+    unsealed: RwLock<Option<Unsealed>>,
+    throttle: Mutex<Throttle>,
+}
+
+impl std::fmt::Debug for KeyVault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyVault").finish_non_exhaustive()
+    }
+}
+
+impl KeyVault {
+    /// Open the vault on `db`, creating its tables if needed. It starts sealed.
+    pub async fn open(db: DatabaseConnection) -> Result<Self, VaultError> {
+        store::Migrator::up(&db, None).await?;
+        Ok(Self { db, unsealed: RwLock::new(None), throttle: Mutex::new(Throttle::default()) })
+    }
+
+    async fn current(&self) -> Result<Option<site_key::Model>, VaultError> {
+        Ok(site_key::Entity::find()
+            .filter(site_key::Column::RetiredAtMs.is_null())
+            .order_by_desc(site_key::Column::Id)
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn status(&self) -> Result<Status, VaultError> {
+        let current = self.current().await?;
+        let unsealed = self.unsealed.read().await;
+        Ok(match current {
+            None => Status { sealed: true, ..Status::default() },
+            Some(k) => Status {
+                has_key: true,
+                sealed: !unsealed.as_ref().is_some_and(|u| u.key_id == k.id),
+                site_key_pin: chipsite_tls::pin_of_spki(&k.public_key),
+                site_public_key: k.public_key,
+                key_created_at_ms: k.created_at_ms,
+                site_certificate: k.certificate,
+            },
+        })
+    }
+
+    /// First launch: create a site key under `passphrase` unless one exists.
+    /// Returns whether a key was created.
+    pub async fn ensure_site_key(&self, passphrase: &str) -> Result<bool, VaultError> {
+        if self.current().await?.is_some() {
+            return Ok(false);
+        }
+        self.create_site_key(passphrase).await?;
+        Ok(true)
+    }
+
+    /// Generate a new site key, encrypted under `passphrase`; the old key is
+    /// retired. The vault is left unsealed with the new key.
+    pub async fn create_site_key(&self, passphrase: &str) -> Result<Status, VaultError> {
+        check_new_passphrase(passphrase)?;
+        let passphrase = Zeroizing::new(passphrase.to_owned());
+        let (encrypted_pem, secret) = tokio::task::spawn_blocking(move || {
+            let secret = SecretKey::try_generate().map_err(crypto)?;
+            let pem = secret.to_pkcs8_encrypted_pem(passphrase.as_bytes(), LineEnding::LF).map_err(crypto)?;
+            Ok::<_, VaultError>((pem.to_string(), secret))
+        })
+        .await
+        .map_err(crypto)??;
+        self.install(encrypted_pem, &secret).await
+    }
+
+    /// Replace the site key with an encrypted PKCS#8 PEM (P-256) opened by `passphrase`.
+    pub async fn import_site_key(&self, encrypted_pem: &str, passphrase: &str) -> Result<Status, VaultError> {
+        let pem = encrypted_pem.to_owned();
+        let secret = decrypt(pem.clone(), passphrase).await.map_err(|e| match e {
+            VaultError::WrongPassphrase => VaultError::InvalidArgument(
+                "cannot open the key: it must be a P-256 key in encrypted PKCS#8 PEM and the pass phrase must match"
+                    .into(),
+            ),
+            e => e,
+        })?;
+        self.install(pem, &secret).await
+    }
+
+    async fn install(&self, encrypted_pem: String, secret: &SecretKey) -> Result<Status, VaultError> {
+        let signer = signer_of(secret)?;
+        let public_key = secret.public_key().to_public_key_der().map_err(crypto)?.into_vec();
+        let certificate = site_certificate(&signer)?;
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        site_key::Entity::update_many()
+            .col_expr(site_key::Column::RetiredAtMs, sea_orm::sea_query::Expr::value(now))
+            .filter(site_key::Column::RetiredAtMs.is_null())
+            .exec(&txn)
+            .await?;
+        let row = site_key::ActiveModel {
+            encrypted_pem: Set(encrypted_pem),
+            public_key: Set(public_key),
+            certificate: Set(certificate),
+            created_at_ms: Set(now),
+            retired_at_ms: Set(None),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        *self.unsealed.write().await = Some(Unsealed { key_id: row.id, signer: Arc::new(signer) });
+        tracing::info!(pin = %chipsite_tls::pin_of_spki(&row.public_key), "new site key installed");
+        self.status().await
+    }
+
+    async fn check_throttle(&self) -> Result<(), VaultError> {
+        let throttle = self.throttle.lock().await;
+        if let Some(at) = throttle.next_allowed {
+            let now = tokio::time::Instant::now();
+            if at > now {
+                return Err(VaultError::Throttled((at - now).as_secs().max(1)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_attempt(&self, ok: bool) {
+        let mut throttle = self.throttle.lock().await;
+        if ok {
+            *throttle = Throttle::default();
+            return;
+        }
+        throttle.failures = throttle.failures.saturating_add(1);
+        if throttle.failures > FREE_FAILURES {
+            let secs = 1u64 << (throttle.failures - FREE_FAILURES).min(6);
+            throttle.next_allowed = Some(tokio::time::Instant::now() + Duration::from_secs(secs));
+        }
+        tracing::warn!(failures = throttle.failures, "wrong site key pass phrase");
+    }
+
+    /// Open the current key with `passphrase` (throttled after repeated failures).
+    async fn open_current(&self, passphrase: &str) -> Result<(site_key::Model, SecretKey), VaultError> {
+        self.check_throttle().await?;
+        let current = self.current().await?.ok_or(VaultError::NoKey)?;
+        let result = decrypt(current.encrypted_pem.clone(), passphrase).await;
+        self.record_attempt(result.is_ok()).await;
+        Ok((current, result?))
+    }
+
+    pub async fn unseal(&self, passphrase: &str) -> Result<Status, VaultError> {
+        let (current, secret) = self.open_current(passphrase).await?;
+        let signer = signer_of(&secret)?;
+        *self.unsealed.write().await = Some(Unsealed { key_id: current.id, signer: Arc::new(signer) });
+        tracing::info!("vault unsealed");
+        self.status().await
+    }
+
+    pub async fn seal(&self) -> Result<Status, VaultError> {
+        *self.unsealed.write().await = None;
+        tracing::info!("vault sealed");
+        self.status().await
+    }
+
+    /// Re-encrypt the current key under `new`. The key itself, and so every
+    /// pin, ticket and peer relationship, is unchanged.
+    pub async fn change_passphrase(&self, old: &str, new: &str) -> Result<Status, VaultError> {
+        check_new_passphrase(new)?;
+        let (current, secret) = self.open_current(old).await?;
+        let new = Zeroizing::new(new.to_owned());
+        let pem = tokio::task::spawn_blocking(move || {
+            secret.to_pkcs8_encrypted_pem(new.as_bytes(), LineEnding::LF).map(|p| p.to_string()).map_err(crypto)
+        })
+        .await
+        .map_err(crypto)??;
+        site_key::ActiveModel { id: Set(current.id), encrypted_pem: Set(pem), ..Default::default() }
+            .update(&self.db)
+            .await?;
+        tracing::info!("site key pass phrase changed");
+        self.status().await
+    }
+
+    /// The current key as stored: encrypted PKCS#8 PEM.
+    pub async fn export_site_key(&self) -> Result<String, VaultError> {
+        Ok(self.current().await?.ok_or(VaultError::NoKey)?.encrypted_pem)
+    }
+
+    async fn signer(&self) -> Result<(Arc<KeyPair>, Vec<u8>), VaultError> {
+        let current = self.current().await?.ok_or(VaultError::NoKey)?;
+        let unsealed = self.unsealed.read().await;
+        match unsealed.as_ref() {
+            Some(u) if u.key_id == current.id => Ok((u.signer.clone(), current.certificate)),
+            _ => Err(VaultError::Sealed),
+        }
+    }
+
+    /// Certify a gateway's TLS key (SPKI DER) with the site key, for at most
+    /// [`MAX_SERVICE_CERT_TTL`]. Returns `[leaf, site certificate]` (DER) and
+    /// the leaf's expiry.
+    pub async fn issue_service_certificate(
+        &self,
+        public_key: &[u8],
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<Vec<u8>>, i64), VaultError> {
+        let (signer, site_cert) = self.signer().await?;
+        PublicKey::from_public_key_der(public_key)
+            .map_err(|_| VaultError::InvalidArgument("public_key must be a P-256 SPKI (DER)".into()))?;
+        if names.is_empty() {
+            return Err(VaultError::InvalidArgument("at least one subject alternative name is required".into()));
+        }
+        let ttl = ttl.min(MAX_SERVICE_CERT_TTL).max(Duration::from_secs(60));
+        let spki = SubjectPublicKeyInfo::from_der(public_key).map_err(crypto)?;
+        let issuer = Issuer::from_ca_cert_der(&site_cert.clone().into(), signer.as_ref()).map_err(crypto)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(crypto)?;
+        for name in names {
+            params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone().try_into().map_err(|_| VaultError::InvalidArgument(format!("bad name {name:?}")))?,
+                ),
+            });
+        }
+        params.distinguished_name.push(DnType::CommonName, names[0].clone());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
+        let leaf = params.signed_by(&spki, &issuer).map_err(crypto)?;
+        Ok((vec![leaf.der().to_vec(), site_cert], now_ms() + ttl.as_millis() as i64))
+    }
+
+    pub async fn register_user_key(&self, chip_id: &str, public_key: &[u8]) -> Result<bool, VaultError> {
+        check_public_key(public_key)?;
+        let existing = user_key::Entity::find_by_id(chip_id.to_owned()).one(&self.db).await?;
+        let row = user_key::ActiveModel {
+            chip_id: Set(chip_id.to_owned()),
+            public_key: Set(public_key.to_vec()),
+            registered_at_ms: Set(now_ms()),
+        };
+        match existing {
+            Some(_) => {
+                row.update(&self.db).await?;
+                Ok(true)
+            }
+            None => {
+                row.insert(&self.db).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    pub async fn user_key(&self, chip_id: &str) -> Result<user_key::Model, VaultError> {
+        user_key::Entity::find_by_id(chip_id.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| VaultError::NotFound(format!("key of user {chip_id:?}")))
+    }
+
+    pub async fn register_peer_key(&self, chip_id: &str, host: &str, public_key: &[u8]) -> Result<(), VaultError> {
+        check_public_key(public_key)?;
+        let key = (chip_id.to_owned(), host.to_owned());
+        let row = peer_key::ActiveModel {
+            peer_chip_id: Set(key.0.clone()),
+            peer_host: Set(key.1.clone()),
+            public_key: Set(public_key.to_vec()),
+            registered_at_ms: Set(now_ms()),
+        };
+        if peer_key::Entity::find_by_id(key).one(&self.db).await?.is_some() {
+            row.update(&self.db).await?;
+        } else {
+            row.insert(&self.db).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn peer_key(&self, chip_id: &str, host: &str) -> Result<peer_key::Model, VaultError> {
+        peer_key::Entity::find_by_id((chip_id.to_owned(), host.to_owned()))
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| VaultError::NotFound(format!("key of peer {chip_id}@{host}")))
+    }
+}
+
+fn check_new_passphrase(passphrase: &str) -> Result<(), VaultError> {
+    if passphrase.chars().count() < MIN_PASSPHRASE_LEN {
+        return Err(VaultError::InvalidArgument(format!(
+            "the pass phrase must have at least {MIN_PASSPHRASE_LEN} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_public_key(spki: &[u8]) -> Result<(), VaultError> {
+    PublicKey::from_public_key_der(spki)
+        .map(|_| ())
+        .map_err(|_| VaultError::InvalidArgument("public key must be a P-256 SPKI (DER)".into()))
+}
+
+/// Decrypt an encrypted PKCS#8 PEM off the async threads (scrypt is slow on purpose).
+async fn decrypt(pem: String, passphrase: &str) -> Result<SecretKey, VaultError> {
+    let passphrase = Zeroizing::new(passphrase.to_owned());
+    tokio::task::spawn_blocking(move || {
+        SecretKey::from_pkcs8_encrypted_pem(&pem, passphrase.as_bytes()).map_err(|_| VaultError::WrongPassphrase)
+    })
+    .await
+    .map_err(crypto)?
+}
+
+fn signer_of(secret: &SecretKey) -> Result<KeyPair, VaultError> {
+    let der = secret.to_pkcs8_der().map_err(crypto)?;
+    KeyPair::try_from(der.as_bytes()).map_err(crypto)
+}
+
+/// The self-signed certificate of the site key: the anchor gateway
+/// certificates chain to.
+fn site_certificate(signer: &KeyPair) -> Result<Vec<u8>, VaultError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(crypto)?;
+    params.distinguished_name.push(DnType::CommonName, "chipsite site key");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    Ok(params.self_signed(signer).map_err(crypto)?.der().to_vec())
+}

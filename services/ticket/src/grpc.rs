@@ -1,0 +1,128 @@
+//! Tickets gRPC: mapping to and from protobuf, and who may call what.
+
+use std::{sync::Arc, time::Duration};
+
+use chipsite_proto::{
+    keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient},
+    ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
+};
+use chipsite_tls::{Policy, identity as id};
+use tonic::{Request, Response, Status, transport::Channel};
+
+use crate::{Kind, TicketError, Tickets, store, visible_state};
+
+/// Which internal identities may call which Tickets RPC.
+pub fn policy() -> Policy {
+    const S: &str = "/chipsite.ticket.v1.Tickets/";
+    let m = |name: &str| format!("{S}{name}");
+    Policy::new()
+        .allow(&m("IssueTicket"), &[id::ADMIN, id::USER_GATEWAY, id::BENCH])
+        .allow(&m("RedeemTicket"), &[id::USER_GATEWAY, id::PEER_GATEWAY, id::BENCH])
+        .allow(&m("ListTickets"), &[id::ADMIN])
+        .allow(&m("RevokeTicket"), &[id::ADMIN])
+        .allow(&m("ListAudit"), &[id::ADMIN])
+}
+
+#[derive(Debug, Clone)]
+pub struct TicketsGrpc {
+    tickets: Arc<Tickets>,
+    key_vault: KeyVaultClient<Channel>,
+}
+
+impl TicketsGrpc {
+    pub fn new(tickets: Arc<Tickets>, key_vault: Channel) -> Self {
+        Self { tickets, key_vault: KeyVaultClient::new(key_vault) }
+    }
+}
+
+fn kind_of(k: i32) -> Result<Kind, Status> {
+    match pb::TicketKind::try_from(k) {
+        Ok(pb::TicketKind::User) => Ok(Kind::User),
+        Ok(pb::TicketKind::Tally) => Ok(Kind::Tally),
+        _ => Err(Status::invalid_argument("kind must be USER or TALLY")),
+    }
+}
+
+fn kind_pb(k: &str) -> pb::TicketKind {
+    match Kind::parse(k) {
+        Some(Kind::User) => pb::TicketKind::User,
+        Some(Kind::Tally) => pb::TicketKind::Tally,
+        None => pb::TicketKind::Unspecified,
+    }
+}
+
+pub(crate) fn info_pb(t: &store::ticket::Model) -> pb::TicketInfo {
+    pb::TicketInfo {
+        id: t.id.clone(),
+        kind: kind_pb(&t.kind) as i32,
+        chip_id: t.chip_id.clone(),
+        host: t.host.clone(),
+        port: u32::try_from(t.port).unwrap_or(0),
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+        state: visible_state(t, chipsite_store::now_ms()).to_owned(),
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl TicketsRpc for TicketsGrpc {
+    async fn issue_ticket(&self, req: Request<pb::IssueTicketRequest>) -> R<pb::IssuedTicket> {
+        let req = req.into_inner();
+        let kind = kind_of(req.kind)?;
+        let port = u16::try_from(req.port).map_err(|_| Status::invalid_argument("port out of range"))?;
+        let vault = self.key_vault.clone().get_status(GetStatusRequest {}).await?.into_inner();
+        if !vault.has_key {
+            return Err(TicketError::FailedPrecondition("the site has no key yet".into()).into());
+        }
+        let issued = self
+            .tickets
+            .issue(kind, &req.chip_id, Duration::from_secs(u64::from(req.ttl_seconds)), &req.host, port)
+            .await?;
+        Ok(Response::new(pb::IssuedTicket {
+            info: Some(info_pb(&issued.ticket)),
+            token: issued.token,
+            site_public_key: vault.site_public_key,
+            site_key_pin: vault.site_key_pin,
+        }))
+    }
+
+    async fn redeem_ticket(&self, req: Request<pb::RedeemTicketRequest>) -> R<pb::RedeemTicketResponse> {
+        let req = req.into_inner();
+        let kind = kind_of(req.kind)?;
+        let t = self.tickets.redeem(kind, &req.token, &req.chip_id, &req.source).await?;
+        Ok(Response::new(pb::RedeemTicketResponse { ticket_id: t.id, chip_id: t.chip_id }))
+    }
+
+    async fn list_tickets(&self, req: Request<pb::ListTicketsRequest>) -> R<pb::ListTicketsResponse> {
+        let req = req.into_inner();
+        let chip = (!req.chip_id.is_empty()).then_some(req.chip_id.as_str());
+        let limit = if req.limit == 0 { 100 } else { u64::from(req.limit) };
+        let list = self.tickets.list(chip, req.include_closed, limit).await?;
+        Ok(Response::new(pb::ListTicketsResponse { tickets: list.iter().map(info_pb).collect() }))
+    }
+
+    async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::TicketInfo> {
+        Ok(Response::new(info_pb(&self.tickets.revoke(&req.into_inner().id).await?)))
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        let req = req.into_inner();
+        let ticket = (!req.ticket_id.is_empty()).then_some(req.ticket_id.as_str());
+        let limit = if req.limit == 0 { 100 } else { u64::from(req.limit) };
+        let records = self.tickets.audit_log(ticket, limit).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records
+                .into_iter()
+                .map(|r| pb::AuditRecord {
+                    id: r.id,
+                    ticket_id: r.ticket_id.unwrap_or_default(),
+                    outcome: r.outcome,
+                    source: r.source,
+                    at_ms: r.at_ms,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,319 @@
+//! ticket: one-time, expiring invitations to connect without key material.
+//!
+//! * A token is 256 random bits, shown once (in the issue response) and kept
+//!   only as its SHA-256.
+//! * The first redemption attempt of any kind burns the ticket: one
+//!   conditional `UPDATE … WHERE token_hash = ? AND closed_at_ms IS NULL
+//!   RETURNING …` claims it, so of any number of concurrent attempts exactly
+//!   one sees the row; only then are kind, expiry and CHIP ID judged.
+//! * Expiry is judged at redemption; there is no clean-up job.
+//! * Every refusal looks the same from outside (`PERMISSION_DENIED`, "ticket
+//!   refused"); the audit log keeps the reason, never the token.
+//! * Failed attempts are throttled per source.
+
+mod grpc;
+pub mod render;
+pub mod store;
+mod throttle;
+
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, sea_query::Expr,
+};
+use sea_orm_migration::MigratorTrait;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use chipsite_store::now_ms;
+pub use grpc::{TicketsGrpc, policy};
+use store::{audit, ticket};
+pub use throttle::Throttle;
+
+/// Lifetime of a ticket when the issuer names none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest lifetime a ticket may have.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest token accepted for hashing (tokens we issue are 43 characters).
+const MAX_TOKEN_LEN: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TicketError {
+    /// The one answer to every failed redemption.
+    #[error("ticket refused")]
+    Refused,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("ticket {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("database: {0}")]
+    Store(#[from] sea_orm::DbErr),
+    #[error("random number generator: {0}")]
+    Random(String),
+}
+
+impl TicketError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Refused => tonic::Code::PermissionDenied,
+            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Self::Store(_) | Self::Random(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+impl From<TicketError> for tonic::Status {
+    fn from(e: TicketError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    User,
+    Tally,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Tally => "tally",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(Self::User),
+            "tally" => Some(Self::Tally),
+            _ => None,
+        }
+    }
+}
+
+/// What the issuer gets back: the only time the token exists in the clear.
+pub struct Issued {
+    pub ticket: ticket::Model,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("ticket", &self.ticket.id).field("token", &"<redacted>").finish()
+    }
+}
+
+/// The state a ticket shows in listings: outstanding tickets past their
+/// expiry show as "expired".
+pub fn visible_state(t: &ticket::Model, now: i64) -> &str {
+    if t.state == "outstanding" && t.expires_at_ms <= now { "expired" } else { &t.state }
+}
+
+pub struct Tickets {
+    db: DatabaseConnection,
+    throttle: Throttle,
+}
+
+impl std::fmt::Debug for Tickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tickets").finish_non_exhaustive()
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], TicketError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| TicketError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+impl Tickets {
+    pub async fn open(db: DatabaseConnection) -> Result<Self, TicketError> {
+        store::Migrator::up(&db, None).await?;
+        Ok(Self { db, throttle: Throttle::default() })
+    }
+
+    /// Replace the per-source throttle (tests, benchmarks).
+    pub fn with_throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    pub async fn issue(
+        &self,
+        kind: Kind,
+        chip_id: &str,
+        ttl: Duration,
+        host: &str,
+        port: u16,
+    ) -> Result<Issued, TicketError> {
+        if chip_id.is_empty() || chip_id.len() > 64 {
+            return Err(TicketError::InvalidArgument("chip_id must have 1 to 64 characters".into()));
+        }
+        if host.is_empty() || host.len() > 255 || port == 0 {
+            return Err(TicketError::InvalidArgument("a ticket needs the host and port to connect to".into()));
+        }
+        let ttl = if ttl.is_zero() { DEFAULT_TTL } else { ttl };
+        if ttl > MAX_TTL {
+            return Err(TicketError::InvalidArgument(format!(
+                "ttl may be at most {} days",
+                MAX_TTL.as_secs() / 86400
+            )));
+        }
+        let token = URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+        let id = format!("tkt_{}", hex(&random_bytes::<10>()?));
+        let now = now_ms();
+        let row = ticket::ActiveModel {
+            id: Set(id),
+            kind: Set(kind.as_str().to_owned()),
+            chip_id: Set(chip_id.to_owned()),
+            host: Set(host.to_owned()),
+            port: Set(i32::from(port)),
+            token_hash: Set(hash_token(&token)),
+            created_at_ms: Set(now),
+            expires_at_ms: Set(now + ttl.as_millis() as i64),
+            state: Set("outstanding".to_owned()),
+            closed_at_ms: Set(None),
+        }
+        .insert(&self.db)
+        .await?;
+        self.audit(Some(&row.id), "issued", "").await?;
+        Ok(Issued { ticket: row, token })
+    }
+
+    /// Redeem a ticket. The first attempt of any kind burns it; only a
+    /// valid, unexpired ticket of the right kind for the right CHIP ID,
+    /// from a source that is not throttled, succeeds.
+    pub async fn redeem(
+        &self,
+        kind: Kind,
+        token: &str,
+        chip_id: &str,
+        source: &str,
+    ) -> Result<ticket::Model, TicketError> {
+        let source: String = source.chars().take(128).collect();
+        if token.len() > MAX_TOKEN_LEN {
+            self.refuse(None, "refused_unknown", &source).await?;
+            return Err(TicketError::Refused);
+        }
+        let hash = hash_token(token);
+        let now = now_ms();
+        let claimed = ticket::Entity::update_many()
+            .col_expr(ticket::Column::State, Expr::value("burned"))
+            .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))
+            .filter(ticket::Column::TokenHash.eq(hash.clone()))
+            .filter(ticket::Column::ClosedAtMs.is_null())
+            .exec_with_returning(&self.db)
+            .await?;
+        let Some(t) = claimed.into_iter().next() else {
+            let known = ticket::Entity::find().filter(ticket::Column::TokenHash.eq(hash)).one(&self.db).await?;
+            let outcome = match &known {
+                Some(t) if t.state == "revoked" => "refused_revoked",
+                Some(_) => "refused_used",
+                None => "refused_unknown",
+            };
+            self.refuse(known.as_ref().map(|t| t.id.as_str()), outcome, &source).await?;
+            return Err(TicketError::Refused);
+        };
+        let outcome = if !bool::from(t.token_hash.ct_eq(&hash_token(token))) {
+            "refused_unknown"
+        } else if t.kind != kind.as_str() {
+            "refused_kind"
+        } else if t.expires_at_ms <= now {
+            "refused_expired"
+        } else if !bool::from(t.chip_id.as_bytes().ct_eq(chip_id.as_bytes())) {
+            "refused_chip_id"
+        } else if !self.throttle.allows(&source) {
+            "throttled"
+        } else {
+            "redeemed"
+        };
+        if outcome != "redeemed" {
+            self.refuse(Some(&t.id), outcome, &source).await?;
+            return Err(TicketError::Refused);
+        }
+        let redeemed =
+            ticket::ActiveModel { id: Set(t.id.clone()), state: Set("redeemed".to_owned()), ..Default::default() }
+                .update(&self.db)
+                .await?;
+        self.audit(Some(&t.id), "redeemed", &source).await?;
+        Ok(redeemed)
+    }
+
+    async fn refuse(&self, ticket_id: Option<&str>, outcome: &str, source: &str) -> Result<(), TicketError> {
+        self.throttle.record_failure(source);
+        tracing::info!(ticket = ticket_id.unwrap_or("-"), outcome, source, "ticket refused");
+        self.audit(ticket_id, outcome, source).await
+    }
+
+    async fn audit(&self, ticket_id: Option<&str>, outcome: &str, source: &str) -> Result<(), TicketError> {
+        audit::ActiveModel {
+            ticket_id: Set(ticket_id.map(str::to_owned)),
+            outcome: Set(outcome.to_owned()),
+            source: Set(source.to_owned()),
+            at_ms: Set(now_ms()),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list(
+        &self,
+        chip_id: Option<&str>,
+        include_closed: bool,
+        limit: u64,
+    ) -> Result<Vec<ticket::Model>, TicketError> {
+        let mut q = ticket::Entity::find().order_by_desc(ticket::Column::CreatedAtMs);
+        if let Some(c) = chip_id {
+            q = q.filter(ticket::Column::ChipId.eq(c));
+        }
+        if !include_closed {
+            q = q.filter(ticket::Column::ClosedAtMs.is_null()).filter(ticket::Column::ExpiresAtMs.gt(now_ms()));
+        }
+        Ok(q.limit(limit.clamp(1, 1000)).all(&self.db).await?)
+    }
+
+    /// Revoke an outstanding ticket. Revoking a closed ticket is an error.
+    pub async fn revoke(&self, id: &str) -> Result<ticket::Model, TicketError> {
+        let now = now_ms();
+        let closed = ticket::Entity::update_many()
+            .col_expr(ticket::Column::State, Expr::value("revoked"))
+            .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))
+            .filter(ticket::Column::Id.eq(id))
+            .filter(ticket::Column::ClosedAtMs.is_null())
+            .exec_with_returning(&self.db)
+            .await?;
+        match closed.into_iter().next() {
+            Some(t) => {
+                self.audit(Some(id), "revoked", "").await?;
+                Ok(t)
+            }
+            None => match ticket::Entity::find_by_id(id.to_owned()).one(&self.db).await? {
+                Some(t) => Err(TicketError::FailedPrecondition(format!("ticket {id} is already {}", t.state))),
+                None => Err(TicketError::NotFound(id.to_owned())),
+            },
+        }
+    }
+
+    pub async fn audit_log(&self, ticket_id: Option<&str>, limit: u64) -> Result<Vec<audit::Model>, TicketError> {
+        let mut q = audit::Entity::find().order_by_desc(audit::Column::Id);
+        if let Some(t) = ticket_id {
+            q = q.filter(audit::Column::TicketId.eq(t));
+        }
+        Ok(q.limit(limit.clamp(1, 10_000)).all(&self.db).await?)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

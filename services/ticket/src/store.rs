@@ -1,0 +1,146 @@
+//! The ticket service's tables: tickets (token hashes only) and the audit log.
+
+use sea_orm_migration::prelude::*;
+
+pub mod ticket {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "ticket_tickets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// "user" or "tally".
+        pub kind: String,
+        pub chip_id: String,
+        pub host: String,
+        pub port: i32,
+        /// SHA-256 of the token. The token itself is never stored.
+        #[sea_orm(unique)]
+        pub token_hash: Vec<u8>,
+        pub created_at_ms: i64,
+        pub expires_at_ms: i64,
+        /// "outstanding", "redeemed", "burned" or "revoked".
+        pub state: String,
+        pub closed_at_ms: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "ticket_audit")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub ticket_id: Option<String>,
+        pub outcome: String,
+        pub source: String,
+        pub at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+#[derive(DeriveIden)]
+struct TicketMigrations;
+
+#[derive(DeriveIden)]
+enum TicketTickets {
+    Table,
+    Id,
+    Kind,
+    ChipId,
+    Host,
+    Port,
+    TokenHash,
+    CreatedAtMs,
+    ExpiresAtMs,
+    State,
+    ClosedAtMs,
+}
+
+#[derive(DeriveIden)]
+enum TicketAudit {
+    Table,
+    Id,
+    TicketId,
+    Outcome,
+    Source,
+    AtMs,
+}
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001Initial)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        TicketMigrations.into_iden()
+    }
+}
+
+struct M0001Initial;
+
+impl MigrationName for M0001Initial {
+    fn name(&self) -> &str {
+        "m0001_ticket_initial"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(TicketTickets::Table)
+                    .col(ColumnDef::new(TicketTickets::Id).string_len(40).not_null().primary_key())
+                    .col(ColumnDef::new(TicketTickets::Kind).string_len(16).not_null())
+                    .col(ColumnDef::new(TicketTickets::ChipId).string_len(64).not_null())
+                    .col(ColumnDef::new(TicketTickets::Host).string_len(255).not_null())
+                    .col(ColumnDef::new(TicketTickets::Port).integer().not_null())
+                    .col(ColumnDef::new(TicketTickets::TokenHash).blob().not_null().unique_key())
+                    .col(ColumnDef::new(TicketTickets::CreatedAtMs).big_integer().not_null())
+                    .col(ColumnDef::new(TicketTickets::ExpiresAtMs).big_integer().not_null())
+                    .col(ColumnDef::new(TicketTickets::State).string_len(16).not_null())
+                    .col(ColumnDef::new(TicketTickets::ClosedAtMs).big_integer().null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ticket_tickets_chip_id")
+                    .table(TicketTickets::Table)
+                    .col(TicketTickets::ChipId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(TicketAudit::Table)
+                    .col(ColumnDef::new(TicketAudit::Id).big_integer().not_null().auto_increment().primary_key())
+                    .col(ColumnDef::new(TicketAudit::TicketId).string_len(40).null())
+                    .col(ColumnDef::new(TicketAudit::Outcome).string_len(32).not_null())
+                    .col(ColumnDef::new(TicketAudit::Source).string_len(128).not_null())
+                    .col(ColumnDef::new(TicketAudit::AtMs).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
