@@ -1,1 +1,267 @@
-//! placeholder
+//! Test support: a fresh database per test on every store, whole dev sites
+//! in-process on loopback port 0, mutual-TLS clients for any identity, and
+//! a capture of everything the site logs.
+//!
+//! Every store test runs on SQLite; it also runs on PostgreSQL when
+//! `CHIPSITE_TEST_POSTGRES_URL` names a server's maintenance database (for
+//! example `postgres://postgres@127.0.0.1:5432/postgres`). CI sets it, and
+//! then an unreachable PostgreSQL fails the suite rather than skipping.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use chipsite_proto::{
+    admin::v1::admin_service_client::AdminServiceClient, keyvault::v1::key_vault_client::KeyVaultClient,
+    ticket::v1::tickets_client::TicketsClient,
+};
+use chipsite_site::{Config, Site, config::Addresses};
+use chipsite_tls::{ReloadableTls, identity as id};
+use sea_orm::ConnectionTrait;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+pub const POSTGRES_ENV: &str = "CHIPSITE_TEST_POSTGRES_URL";
+
+/// A database for one test: SQLite files in the site's data directory, or a
+/// fresh PostgreSQL database dropped afterwards.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite,
+    Postgres { server: String, name: String },
+}
+
+impl Store {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// The database URL a site uses (empty: SQLite per service in its data dir).
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite => String::new(),
+            Self::Postgres { server, name } => {
+                let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(server);
+                format!("{base}/{name}")
+            }
+        }
+    }
+
+    /// Drop a PostgreSQL test database (best effort).
+    pub async fn drop_database(&self) {
+        if let Self::Postgres { server, name } = self
+            && let Ok(db) = chipsite_store::connect(server).await
+        {
+            let _ = db
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+/// The stores every store test runs on: SQLite, and a fresh PostgreSQL
+/// database when `CHIPSITE_TEST_POSTGRES_URL` is set (a failure to reach it
+/// fails the test).
+pub async fn stores() -> Vec<Store> {
+    let mut v = vec![Store::Sqlite];
+    if let Ok(server) = std::env::var(POSTGRES_ENV) {
+        let db = chipsite_store::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {e}"));
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).unwrap();
+        let name = format!(
+            "chipsite_t_{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        v.push(Store::Postgres { server, name });
+    }
+    v
+}
+
+/// A dev site in a temporary data directory, listening on loopback port 0.
+pub struct TestSite {
+    pub site: Site,
+    pub dir: Arc<TempDir>,
+    pub store: Store,
+}
+
+pub fn config_for(data_dir: &Path, store: &Store) -> Config {
+    Config {
+        data_dir: data_dir.to_path_buf(),
+        database_url: store.url(),
+        addresses: Addresses {
+            admin: "127.0.0.1:0".into(),
+            key_vault: "127.0.0.1:0".into(),
+            ticket: "127.0.0.1:0".into(),
+        },
+        ..Config::default()
+    }
+}
+
+impl TestSite {
+    pub async fn start(store: &Store) -> TestSite {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start_in(dir, store).await
+    }
+
+    /// Start (or restart) a site in an existing data directory.
+    pub async fn start_in(dir: Arc<TempDir>, store: &Store) -> TestSite {
+        capture_logs();
+        let site = Site::start_dev(&config_for(dir.path(), store))
+            .await
+            .expect("start dev site");
+        TestSite {
+            site,
+            dir,
+            store: store.clone(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn tls(&self, identity: &str) -> Arc<ReloadableTls> {
+        ReloadableTls::from_files(self.site.endpoints.cert_paths(identity)).expect("load test certificates")
+    }
+
+    fn channel(&self, addr: &str, server: &str, as_identity: &str) -> Channel {
+        chipsite_tls::connect_lazy(addr, server, self.tls(as_identity)).expect("channel")
+    }
+
+    /// AdminService as the operator.
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        self.admin_as(id::ADMIN_CLIENT)
+    }
+
+    pub fn admin_as(&self, identity: &str) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel(&self.site.endpoints.admin, id::ADMIN, identity))
+    }
+
+    pub fn tickets_as(&self, identity: &str) -> TicketsClient<Channel> {
+        TicketsClient::new(self.channel(&self.site.endpoints.ticket, id::TICKET, identity))
+    }
+
+    pub fn key_vault_as(&self, identity: &str) -> KeyVaultClient<Channel> {
+        KeyVaultClient::new(self.channel(&self.site.endpoints.key_vault, id::KEY_VAULT, identity))
+    }
+
+    pub async fn stop(self) -> Arc<TempDir> {
+        self.site
+            .shutdown(Duration::from_secs(5))
+            .await
+            .expect("shutdown");
+        self.dir
+    }
+
+    /// Stop the site and drop its PostgreSQL database.
+    pub async fn finish(self) {
+        let store = self.store.clone();
+        self.stop().await;
+        store.drop_database().await;
+    }
+
+    /// Every byte the site's stores hold, as text where possible: the SQLite
+    /// files (with their WAL), or every row of every chipsite table.
+    pub async fn stored_bytes(&self) -> Vec<u8> {
+        match &self.store {
+            Store::Sqlite => {
+                let mut all = vec![];
+                for e in std::fs::read_dir(self.dir.path().join("db")).unwrap().flatten() {
+                    all.extend(std::fs::read(e.path()).unwrap_or_default());
+                }
+                all
+            }
+            Store::Postgres { .. } => {
+                let db = chipsite_store::connect(&self.store.url()).await.unwrap();
+                let tables = db
+                    .query_all_raw(sea_orm::Statement::from_string(
+                        sea_orm::DbBackend::Postgres,
+                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                    ))
+                    .await
+                    .unwrap();
+                let mut all = vec![];
+                for t in tables {
+                    let name: String = t.try_get("", "tablename").unwrap();
+                    let rows = db
+                        .query_all_raw(sea_orm::Statement::from_string(
+                            sea_orm::DbBackend::Postgres,
+                            format!("SELECT t::text AS row FROM \"{name}\" t"),
+                        ))
+                        .await
+                        .unwrap();
+                    for r in rows {
+                        let row: String = r.try_get("", "row").unwrap();
+                        all.extend(row.into_bytes());
+                    }
+                }
+                all
+            }
+        }
+    }
+}
+
+fn log_buffer() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        log_buffer().lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Route every log line of this test process (at trace level) into a buffer.
+pub fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("trace,h2=info,hyper=info,tower=info,sqlx=debug,rustls=debug")
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+/// Everything logged so far.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+/// Retry `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -36,7 +36,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let mut config =
+        Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Config => {
@@ -53,7 +54,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { service } => {
             let service = Service::parse(&service)
                 .with_context(|| format!("unknown service {service:?}: use admin, key-vault or ticket"))?;
-            let _telemetry = chipsite_telemetry::init(service.identity(), &config.log, &config.otlp_endpoint)?;
+            let _telemetry =
+                chipsite_telemetry::init(service.identity(), &config.log, &config.otlp_endpoint)?;
             runtime.block_on(chipsite_site::serve_one(&config, service, shutdown_signal()))?;
             Ok(())
         }
@@ -67,13 +69,23 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     let data = e.data_dir.display();
     println!("chipsite dev site is running (data directory {data})");
     println!();
-    println!("  admin      {}  (AdminService, gRPC over mutual TLS, reflection on)", e.admin);
+    println!(
+        "  admin      {}  (AdminService, gRPC over mutual TLS, reflection on)",
+        e.admin
+    );
     println!("  key-vault  {}", e.key_vault);
     println!("  ticket     {}", e.ticket);
     println!();
-    println!("  endpoints  {}", chipsite_site::Endpoints::path(&e.data_dir).display());
+    println!(
+        "  endpoints  {}",
+        chipsite_site::Endpoints::path(&e.data_dir).display()
+    );
     println!("  CA         {}", e.ca.display());
-    println!("  admin cert {} / {}", e.admin_client_cert.display(), e.admin_client_key.display());
+    println!(
+        "  admin cert {} / {}",
+        e.admin_client_cert.display(),
+        e.admin_client_key.display()
+    );
     println!();
     if site.created_site_key {
         println!("  first launch: created the site key");
@@ -86,7 +98,14 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         chipsite_site::dev::passphrase_path(&e.data_dir).display()
     );
     println!("           Never do this in production (`chipsite serve` never does).");
-    println!("  vault: {}", if site.unsealed { "unsealed" } else { "SEALED (chipsctl key unseal)" });
+    println!(
+        "  vault: {}",
+        if site.unsealed {
+            "unsealed"
+        } else {
+            "SEALED (chipsctl key unseal)"
+        }
+    );
     println!();
     println!("Try:");
     println!("  chipsctl user create alice --name 'Alice Example' --email alice@example.com");

@@ -45,7 +45,11 @@ pub struct Addresses {
 
 impl Default for Addresses {
     fn default() -> Self {
-        Self { admin: "127.0.0.1:44310".into(), key_vault: "127.0.0.1:44311".into(), ticket: "127.0.0.1:44312".into() }
+        Self {
+            admin: "127.0.0.1:44310".into(),
+            key_vault: "127.0.0.1:44311".into(),
+            ticket: "127.0.0.1:44312".into(),
+        }
     }
 }
 
@@ -126,16 +130,25 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(Box::new(figment::Error::from(format!("config file {} does not exist", f.display()))));
+                return Err(Box::new(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    f.display()
+                ))));
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("CHIPSITE_").split("__").ignore(&["site_key_passphrase"]));
+        fig = fig.merge(
+            Env::prefixed("CHIPSITE_")
+                .split("__")
+                .ignore(&["site_key_passphrase"]),
+        );
         fig.extract().map_err(Box::new)
     }
 
     pub fn init_dir(&self) -> PathBuf {
-        self.init_dir.clone().unwrap_or_else(|| self.data_dir.join("init.d"))
+        self.init_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("init.d"))
     }
 
     /// The database URL a service uses.

@@ -21,7 +21,11 @@ pub fn pki_dir(data_dir: &Path) -> PathBuf {
 /// The certificate files of an internal identity in a dev data directory.
 pub fn cert_paths(data_dir: &Path, id: &str) -> CertPaths {
     let dir = pki_dir(data_dir);
-    CertPaths { cert: dir.join(format!("{id}.pem")), key: dir.join(format!("{id}.key")), ca: dir.join("ca.pem") }
+    CertPaths {
+        cert: dir.join(format!("{id}.pem")),
+        key: dir.join(format!("{id}.key")),
+        ca: dir.join("ca.pem"),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SiteError + '_ {

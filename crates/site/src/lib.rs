@@ -74,7 +74,10 @@ impl Endpoints {
     pub fn read(data_dir: &Path) -> Result<Self, SiteError> {
         let path = Self::path(data_dir);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            SiteError::NoSite(format!("{}: {e} (start one with `chipsite dev`, or pass --data-dir)", path.display()))
+            SiteError::NoSite(format!(
+                "{}: {e} (start one with `chipsite dev`, or pass --data-dir)",
+                path.display()
+            ))
         })?;
         serde_json::from_str(&text).map_err(|e| SiteError::NoSite(format!("{}: {e}", path.display())))
     }
@@ -88,12 +91,16 @@ impl Endpoints {
 /// A mutual-TLS AdminService client presenting `identity`'s certificate.
 pub fn admin_client(admin_addr: &str, certs: &CertPaths) -> Result<AdminServiceClient<Channel>, SiteError> {
     let tls = ReloadableTls::from_files(certs.clone())?;
-    let channel = chipsite_tls::connect_lazy(admin_addr, id::ADMIN, tls).map_err(|e| SiteError::Config(e.to_string()))?;
+    let channel = chipsite_tls::connect_lazy(admin_addr, id::ADMIN, tls)
+        .map_err(|e| SiteError::Config(e.to_string()))?;
     Ok(AdminServiceClient::new(channel))
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, SiteError> {
-    TcpListener::bind(addr).await.map_err(|e| SiteError::Bind { addr: addr.to_owned(), message: e.to_string() })
+    TcpListener::bind(addr).await.map_err(|e| SiteError::Bind {
+        addr: addr.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 fn local_addr(l: &TcpListener) -> Result<SocketAddr, SiteError> {
@@ -156,9 +163,16 @@ impl Site {
         let (admin_tls, vault_tls, ticket_tls) = (tls(id::ADMIN)?, tls(id::KEY_VAULT)?, tls(id::TICKET)?);
 
         // First launch: tables, init scripts, site key.
-        let vault = Arc::new(KeyVault::open(chipsite_store::connect(&config.database_url_for(Service::KeyVault)).await?).await?);
-        let tickets = Arc::new(Tickets::open(chipsite_store::connect(&config.database_url_for(Service::Ticket)).await?).await?);
-        let admin = Arc::new(Admin::open(chipsite_store::connect(&config.database_url_for(Service::Admin)).await?).await?);
+        let vault = Arc::new(
+            KeyVault::open(chipsite_store::connect(&config.database_url_for(Service::KeyVault)).await?)
+                .await?,
+        );
+        let tickets = Arc::new(
+            Tickets::open(chipsite_store::connect(&config.database_url_for(Service::Ticket)).await?).await?,
+        );
+        let admin = Arc::new(
+            Admin::open(chipsite_store::connect(&config.database_url_for(Service::Admin)).await?).await?,
+        );
         let init_scripts_ran = admin.run_init_scripts(&config.init_dir()).await?;
         let created_site_key = vault.ensure_site_key(&passphrase).await?;
         let unsealed = created_site_key
@@ -172,32 +186,41 @@ impl Site {
 
         let (stop, stop_rx) = watch::channel(false);
         let shutdown = Shutdown(stop_rx);
-        let mut tasks: Vec<(&'static str, JoinHandle<Result<(), SiteError>>)> = vec![];
-        tasks.push((
-            "key-vault",
-            tokio::spawn(services::serve_key_vault(vault, vault_l, vault_tls, shutdown.clone().wait())),
-        ));
-        tasks.push((
-            "ticket",
-            tokio::spawn(services::serve_ticket(
-                tickets,
-                channel(&vault_addr, id::KEY_VAULT, &ticket_tls)?,
-                ticket_l,
-                ticket_tls.clone(),
-                shutdown.clone().wait(),
-            )),
-        ));
-        tasks.push((
-            "admin",
-            tokio::spawn(services::serve_admin(
-                admin,
-                channel(&vault_addr, id::KEY_VAULT, &admin_tls)?,
-                channel(&ticket_addr, id::TICKET, &admin_tls)?,
-                admin_l,
-                admin_tls.clone(),
-                shutdown.clone().wait(),
-            )),
-        ));
+        let ticket_to_vault = channel(&vault_addr, id::KEY_VAULT, &ticket_tls)?;
+        let admin_to_vault = channel(&vault_addr, id::KEY_VAULT, &admin_tls)?;
+        let admin_to_ticket = channel(&ticket_addr, id::TICKET, &admin_tls)?;
+        let tasks: Vec<(&'static str, JoinHandle<Result<(), SiteError>>)> = vec![
+            (
+                "key-vault",
+                tokio::spawn(services::serve_key_vault(
+                    vault,
+                    vault_l,
+                    vault_tls,
+                    shutdown.clone().wait(),
+                )),
+            ),
+            (
+                "ticket",
+                tokio::spawn(services::serve_ticket(
+                    tickets,
+                    ticket_to_vault,
+                    ticket_l,
+                    ticket_tls,
+                    shutdown.clone().wait(),
+                )),
+            ),
+            (
+                "admin",
+                tokio::spawn(services::serve_admin(
+                    admin,
+                    admin_to_vault,
+                    admin_to_ticket,
+                    admin_l,
+                    admin_tls,
+                    shutdown.clone().wait(),
+                )),
+            ),
+        ];
 
         let client = dev::cert_paths(data, id::ADMIN_CLIENT);
         let endpoints = Endpoints {
@@ -212,12 +235,22 @@ impl Site {
         };
         let json = serde_json::to_string_pretty(&endpoints).map_err(|e| SiteError::Io(e.to_string()))?;
         std::fs::write(Endpoints::path(data), json).map_err(|e| SiteError::Io(e.to_string()))?;
-        Ok(Site { endpoints, created_site_key, init_scripts_ran, unsealed, stop, tasks })
+        Ok(Site {
+            endpoints,
+            created_site_key,
+            init_scripts_ran,
+            unsealed,
+            stop,
+            tasks,
+        })
     }
 
     /// An AdminService client with the operator's certificate.
     pub fn admin_client(&self) -> Result<AdminServiceClient<Channel>, SiteError> {
-        admin_client(&self.endpoints.admin, &self.endpoints.cert_paths(id::ADMIN_CLIENT))
+        admin_client(
+            &self.endpoints.admin,
+            &self.endpoints.cert_paths(id::ADMIN_CLIENT),
+        )
     }
 
     /// Stop every server, letting in-flight calls finish for up to `grace`.
@@ -245,9 +278,16 @@ pub async fn serve_one(
 ) -> Result<(), SiteError> {
     chipsite_tls::install_crypto_provider();
     let files = config.tls.clone().ok_or_else(|| {
-        SiteError::Config("serve needs certificate files: set tls.cert, tls.key and tls.ca (CHIPSITE_TLS__CERT, ...)".into())
+        SiteError::Config(
+            "serve needs certificate files: set tls.cert, tls.key and tls.ca (CHIPSITE_TLS__CERT, ...)"
+                .into(),
+        )
     })?;
-    let tls = ReloadableTls::from_files(CertPaths { cert: files.cert, key: files.key, ca: files.ca })?;
+    let tls = ReloadableTls::from_files(CertPaths {
+        cert: files.cert,
+        key: files.key,
+        ca: files.ca,
+    })?;
     tls.spawn_watcher(CERT_POLL);
     let listen = match config.listen {
         Some(a) => a.to_string(),

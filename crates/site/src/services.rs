@@ -20,22 +20,38 @@ use crate::SiteError;
 /// Health for every identity; reflection for the operator and console.
 fn with_common(p: Policy) -> Policy {
     p.allow("/grpc.health.v1.Health/", id::ALL)
-        .allow("/grpc.reflection.v1.ServerReflection/", &[id::ADMIN_CLIENT, id::CONSOLE])
-        .allow("/grpc.reflection.v1alpha.ServerReflection/", &[id::ADMIN_CLIENT, id::CONSOLE])
+        .allow(
+            "/grpc.reflection.v1.ServerReflection/",
+            &[id::ADMIN_CLIENT, id::CONSOLE],
+        )
+        .allow(
+            "/grpc.reflection.v1alpha.ServerReflection/",
+            &[id::ADMIN_CLIENT, id::CONSOLE],
+        )
 }
 
 macro_rules! serve_with {
     ($svc:expr, $server_ty:ty, $policy:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
+        // Reflection advertises this server's own service, health and reflection.
+        let name = <$server_ty as tonic::server::NamedService>::NAME;
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<$server_ty>().await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(name)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
             .build_v1()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(name)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
             .build_v1alpha()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
         Server::builder()

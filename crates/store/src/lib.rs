@@ -5,8 +5,8 @@
 
 use std::{path::Path, time::Duration};
 
-pub use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm::{ConnectOptions, Database};
+pub use sea_orm::{DatabaseConnection, DbErr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -47,14 +47,21 @@ pub fn sqlite_url(path: &Path) -> String {
 pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
     let engine = Engine::of_url(url)?;
     let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false).connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(10));
+    opts.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(10));
     match engine {
         Engine::Sqlite => {
-            if let Some(path) = url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
-                if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
-                }
+            let dir = url
+                .strip_prefix("sqlite://")
+                .and_then(|p| p.split('?').next())
+                .and_then(|p| Path::new(p).parent())
+                .filter(|d| !d.as_os_str().is_empty());
+            if let Some(dir) = dir {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
             }
             opts.max_connections(8).map_sqlx_sqlite_opts(|o| {
                 o.busy_timeout(Duration::from_secs(10))

@@ -21,7 +21,11 @@ pub struct Caller(pub String);
 impl Caller {
     /// The caller of a tonic request (set by [`AuthzLayer`]); "unknown" if absent.
     pub fn of<T>(request: &tonic::Request<T>) -> String {
-        request.extensions().get::<Caller>().map(|c| c.0.clone()).unwrap_or_else(|| "unknown".to_owned())
+        request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|| "unknown".to_owned())
     }
 }
 
@@ -40,7 +44,10 @@ impl Policy {
 
     /// Allow `callers` to call `method` (`/pkg.Service/Method`, or `/pkg.Service/` for all).
     pub fn allow(mut self, method: &str, callers: &[&str]) -> Self {
-        self.rules.entry(method.to_owned()).or_default().extend(callers.iter().map(|c| (*c).to_owned()));
+        self.rules
+            .entry(method.to_owned())
+            .or_default()
+            .extend(callers.iter().map(|c| (*c).to_owned()));
         self
     }
 
@@ -62,14 +69,19 @@ pub struct AuthzLayer {
 
 impl AuthzLayer {
     pub fn new(policy: Policy) -> Self {
-        Self { policy: Arc::new(policy) }
+        Self {
+            policy: Arc::new(policy),
+        }
     }
 }
 
 impl<S> Layer<S> for AuthzLayer {
     type Service = Authz<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Authz { inner, policy: self.policy.clone() }
+        Authz {
+            inner,
+            policy: self.policy.clone(),
+        }
     }
 }
 
@@ -111,7 +123,9 @@ where
                 Box::pin(async move { inner.call(request).await })
             }
             caller => {
-                let who = caller.as_deref().unwrap_or("a caller without an internal identity");
+                let who = caller
+                    .as_deref()
+                    .unwrap_or("a caller without an internal identity");
                 tracing::warn!(%path, caller = who, "internal call refused by policy");
                 let status = tonic::Status::permission_denied(format!("{who} may not call {path}"));
                 Box::pin(async move { Ok(status.into_http()) })

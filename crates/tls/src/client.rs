@@ -37,7 +37,9 @@ pub fn connect_lazy(addr: &str, identity: &str, tls: Arc<ReloadableTls>) -> Resu
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no authority"))?;
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
-            let stream = TlsConnector::from(tls.client_config()).connect(server_name, tcp).await?;
+            let stream = TlsConnector::from(tls.client_config())
+                .connect(server_name, tcp)
+                .await?;
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });

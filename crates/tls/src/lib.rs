@@ -37,7 +37,16 @@ pub mod identity {
     pub const BENCH: &str = "bench";
 
     /// Every identity the site's CA issues certificates for in dev mode.
-    pub const ALL: &[&str] = &[ADMIN, KEY_VAULT, TICKET, USER_GATEWAY, PEER_GATEWAY, ADMIN_CLIENT, CONSOLE, BENCH];
+    pub const ALL: &[&str] = &[
+        ADMIN,
+        KEY_VAULT,
+        TICKET,
+        USER_GATEWAY,
+        PEER_GATEWAY,
+        ADMIN_CLIENT,
+        CONSOLE,
+        BENCH,
+    ];
 }
 
 /// The URI SAN naming an internal identity.

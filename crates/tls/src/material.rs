@@ -27,7 +27,9 @@ pub struct TlsMaterial {
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsMaterial").field("chain", &self.chain.len()).finish_non_exhaustive()
+        f.debug_struct("TlsMaterial")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,7 +65,8 @@ impl TlsMaterial {
     /// A TLS 1.3 server that requires a client certificate from the internal CA.
     pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
         let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.root_store()?), Self::provider()).build()?;
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.root_store()?), Self::provider())
+                .build()?;
         let mut config = ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -94,7 +97,10 @@ fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>,
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Where a service's certificate, key and CA bundle live (serve mode).
@@ -124,7 +130,9 @@ pub struct ReloadableTls {
 
 impl std::fmt::Debug for ReloadableTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReloadableTls").field("paths", &self.paths).finish_non_exhaustive()
+        f.debug_struct("ReloadableTls")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
     }
 }
 
@@ -169,7 +177,9 @@ impl ReloadableTls {
     /// Reload from the files if any of them changed. A file set that does not
     /// load (for example half-replaced) keeps the old material and is retried.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let Some(paths) = &self.paths else { return Ok(false) };
+        let Some(paths) = &self.paths else {
+            return Ok(false);
+        };
         let now = paths.modified();
         let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if now.is_none() || now == *stamp {
@@ -192,7 +202,9 @@ impl ReloadableTls {
                 match tls.reload_if_changed() {
                     Ok(true) => tracing::info!(paths = ?tls.paths, "reloaded TLS certificates"),
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "TLS certificate files changed but do not load; keeping the old ones"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS certificate files changed but do not load; keeping the old ones")
+                    }
                 }
             }
         }))

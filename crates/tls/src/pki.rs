@@ -24,7 +24,9 @@ pub struct IssuedCertificate {
 
 impl std::fmt::Debug for IssuedCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedCertificate").field("key_pem", &"<redacted>").finish_non_exhaustive()
+        f.debug_struct("IssuedCertificate")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -46,22 +48,35 @@ impl CertificateAuthority {
     pub fn generate(site_name: &str) -> Result<Self, TlsError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, format!("chipsite internal CA ({site_name})"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("chipsite internal CA ({site_name})"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem(), issuer: Issuer::new(params, key) })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// Load a CA from its certificate and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer })
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer,
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -84,23 +99,40 @@ impl CertificateAuthority {
     ) -> Result<IssuedCertificate, TlsError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut names = vec![service_dns_name(identity), "localhost".to_owned()];
-        names.extend(extra_names.iter().filter(|n| n.parse::<IpAddr>().is_err()).cloned());
+        names.extend(
+            extra_names
+                .iter()
+                .filter(|n| n.parse::<IpAddr>().is_err())
+                .cloned(),
+        );
         let mut params = CertificateParams::new(names)?;
-        params.subject_alt_names.push(SanType::URI(spiffe_uri(identity).try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe_uri(identity).try_into()?));
         let mut ips: Vec<IpAddr> = vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
         ips.extend(extra_names.iter().filter_map(|n| n.parse::<IpAddr>().ok()));
-        params.subject_alt_names.extend(ips.into_iter().map(SanType::IpAddress));
+        params
+            .subject_alt_names
+            .extend(ips.into_iter().map(SanType::IpAddress));
         params.distinguished_name.push(DnType::CommonName, identity);
-        params.distinguished_name.push(DnType::OrganizationName, TRUST_DOMAIN);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, TRUST_DOMAIN);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCertificate { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem: self.cert_pem.clone() })
+        Ok(IssuedCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
     }
 }
 
@@ -124,5 +156,8 @@ pub fn spki_of_certificate(cert_der: &[u8]) -> Option<Vec<u8>> {
 /// A key pin as curl's `--pinnedpubkey` takes it: `sha256//<base64(SHA-256(SPKI))>`.
 pub fn pin_of_spki(spki_der: &[u8]) -> String {
     let digest = Sha256::digest(spki_der);
-    format!("sha256//{}", base64::engine::general_purpose::STANDARD.encode(digest))
+    format!(
+        "sha256//{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
 }

@@ -24,7 +24,10 @@ pub fn policy() -> Policy {
         .allow(S, &[id::ADMIN_CLIENT, id::CONSOLE])
         .allow(&format!("{S}GetUser"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
         .allow(&format!("{S}GetLockdown"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
-        .allow(&format!("{S}GetSiteConfig"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(
+            &format!("{S}GetSiteConfig"),
+            &[id::USER_GATEWAY, id::PEER_GATEWAY],
+        )
         .allow(&format!("{S}GetPeerServer"), &[id::PEER_GATEWAY])
 }
 
@@ -37,11 +40,21 @@ pub struct AdminGrpc {
 
 impl AdminGrpc {
     pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel) -> Self {
-        Self { admin, vault: KeyVaultClient::new(key_vault), tickets: TicketsClient::new(tickets) }
+        Self {
+            admin,
+            vault: KeyVaultClient::new(key_vault),
+            tickets: TicketsClient::new(tickets),
+        }
     }
 
     /// Run one command and leave one audit record of it.
-    async fn audited<T, F>(&self, caller: &str, action: &str, subject: &str, f: F) -> Result<Response<T>, Status>
+    async fn audited<T, F>(
+        &self,
+        caller: &str,
+        action: &str,
+        subject: &str,
+        f: F,
+    ) -> Result<Response<T>, Status>
     where
         F: Future<Output = Result<T, Status>>,
     {
@@ -58,7 +71,13 @@ impl AdminGrpc {
     }
 
     async fn user_pb(&self, u: user::Model) -> Result<pb::User, Status> {
-        let has_key = match self.vault.clone().get_user_key(kv::GetUserKeyRequest { chip_id: u.chip_id.clone() }).await
+        let has_key = match self
+            .vault
+            .clone()
+            .get_user_key(kv::GetUserKeyRequest {
+                chip_id: u.chip_id.clone(),
+            })
+            .await
         {
             Ok(_) => true,
             Err(s) if s.code() == Code::NotFound => false,
@@ -68,7 +87,10 @@ impl AdminGrpc {
             chip_id: u.chip_id,
             name: u.name,
             address: u.address,
-            contact: Some(pb::Contact { email: u.email, phone: u.phone }),
+            contact: Some(pb::Contact {
+                email: u.email,
+                phone: u.phone,
+            }),
             status: u.status,
             created_at_ms: u.created_at_ms,
             updated_at_ms: u.updated_at_ms,
@@ -112,7 +134,12 @@ impl AdminService for AdminGrpc {
         let r = req.into_inner();
         self.audited(&caller, "create_user", &r.chip_id.clone(), async {
             let contact = r.contact.unwrap_or_default();
-            let data = UserData { name: r.name, address: r.address, email: contact.email, phone: contact.phone };
+            let data = UserData {
+                name: r.name,
+                address: r.address,
+                email: contact.email,
+                phone: contact.phone,
+            };
             let u = self.admin.create_user(&r.chip_id, data).await?;
             self.user_pb(u).await
         })
@@ -126,24 +153,43 @@ impl AdminService for AdminGrpc {
 
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> R<pb::ListUsersResponse> {
         let r = req.into_inner();
-        let size = if r.page_size == 0 { 50 } else { r.page_size.min(1000) };
-        let mut users = self.admin.list_users(&r.query, &r.page_token, u64::from(size) + 1).await?;
+        let size = if r.page_size == 0 {
+            50
+        } else {
+            r.page_size.min(1000)
+        };
+        let mut users = self
+            .admin
+            .list_users(&r.query, &r.page_token, u64::from(size) + 1)
+            .await?;
         let more = users.len() > size as usize;
         users.truncate(size as usize);
-        let next_page_token = if more { users.last().map(|u| u.chip_id.clone()).unwrap_or_default() } else { String::new() };
+        let next_page_token = if more {
+            users.last().map(|u| u.chip_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut out = Vec::with_capacity(users.len());
         for u in users {
             out.push(self.user_pb(u).await?);
         }
-        Ok(Response::new(pb::ListUsersResponse { users: out, next_page_token }))
+        Ok(Response::new(pb::ListUsersResponse {
+            users: out,
+            next_page_token,
+        }))
     }
 
     async fn update_user(&self, req: Request<pb::UpdateUserRequest>) -> R<pb::User> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.audited(&caller, "update_user", &r.chip_id.clone(), async {
-            let changes =
-                UserChanges { name: r.name, address: r.address, email: r.email, phone: r.phone, status: r.status };
+            let changes = UserChanges {
+                name: r.name,
+                address: r.address,
+                email: r.email,
+                phone: r.phone,
+                status: r.status,
+            };
             let u = self.admin.update_user(&r.chip_id, changes).await?;
             self.user_pb(u).await
         })
@@ -155,7 +201,14 @@ impl AdminService for AdminGrpc {
         let chip_id = req.into_inner().chip_id;
         self.audited(&caller, "dump_user", &chip_id, async {
             let u = self.admin.user(&chip_id).await?;
-            let key = match self.vault.clone().get_user_key(kv::GetUserKeyRequest { chip_id: chip_id.clone() }).await {
+            let key = match self
+                .vault
+                .clone()
+                .get_user_key(kv::GetUserKeyRequest {
+                    chip_id: chip_id.clone(),
+                })
+                .await
+            {
                 Ok(k) => Some(URL_SAFE_NO_PAD.encode(k.into_inner().public_key)),
                 Err(s) if s.code() == Code::NotFound => None,
                 Err(s) => return Err(s),
@@ -172,7 +225,11 @@ impl AdminService for AdminGrpc {
         let json = req.into_inner().json;
         let dump = match Admin::parse_dump(&json) {
             Ok(d) => d,
-            Err(e) => return self.audited(&caller, "load_user", "", async { Err(e.into()) }).await,
+            Err(e) => {
+                return self
+                    .audited(&caller, "load_user", "", async { Err(e.into()) })
+                    .await;
+            }
         };
         self.audited(&caller, "load_user", &dump.chip_id.clone(), async {
             let u = self.admin.load_user(&dump).await?;
@@ -181,12 +238,18 @@ impl AdminService for AdminGrpc {
                 let registered = self
                     .vault
                     .clone()
-                    .register_user_key(kv::RegisterUserKeyRequest { chip_id: u.chip_id.clone(), public_key })
+                    .register_user_key(kv::RegisterUserKeyRequest {
+                        chip_id: u.chip_id.clone(),
+                        public_key,
+                    })
                     .await;
                 if let Err(s) = registered {
                     // Nothing half-written: take the user back out.
                     self.admin.unload_user(&u.chip_id).await?;
-                    return Err(Status::invalid_argument(format!("bad user dump: public_key: {}", s.message())));
+                    return Err(Status::invalid_argument(format!(
+                        "bad user dump: public_key: {}",
+                        s.message()
+                    )));
                 }
             }
             self.user_pb(u).await
@@ -200,11 +263,24 @@ impl AdminService for AdminGrpc {
         self.audited(&caller, "issue_user_ticket", &r.chip_id.clone(), async {
             let u = self.admin.user(&r.chip_id).await?;
             if u.status != "active" {
-                return Err(Status::failed_precondition(format!("user {:?} is {}", u.chip_id, u.status)));
+                return Err(Status::failed_precondition(format!(
+                    "user {:?} is {}",
+                    u.chip_id, u.status
+                )));
+            }
+            if u.locked {
+                return Err(Status::failed_precondition(format!(
+                    "user {:?} is locked down: lift the lockdown first",
+                    u.chip_id
+                )));
             }
             let config = self.admin.config().await?;
             let get = |k: &str| config.get(k).cloned().unwrap_or_default();
-            let ttl = if r.ttl_seconds == 0 { get("ticket.ttl_seconds").parse().unwrap_or(86400) } else { r.ttl_seconds };
+            let ttl = if r.ttl_seconds == 0 {
+                get("ticket.ttl_seconds").parse().unwrap_or(86400)
+            } else {
+                r.ttl_seconds
+            };
             let host = get("user_gateway.host");
             let port: u16 = get("user_gateway.port").parse().unwrap_or(0);
             let issued = self
@@ -245,24 +321,42 @@ impl AdminService for AdminGrpc {
         let list = self
             .tickets
             .clone()
-            .list_tickets(tk::ListTicketsRequest { chip_id: r.chip_id, include_closed: r.include_closed, limit: 1000 })
+            .list_tickets(tk::ListTicketsRequest {
+                chip_id: r.chip_id,
+                include_closed: r.include_closed,
+                limit: 1000,
+            })
             .await?
             .into_inner();
-        Ok(Response::new(pb::ListTicketsResponse { tickets: list.tickets.into_iter().map(ticket_pb).collect() }))
+        Ok(Response::new(pb::ListTicketsResponse {
+            tickets: list.tickets.into_iter().map(ticket_pb).collect(),
+        }))
     }
 
     async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::RevokeTicketResponse> {
         let caller = Caller::of(&req);
         let id = req.into_inner().id;
         self.audited(&caller, "revoke_ticket", &id.clone(), async {
-            let t = self.tickets.clone().revoke_ticket(tk::RevokeTicketRequest { id }).await?.into_inner();
-            Ok(pb::RevokeTicketResponse { ticket: Some(ticket_pb(t)) })
+            let t = self
+                .tickets
+                .clone()
+                .revoke_ticket(tk::RevokeTicketRequest { id })
+                .await?
+                .into_inner();
+            Ok(pb::RevokeTicketResponse {
+                ticket: Some(ticket_pb(t)),
+            })
         })
         .await
     }
 
     async fn get_vault_status(&self, _: Request<pb::GetVaultStatusRequest>) -> R<pb::VaultStatusView> {
-        let s = self.vault.clone().get_status(kv::GetStatusRequest {}).await?.into_inner();
+        let s = self
+            .vault
+            .clone()
+            .get_status(kv::GetStatusRequest {})
+            .await?
+            .into_inner();
         Ok(Response::new(self.vault_view(s).await))
     }
 
@@ -270,7 +364,12 @@ impl AdminService for AdminGrpc {
         let caller = Caller::of(&req);
         let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "unseal_vault", "site key", async {
-            let s = self.vault.clone().unseal(kv::UnsealRequest { passphrase }).await?.into_inner();
+            let s = self
+                .vault
+                .clone()
+                .unseal(kv::UnsealRequest { passphrase })
+                .await?
+                .into_inner();
             Ok(self.vault_view(s).await)
         })
         .await
@@ -289,7 +388,12 @@ impl AdminService for AdminGrpc {
         let caller = Caller::of(&req);
         let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "create_site_key", "site key", async {
-            let s = self.vault.clone().create_site_key(kv::CreateSiteKeyRequest { passphrase }).await?.into_inner();
+            let s = self
+                .vault
+                .clone()
+                .create_site_key(kv::CreateSiteKeyRequest { passphrase })
+                .await?
+                .into_inner();
             Ok(self.vault_view(s).await)
         })
         .await
@@ -313,9 +417,46 @@ impl AdminService for AdminGrpc {
         .await
     }
 
+    async fn import_site_key(&self, req: Request<pb::ImportSiteKeyRequest>) -> R<pb::VaultStatusView> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "import_site_key", "site key", async {
+            let s = self
+                .vault
+                .clone()
+                .import_site_key(kv::ImportSiteKeyRequest {
+                    encrypted_pem: r.encrypted_pem,
+                    passphrase: r.passphrase,
+                })
+                .await?
+                .into_inner();
+            Ok(self.vault_view(s).await)
+        })
+        .await
+    }
+
+    async fn export_site_key(&self, req: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
+        let caller = Caller::of(&req);
+        self.audited(&caller, "export_site_key", "site key", async {
+            let k = self
+                .vault
+                .clone()
+                .export_site_key(kv::ExportSiteKeyRequest {})
+                .await?
+                .into_inner();
+            Ok(pb::ExportSiteKeyResponse {
+                encrypted_pem: k.encrypted_pem,
+            })
+        })
+        .await
+    }
+
     async fn get_peer_server(&self, _: Request<pb::GetPeerServerRequest>) -> R<pb::PeerServerState> {
         let (desired, changed_at_ms) = self.admin.peer_server().await?;
-        Ok(Response::new(pb::PeerServerState { desired, changed_at_ms }))
+        Ok(Response::new(pb::PeerServerState {
+            desired,
+            changed_at_ms,
+        }))
     }
 
     async fn start_peer_server(&self, req: Request<pb::StartPeerServerRequest>) -> R<pb::PeerServerState> {
@@ -324,9 +465,15 @@ impl AdminService for AdminGrpc {
         self.audited(&caller, "start_peer_server", "peer server", async {
             // The pass phrase proves the operator holds the site key, and
             // unseals the vault the peer server needs.
-            self.vault.clone().unseal(kv::UnsealRequest { passphrase }).await?;
+            self.vault
+                .clone()
+                .unseal(kv::UnsealRequest { passphrase })
+                .await?;
             let (desired, changed_at_ms) = self.admin.set_peer_server(true).await?;
-            Ok(pb::PeerServerState { desired, changed_at_ms })
+            Ok(pb::PeerServerState {
+                desired,
+                changed_at_ms,
+            })
         })
         .await
     }
@@ -335,7 +482,10 @@ impl AdminService for AdminGrpc {
         let caller = Caller::of(&req);
         self.audited(&caller, "stop_peer_server", "peer server", async {
             let (desired, changed_at_ms) = self.admin.set_peer_server(false).await?;
-            Ok(pb::PeerServerState { desired, changed_at_ms })
+            Ok(pb::PeerServerState {
+                desired,
+                changed_at_ms,
+            })
         })
         .await
     }
@@ -344,15 +494,27 @@ impl AdminService for AdminGrpc {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         let action = if r.locked { "lockdown" } else { "lift_lockdown" };
-        let subject = if r.chip_id.is_empty() { "site".to_owned() } else { r.chip_id.clone() };
+        let subject = if r.chip_id.is_empty() {
+            "site".to_owned()
+        } else {
+            r.chip_id.clone()
+        };
         self.audited(&caller, action, &subject, async {
             if r.chip_id.is_empty() {
                 self.admin.set_site_locked(r.locked).await?;
-                Ok(pb::LockdownState { site_locked: r.locked, chip_id: String::new(), user_locked: false })
+                Ok(pb::LockdownState {
+                    site_locked: r.locked,
+                    chip_id: String::new(),
+                    user_locked: false,
+                })
             } else {
                 let u = self.admin.set_user_locked(&r.chip_id, r.locked).await?;
                 let site_locked = self.admin.site_locked().await?;
-                Ok(pb::LockdownState { site_locked, chip_id: u.chip_id, user_locked: u.locked })
+                Ok(pb::LockdownState {
+                    site_locked,
+                    chip_id: u.chip_id,
+                    user_locked: u.locked,
+                })
             }
         })
         .await
@@ -361,24 +523,41 @@ impl AdminService for AdminGrpc {
     async fn get_lockdown(&self, req: Request<pb::GetLockdownRequest>) -> R<pb::LockdownState> {
         let chip_id = req.into_inner().chip_id;
         let site_locked = self.admin.site_locked().await?;
-        let user_locked = if chip_id.is_empty() { false } else { self.admin.user(&chip_id).await?.locked };
-        Ok(Response::new(pb::LockdownState { site_locked, chip_id, user_locked }))
+        let user_locked = if chip_id.is_empty() {
+            false
+        } else {
+            self.admin.user(&chip_id).await?.locked
+        };
+        Ok(Response::new(pb::LockdownState {
+            site_locked,
+            chip_id,
+            user_locked,
+        }))
     }
 
     async fn get_site_config(&self, _: Request<pb::GetSiteConfigRequest>) -> R<pb::SiteConfig> {
-        Ok(Response::new(pb::SiteConfig { values: self.admin.config().await?.into_iter().collect() }))
+        Ok(Response::new(pb::SiteConfig {
+            values: self.admin.config().await?.into_iter().collect(),
+        }))
     }
 
     async fn update_site_config(&self, req: Request<pb::UpdateSiteConfigRequest>) -> R<pb::SiteConfig> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        let mut keys: Vec<&str> = r.set.keys().map(String::as_str).chain(r.reset.iter().map(String::as_str)).collect();
+        let mut keys: Vec<&str> = r
+            .set
+            .keys()
+            .map(String::as_str)
+            .chain(r.reset.iter().map(String::as_str))
+            .collect();
         keys.sort_unstable();
         let subject = keys.join(",");
         self.audited(&caller, "update_site_config", &subject, async {
             let set: BTreeMap<String, String> = r.set.clone().into_iter().collect();
             let values = self.admin.update_config(&set, &r.reset).await?;
-            Ok(pb::SiteConfig { values: values.into_iter().collect() })
+            Ok(pb::SiteConfig {
+                values: values.into_iter().collect(),
+            })
         })
         .await
     }
@@ -403,7 +582,10 @@ impl AdminService for AdminGrpc {
             let records = self
                 .tickets
                 .clone()
-                .list_audit(tk::ListAuditRequest { ticket_id: String::new(), limit })
+                .list_audit(tk::ListAuditRequest {
+                    ticket_id: String::new(),
+                    limit,
+                })
                 .await?
                 .into_inner()
                 .records;
@@ -418,7 +600,7 @@ impl AdminService for AdminGrpc {
                 });
             }
         }
-        entries.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
         entries.truncate(limit as usize);
         Ok(Response::new(pb::ListAuditResponse { entries }))
     }

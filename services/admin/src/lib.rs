@@ -8,8 +8,8 @@ pub mod store;
 use std::{collections::BTreeMap, path::Path};
 
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
@@ -105,8 +105,13 @@ pub struct DumpContact {
 pub fn validate_chip_id(chip_id: &str) -> Result<(), AdminError> {
     let ok = !chip_id.is_empty()
         && chip_id.len() <= 64
-        && chip_id.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chip_id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+        && chip_id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chip_id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -139,7 +144,10 @@ fn validate_status(s: &str) -> Result<(), AdminError> {
     if USER_STATUSES.contains(&s) {
         Ok(())
     } else {
-        Err(AdminError::InvalidArgument(format!("status must be one of {}", USER_STATUSES.join(", "))))
+        Err(AdminError::InvalidArgument(format!(
+            "status must be one of {}",
+            USER_STATUSES.join(", ")
+        )))
     }
 }
 
@@ -177,7 +185,9 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
         k if k.ends_with(".host") => {
             if !value.is_empty()
                 && value.len() <= 255
-                && value.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
             {
                 Ok(())
             } else {
@@ -187,7 +197,9 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
         "site.name" if value.trim().is_empty() || value.len() > 100 => {
             bad("site.name must have 1 to 100 characters".into())
         }
-        "alarm.sms_webhook" if !(value.is_empty() || value.starts_with("http://") || value.starts_with("https://")) => {
+        "alarm.sms_webhook"
+            if !(value.is_empty() || value.starts_with("http://") || value.starts_with("https://")) =>
+        {
             bad("alarm.sms_webhook must be empty or an http(s) URL".into())
         }
         _ if value.len() > 1000 => bad(format!("{key} is too long")),
@@ -227,16 +239,24 @@ impl Admin {
                 .collect::<Vec<_>>(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => {
-                return Err(AdminError::InitScript { name: dir.display().to_string(), message: e.to_string() });
+                return Err(AdminError::InitScript {
+                    name: dir.display().to_string(),
+                    message: e.to_string(),
+                });
             }
         };
         names.sort();
         let mut ran = vec![];
         for name in names {
-            let sql = std::fs::read_to_string(dir.join(&name))
-                .map_err(|e| AdminError::InitScript { name: name.clone(), message: e.to_string() })?;
+            let sql = std::fs::read_to_string(dir.join(&name)).map_err(|e| AdminError::InitScript {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
             let digest = hex(&Sha256::digest(sql.as_bytes()));
-            if let Some(done) = init_script::Entity::find_by_id(name.clone()).one(&self.db).await? {
+            if let Some(done) = init_script::Entity::find_by_id(name.clone())
+                .one(&self.db)
+                .await?
+            {
                 if done.sha256 != digest {
                     tracing::warn!(script = %name, "init script changed since it ran; it is not run again");
                 }
@@ -245,10 +265,17 @@ impl Admin {
             let txn = self.db.begin().await?;
             txn.execute_unprepared(&sql)
                 .await
-                .map_err(|e| AdminError::InitScript { name: name.clone(), message: e.to_string() })?;
-            init_script::ActiveModel { name: Set(name.clone()), sha256: Set(digest), ran_at_ms: Set(now_ms()) }
-                .insert(&txn)
-                .await?;
+                .map_err(|e| AdminError::InitScript {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })?;
+            init_script::ActiveModel {
+                name: Set(name.clone()),
+                sha256: Set(digest),
+                ran_at_ms: Set(now_ms()),
+            }
+            .insert(&txn)
+            .await?;
             txn.commit().await?;
             tracing::info!(script = %name, "init script ran");
             ran.push(name);
@@ -257,7 +284,10 @@ impl Admin {
     }
 
     pub async fn init_scripts(&self) -> Result<Vec<init_script::Model>, AdminError> {
-        Ok(init_script::Entity::find().order_by_asc(init_script::Column::Name).all(&self.db).await?)
+        Ok(init_script::Entity::find()
+            .order_by_asc(init_script::Column::Name)
+            .all(&self.db)
+            .await?)
     }
 
     pub async fn create_user(&self, chip_id: &str, data: UserData) -> Result<user::Model, AdminError> {
@@ -282,7 +312,11 @@ impl Admin {
         let chip_id = u.chip_id.clone();
         let row: user::ActiveModel = u.into();
         row.insert(&self.db).await.map_err(|e| {
-            if is_unique_violation(&e) { AdminError::UserExists(chip_id) } else { AdminError::Store(e) }
+            if is_unique_violation(&e) {
+                AdminError::UserExists(chip_id)
+            } else {
+                AdminError::Store(e)
+            }
         })
     }
 
@@ -295,7 +329,12 @@ impl Admin {
 
     /// Users in CHIP ID order, after `after`, matching `query` (a substring of
     /// CHIP ID or name).
-    pub async fn list_users(&self, query: &str, after: &str, limit: u64) -> Result<Vec<user::Model>, AdminError> {
+    pub async fn list_users(
+        &self,
+        query: &str,
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<user::Model>, AdminError> {
         let mut q = user::Entity::find().order_by_asc(user::Column::ChipId);
         if !query.is_empty() {
             q = q.filter(
@@ -337,7 +376,10 @@ impl Admin {
             chip_id: u.chip_id.clone(),
             name: u.name.clone(),
             address: u.address.clone(),
-            contact: DumpContact { email: u.email.clone(), phone: u.phone.clone() },
+            contact: DumpContact {
+                email: u.email.clone(),
+                phone: u.phone.clone(),
+            },
             status: u.status.clone(),
             locked: u.locked,
             created_at_ms: u.created_at_ms,
@@ -353,7 +395,10 @@ impl Admin {
         }
         let dump: UserDump = serde_json::from_str(json).map_err(|e| AdminError::BadDump(e.to_string()))?;
         if dump.format != DUMP_FORMAT {
-            return Err(AdminError::BadDump(format!("format must be {DUMP_FORMAT:?}, not {:?}", dump.format)));
+            return Err(AdminError::BadDump(format!(
+                "format must be {DUMP_FORMAT:?}, not {:?}",
+                dump.format
+            )));
         }
         let wrap = |e: AdminError| AdminError::BadDump(e.to_string());
         validate_chip_id(&dump.chip_id).map_err(wrap)?;
@@ -374,7 +419,9 @@ impl Admin {
                 .decode(k)
                 .map_err(|_| AdminError::BadDump("public_key must be base64url SPKI DER".into()))?;
             if der.is_empty() || der.len() > 512 {
-                return Err(AdminError::BadDump("public_key must be base64url SPKI DER".into()));
+                return Err(AdminError::BadDump(
+                    "public_key must be base64url SPKI DER".into(),
+                ));
             }
         }
         Ok(dump)
@@ -398,7 +445,9 @@ impl Admin {
 
     /// Undo [`Admin::load_user`] when a later step of loading fails.
     pub async fn unload_user(&self, chip_id: &str) -> Result<(), AdminError> {
-        user::Entity::delete_by_id(chip_id.to_owned()).exec(&self.db).await?;
+        user::Entity::delete_by_id(chip_id.to_owned())
+            .exec(&self.db)
+            .await?;
         Ok(())
     }
 
@@ -410,7 +459,9 @@ impl Admin {
     }
 
     async fn setting(&self, scope: &str, key: &str) -> Result<Option<setting::Model>, AdminError> {
-        Ok(setting::Entity::find_by_id((scope.to_owned(), key.to_owned())).one(&self.db).await?)
+        Ok(setting::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+            .one(&self.db)
+            .await?)
     }
 
     async fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<setting::Model, AdminError> {
@@ -428,11 +479,15 @@ impl Admin {
     }
 
     pub async fn site_locked(&self) -> Result<bool, AdminError> {
-        Ok(self.setting(STATE, "site_locked").await?.is_some_and(|s| s.value == "true"))
+        Ok(self
+            .setting(STATE, "site_locked")
+            .await?
+            .is_some_and(|s| s.value == "true"))
     }
 
     pub async fn set_site_locked(&self, locked: bool) -> Result<(), AdminError> {
-        self.put_setting(STATE, "site_locked", if locked { "true" } else { "false" }).await?;
+        self.put_setting(STATE, "site_locked", if locked { "true" } else { "false" })
+            .await?;
         Ok(())
     }
 
@@ -445,15 +500,23 @@ impl Admin {
     }
 
     pub async fn set_peer_server(&self, running: bool) -> Result<(String, i64), AdminError> {
-        let s = self.put_setting(STATE, "peer_server", if running { "running" } else { "stopped" }).await?;
+        let s = self
+            .put_setting(STATE, "peer_server", if running { "running" } else { "stopped" })
+            .await?;
         Ok((s.value, s.changed_at_ms))
     }
 
     /// Effective site configuration: defaults overlaid with what was set.
     pub async fn config(&self) -> Result<BTreeMap<String, String>, AdminError> {
-        let mut values: BTreeMap<String, String> =
-            config_defaults().into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-        for s in setting::Entity::find().filter(setting::Column::Scope.eq(CONFIG)).all(&self.db).await? {
+        let mut values: BTreeMap<String, String> = config_defaults()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for s in setting::Entity::find()
+            .filter(setting::Column::Scope.eq(CONFIG))
+            .all(&self.db)
+            .await?
+        {
             values.insert(s.key, s.value);
         }
         Ok(values)
@@ -470,15 +533,21 @@ impl Admin {
         }
         for k in reset {
             if !config_defaults().contains_key(k.as_str()) {
-                return Err(AdminError::InvalidArgument(format!("unknown configuration key {k:?}")));
+                return Err(AdminError::InvalidArgument(format!(
+                    "unknown configuration key {k:?}"
+                )));
             }
         }
         let txn = self.db.begin().await?;
         for k in reset {
-            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone())).exec(&txn).await?;
+            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone()))
+                .exec(&txn)
+                .await?;
         }
         for (k, v) in set {
-            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone())).exec(&txn).await?;
+            setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone()))
+                .exec(&txn)
+                .await?;
             setting::ActiveModel {
                 scope: Set(CONFIG.to_owned()),
                 key: Set(k.clone()),
@@ -493,7 +562,13 @@ impl Admin {
     }
 
     /// Record one admin action. The subject and outcome never hold secrets.
-    pub async fn audit(&self, actor: &str, action: &str, subject: &str, outcome: &str) -> Result<(), AdminError> {
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        outcome: &str,
+    ) -> Result<(), AdminError> {
         audit::ActiveModel {
             at_ms: Set(now_ms()),
             actor: Set(actor.chars().take(64).collect()),
@@ -508,7 +583,11 @@ impl Admin {
     }
 
     pub async fn audit_log(&self, limit: u64) -> Result<Vec<audit::Model>, AdminError> {
-        Ok(audit::Entity::find().order_by_desc(audit::Column::Id).limit(limit.clamp(1, 10_000)).all(&self.db).await?)
+        Ok(audit::Entity::find()
+            .order_by_desc(audit::Column::Id)
+            .limit(limit.clamp(1, 10_000))
+            .all(&self.db)
+            .await?)
     }
 }
 

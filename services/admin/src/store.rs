@@ -162,7 +162,12 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(AdminUsers::Table)
-                    .col(ColumnDef::new(AdminUsers::ChipId).string_len(64).not_null().primary_key())
+                    .col(
+                        ColumnDef::new(AdminUsers::ChipId)
+                            .string_len(64)
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(AdminUsers::Name).string_len(200).not_null())
                     .col(ColumnDef::new(AdminUsers::Address).text().not_null())
                     .col(ColumnDef::new(AdminUsers::Email).string_len(254).not_null())
@@ -181,7 +186,11 @@ impl MigrationTrait for M0001Initial {
                     .col(ColumnDef::new(AdminSettings::Scope).string_len(16).not_null())
                     .col(ColumnDef::new(AdminSettings::Key).string_len(128).not_null())
                     .col(ColumnDef::new(AdminSettings::Value).text().not_null())
-                    .col(ColumnDef::new(AdminSettings::ChangedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(AdminSettings::ChangedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .primary_key(Index::create().col(AdminSettings::Scope).col(AdminSettings::Key))
                     .to_owned(),
             )
@@ -190,7 +199,12 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(AdminInitScripts::Table)
-                    .col(ColumnDef::new(AdminInitScripts::Name).string_len(255).not_null().primary_key())
+                    .col(
+                        ColumnDef::new(AdminInitScripts::Name)
+                            .string_len(255)
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(AdminInitScripts::Sha256).string_len(64).not_null())
                     .col(ColumnDef::new(AdminInitScripts::RanAtMs).big_integer().not_null())
                     .to_owned(),
@@ -200,7 +214,13 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(AdminAudit::Table)
-                    .col(ColumnDef::new(AdminAudit::Id).big_integer().not_null().auto_increment().primary_key())
+                    .col(
+                        ColumnDef::new(AdminAudit::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(AdminAudit::AtMs).big_integer().not_null())
                     .col(ColumnDef::new(AdminAudit::Actor).string_len(64).not_null())
                     .col(ColumnDef::new(AdminAudit::Action).string_len(64).not_null())

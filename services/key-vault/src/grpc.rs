@@ -13,14 +13,20 @@ pub fn policy() -> Policy {
     const S: &str = "/chipsite.keyvault.v1.KeyVault/";
     let m = |name: &str| format!("{S}{name}");
     Policy::new()
-        .allow(&m("GetStatus"), &[id::ADMIN, id::TICKET, id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(
+            &m("GetStatus"),
+            &[id::ADMIN, id::TICKET, id::USER_GATEWAY, id::PEER_GATEWAY],
+        )
         .allow(&m("Unseal"), &[id::ADMIN])
         .allow(&m("Seal"), &[id::ADMIN])
         .allow(&m("CreateSiteKey"), &[id::ADMIN])
         .allow(&m("ChangePassphrase"), &[id::ADMIN])
         .allow(&m("ImportSiteKey"), &[id::ADMIN])
         .allow(&m("ExportSiteKey"), &[id::ADMIN])
-        .allow(&m("IssueServiceCertificate"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(
+            &m("IssueServiceCertificate"),
+            &[id::USER_GATEWAY, id::PEER_GATEWAY],
+        )
         .allow(&m("RegisterUserKey"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("GetUserKey"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("RegisterPeerKey"), &[id::PEER_GATEWAY])
@@ -50,7 +56,9 @@ impl KeyVaultRpc for KeyVaultGrpc {
     }
 
     async fn unseal(&self, req: Request<pb::UnsealRequest>) -> R<pb::VaultStatus> {
-        Ok(Response::new(status_pb(self.0.unseal(&req.into_inner().passphrase).await?)))
+        Ok(Response::new(status_pb(
+            self.0.unseal(&req.into_inner().passphrase).await?,
+        )))
     }
 
     async fn seal(&self, _: Request<pb::SealRequest>) -> R<pb::VaultStatus> {
@@ -58,21 +66,33 @@ impl KeyVaultRpc for KeyVaultGrpc {
     }
 
     async fn create_site_key(&self, req: Request<pb::CreateSiteKeyRequest>) -> R<pb::VaultStatus> {
-        Ok(Response::new(status_pb(self.0.create_site_key(&req.into_inner().passphrase).await?)))
+        Ok(Response::new(status_pb(
+            self.0.create_site_key(&req.into_inner().passphrase).await?,
+        )))
     }
 
     async fn change_passphrase(&self, req: Request<pb::ChangePassphraseRequest>) -> R<pb::VaultStatus> {
         let req = req.into_inner();
-        Ok(Response::new(status_pb(self.0.change_passphrase(&req.old_passphrase, &req.new_passphrase).await?)))
+        Ok(Response::new(status_pb(
+            self.0
+                .change_passphrase(&req.old_passphrase, &req.new_passphrase)
+                .await?,
+        )))
     }
 
     async fn import_site_key(&self, req: Request<pb::ImportSiteKeyRequest>) -> R<pb::VaultStatus> {
         let req = req.into_inner();
-        Ok(Response::new(status_pb(self.0.import_site_key(&req.encrypted_pem, &req.passphrase).await?)))
+        Ok(Response::new(status_pb(
+            self.0
+                .import_site_key(&req.encrypted_pem, &req.passphrase)
+                .await?,
+        )))
     }
 
     async fn export_site_key(&self, _: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
-        Ok(Response::new(pb::ExportSiteKeyResponse { encrypted_pem: self.0.export_site_key().await? }))
+        Ok(Response::new(pb::ExportSiteKeyResponse {
+            encrypted_pem: self.0.export_site_key().await?,
+        }))
     }
 
     async fn issue_service_certificate(
@@ -81,12 +101,20 @@ impl KeyVaultRpc for KeyVaultGrpc {
     ) -> R<pb::IssueServiceCertificateResponse> {
         let req = req.into_inner();
         let ttl = Duration::from_secs(u64::from(req.ttl_seconds));
-        let (chain, not_after_ms) =
-            self.0.issue_service_certificate(&req.public_key, &req.subject_alt_names, ttl).await?;
-        Ok(Response::new(pb::IssueServiceCertificateResponse { chain, not_after_ms }))
+        let (chain, not_after_ms) = self
+            .0
+            .issue_service_certificate(&req.public_key, &req.subject_alt_names, ttl)
+            .await?;
+        Ok(Response::new(pb::IssueServiceCertificateResponse {
+            chain,
+            not_after_ms,
+        }))
     }
 
-    async fn register_user_key(&self, req: Request<pb::RegisterUserKeyRequest>) -> R<pb::RegisterUserKeyResponse> {
+    async fn register_user_key(
+        &self,
+        req: Request<pb::RegisterUserKeyRequest>,
+    ) -> R<pb::RegisterUserKeyResponse> {
         let req = req.into_inner();
         let replaced = self.0.register_user_key(&req.chip_id, &req.public_key).await?;
         Ok(Response::new(pb::RegisterUserKeyResponse { replaced }))
@@ -101,9 +129,14 @@ impl KeyVaultRpc for KeyVaultGrpc {
         }))
     }
 
-    async fn register_peer_key(&self, req: Request<pb::RegisterPeerKeyRequest>) -> R<pb::RegisterPeerKeyResponse> {
+    async fn register_peer_key(
+        &self,
+        req: Request<pb::RegisterPeerKeyRequest>,
+    ) -> R<pb::RegisterPeerKeyResponse> {
         let req = req.into_inner();
-        self.0.register_peer_key(&req.peer_chip_id, &req.peer_host, &req.public_key).await?;
+        self.0
+            .register_peer_key(&req.peer_chip_id, &req.peer_host, &req.public_key)
+            .await?;
         Ok(Response::new(pb::RegisterPeerKeyResponse {}))
     }
 

@@ -17,12 +17,12 @@ use p256::{
     pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding},
 };
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SubjectPublicKeyInfo,
 };
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use time::OffsetDateTime;
@@ -122,7 +122,11 @@ impl KeyVault {
     /// Open the vault on `db`, creating its tables if needed. It starts sealed.
     pub async fn open(db: DatabaseConnection) -> Result<Self, VaultError> {
         store::Migrator::up(&db, None).await?;
-        Ok(Self { db, unsealed: RwLock::new(None), throttle: Mutex::new(Throttle::default()) })
+        Ok(Self {
+            db,
+            unsealed: RwLock::new(None),
+            throttle: Mutex::new(Throttle::default()),
+        })
     }
 
     async fn current(&self) -> Result<Option<site_key::Model>, VaultError> {
@@ -137,10 +141,13 @@ impl KeyVault {
         let current = self.current().await?;
         let unsealed = self.unsealed.read().await;
         Ok(match current {
-            None => Status { sealed: true, ..Status::default() },
+            None => Status {
+                sealed: true,
+                ..Status::default()
+            },
             Some(k) => Status {
                 has_key: true,
-                sealed: !unsealed.as_ref().is_some_and(|u| u.key_id == k.id),
+                sealed: unsealed.as_ref().is_none_or(|u| u.key_id != k.id),
                 site_key_pin: chipsite_tls::pin_of_spki(&k.public_key),
                 site_public_key: k.public_key,
                 key_created_at_ms: k.created_at_ms,
@@ -166,7 +173,9 @@ impl KeyVault {
         let passphrase = Zeroizing::new(passphrase.to_owned());
         let (encrypted_pem, secret) = tokio::task::spawn_blocking(move || {
             let secret = SecretKey::try_generate().map_err(crypto)?;
-            let pem = secret.to_pkcs8_encrypted_pem(passphrase.as_bytes(), LineEnding::LF).map_err(crypto)?;
+            let pem = secret
+                .to_pkcs8_encrypted_pem(passphrase.as_bytes(), LineEnding::LF)
+                .map_err(crypto)?;
             Ok::<_, VaultError>((pem.to_string(), secret))
         })
         .await
@@ -189,12 +198,19 @@ impl KeyVault {
 
     async fn install(&self, encrypted_pem: String, secret: &SecretKey) -> Result<Status, VaultError> {
         let signer = signer_of(secret)?;
-        let public_key = secret.public_key().to_public_key_der().map_err(crypto)?.into_vec();
+        let public_key = secret
+            .public_key()
+            .to_public_key_der()
+            .map_err(crypto)?
+            .into_vec();
         let certificate = site_certificate(&signer)?;
         let now = now_ms();
         let txn = self.db.begin().await?;
         site_key::Entity::update_many()
-            .col_expr(site_key::Column::RetiredAtMs, sea_orm::sea_query::Expr::value(now))
+            .col_expr(
+                site_key::Column::RetiredAtMs,
+                sea_orm::sea_query::Expr::value(now),
+            )
             .filter(site_key::Column::RetiredAtMs.is_null())
             .exec(&txn)
             .await?;
@@ -209,13 +225,15 @@ impl KeyVault {
         .insert(&txn)
         .await?;
         txn.commit().await?;
-        *self.unsealed.write().await = Some(Unsealed { key_id: row.id, signer: Arc::new(signer) });
+        *self.unsealed.write().await = Some(Unsealed {
+            key_id: row.id,
+            signer: Arc::new(signer),
+        });
         tracing::info!(pin = %chipsite_tls::pin_of_spki(&row.public_key), "new site key installed");
         self.status().await
     }
 
-    async fn check_throttle(&self) -> Result<(), VaultError> {
-        let throttle = self.throttle.lock().await;
+    fn check_throttle(throttle: &Throttle) -> Result<(), VaultError> {
         if let Some(at) = throttle.next_allowed {
             let now = tokio::time::Instant::now();
             if at > now {
@@ -225,8 +243,7 @@ impl KeyVault {
         Ok(())
     }
 
-    async fn record_attempt(&self, ok: bool) {
-        let mut throttle = self.throttle.lock().await;
+    fn record_attempt(throttle: &mut Throttle, ok: bool) {
         if ok {
             *throttle = Throttle::default();
             return;
@@ -239,19 +256,25 @@ impl KeyVault {
         tracing::warn!(failures = throttle.failures, "wrong site key pass phrase");
     }
 
-    /// Open the current key with `passphrase` (throttled after repeated failures).
+    /// Open the current key with `passphrase` (throttled after repeated
+    /// failures). Attempts are serialized, so concurrent guesses cannot slip
+    /// past the throttle.
     async fn open_current(&self, passphrase: &str) -> Result<(site_key::Model, SecretKey), VaultError> {
-        self.check_throttle().await?;
+        let mut throttle = self.throttle.lock().await;
+        Self::check_throttle(&throttle)?;
         let current = self.current().await?.ok_or(VaultError::NoKey)?;
         let result = decrypt(current.encrypted_pem.clone(), passphrase).await;
-        self.record_attempt(result.is_ok()).await;
+        Self::record_attempt(&mut throttle, result.is_ok());
         Ok((current, result?))
     }
 
     pub async fn unseal(&self, passphrase: &str) -> Result<Status, VaultError> {
         let (current, secret) = self.open_current(passphrase).await?;
         let signer = signer_of(&secret)?;
-        *self.unsealed.write().await = Some(Unsealed { key_id: current.id, signer: Arc::new(signer) });
+        *self.unsealed.write().await = Some(Unsealed {
+            key_id: current.id,
+            signer: Arc::new(signer),
+        });
         tracing::info!("vault unsealed");
         self.status().await
     }
@@ -269,13 +292,20 @@ impl KeyVault {
         let (current, secret) = self.open_current(old).await?;
         let new = Zeroizing::new(new.to_owned());
         let pem = tokio::task::spawn_blocking(move || {
-            secret.to_pkcs8_encrypted_pem(new.as_bytes(), LineEnding::LF).map(|p| p.to_string()).map_err(crypto)
+            secret
+                .to_pkcs8_encrypted_pem(new.as_bytes(), LineEnding::LF)
+                .map(|p| p.to_string())
+                .map_err(crypto)
         })
         .await
         .map_err(crypto)??;
-        site_key::ActiveModel { id: Set(current.id), encrypted_pem: Set(pem), ..Default::default() }
-            .update(&self.db)
-            .await?;
+        site_key::ActiveModel {
+            id: Set(current.id),
+            encrypted_pem: Set(pem),
+            ..Default::default()
+        }
+        .update(&self.db)
+        .await?;
         tracing::info!("site key pass phrase changed");
         self.status().await
     }
@@ -307,21 +337,29 @@ impl KeyVault {
         PublicKey::from_public_key_der(public_key)
             .map_err(|_| VaultError::InvalidArgument("public_key must be a P-256 SPKI (DER)".into()))?;
         if names.is_empty() {
-            return Err(VaultError::InvalidArgument("at least one subject alternative name is required".into()));
+            return Err(VaultError::InvalidArgument(
+                "at least one subject alternative name is required".into(),
+            ));
         }
         let ttl = ttl.min(MAX_SERVICE_CERT_TTL).max(Duration::from_secs(60));
         let spki = SubjectPublicKeyInfo::from_der(public_key).map_err(crypto)?;
         let issuer = Issuer::from_ca_cert_der(&site_cert.clone().into(), signer.as_ref()).map_err(crypto)?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(crypto)?;
         for name in names {
-            params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    name.clone().try_into().map_err(|_| VaultError::InvalidArgument(format!("bad name {name:?}")))?,
-                ),
-            });
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(
+                        name.clone()
+                            .try_into()
+                            .map_err(|_| VaultError::InvalidArgument(format!("bad name {name:?}")))?,
+                    ),
+                });
         }
-        params.distinguished_name.push(DnType::CommonName, names[0].clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].clone());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
@@ -329,12 +367,17 @@ impl KeyVault {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
         let leaf = params.signed_by(&spki, &issuer).map_err(crypto)?;
-        Ok((vec![leaf.der().to_vec(), site_cert], now_ms() + ttl.as_millis() as i64))
+        Ok((
+            vec![leaf.der().to_vec(), site_cert],
+            now_ms() + ttl.as_millis() as i64,
+        ))
     }
 
     pub async fn register_user_key(&self, chip_id: &str, public_key: &[u8]) -> Result<bool, VaultError> {
         check_public_key(public_key)?;
-        let existing = user_key::Entity::find_by_id(chip_id.to_owned()).one(&self.db).await?;
+        let existing = user_key::Entity::find_by_id(chip_id.to_owned())
+            .one(&self.db)
+            .await?;
         let row = user_key::ActiveModel {
             chip_id: Set(chip_id.to_owned()),
             public_key: Set(public_key.to_vec()),
@@ -359,7 +402,12 @@ impl KeyVault {
             .ok_or_else(|| VaultError::NotFound(format!("key of user {chip_id:?}")))
     }
 
-    pub async fn register_peer_key(&self, chip_id: &str, host: &str, public_key: &[u8]) -> Result<(), VaultError> {
+    pub async fn register_peer_key(
+        &self,
+        chip_id: &str,
+        host: &str,
+        public_key: &[u8],
+    ) -> Result<(), VaultError> {
         check_public_key(public_key)?;
         let key = (chip_id.to_owned(), host.to_owned());
         let row = peer_key::ActiveModel {
@@ -403,7 +451,8 @@ fn check_public_key(spki: &[u8]) -> Result<(), VaultError> {
 async fn decrypt(pem: String, passphrase: &str) -> Result<SecretKey, VaultError> {
     let passphrase = Zeroizing::new(passphrase.to_owned());
     tokio::task::spawn_blocking(move || {
-        SecretKey::from_pkcs8_encrypted_pem(&pem, passphrase.as_bytes()).map_err(|_| VaultError::WrongPassphrase)
+        SecretKey::from_pkcs8_encrypted_pem(&pem, passphrase.as_bytes())
+            .map_err(|_| VaultError::WrongPassphrase)
     })
     .await
     .map_err(crypto)?
@@ -418,7 +467,9 @@ fn signer_of(secret: &SecretKey) -> Result<KeyPair, VaultError> {
 /// certificates chain to.
 fn site_certificate(signer: &KeyPair) -> Result<Vec<u8>, VaultError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(crypto)?;
-    params.distinguished_name.push(DnType::CommonName, "chipsite site key");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "chipsite site key");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();

@@ -135,7 +135,11 @@ impl MigrationTrait for M0001Initial {
                     .col(ColumnDef::new(KeyvaultSiteKeys::EncryptedPem).text().not_null())
                     .col(ColumnDef::new(KeyvaultSiteKeys::PublicKey).blob().not_null())
                     .col(ColumnDef::new(KeyvaultSiteKeys::Certificate).blob().not_null())
-                    .col(ColumnDef::new(KeyvaultSiteKeys::CreatedAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(KeyvaultSiteKeys::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(KeyvaultSiteKeys::RetiredAtMs).big_integer().null())
                     .to_owned(),
             )
@@ -144,9 +148,18 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(KeyvaultUserKeys::Table)
-                    .col(ColumnDef::new(KeyvaultUserKeys::ChipId).string_len(64).not_null().primary_key())
+                    .col(
+                        ColumnDef::new(KeyvaultUserKeys::ChipId)
+                            .string_len(64)
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(KeyvaultUserKeys::PublicKey).blob().not_null())
-                    .col(ColumnDef::new(KeyvaultUserKeys::RegisteredAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(KeyvaultUserKeys::RegisteredAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;
@@ -154,11 +167,27 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(KeyvaultPeerKeys::Table)
-                    .col(ColumnDef::new(KeyvaultPeerKeys::PeerChipId).string_len(64).not_null())
-                    .col(ColumnDef::new(KeyvaultPeerKeys::PeerHost).string_len(255).not_null())
+                    .col(
+                        ColumnDef::new(KeyvaultPeerKeys::PeerChipId)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(KeyvaultPeerKeys::PeerHost)
+                            .string_len(255)
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(KeyvaultPeerKeys::PublicKey).blob().not_null())
-                    .col(ColumnDef::new(KeyvaultPeerKeys::RegisteredAtMs).big_integer().not_null())
-                    .primary_key(Index::create().col(KeyvaultPeerKeys::PeerChipId).col(KeyvaultPeerKeys::PeerHost))
+                    .col(
+                        ColumnDef::new(KeyvaultPeerKeys::RegisteredAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .primary_key(
+                        Index::create()
+                            .col(KeyvaultPeerKeys::PeerChipId)
+                            .col(KeyvaultPeerKeys::PeerHost),
+                    )
                     .to_owned(),
             )
             .await?;

@@ -17,7 +17,10 @@ pub fn policy() -> Policy {
     let m = |name: &str| format!("{S}{name}");
     Policy::new()
         .allow(&m("IssueTicket"), &[id::ADMIN, id::USER_GATEWAY, id::BENCH])
-        .allow(&m("RedeemTicket"), &[id::USER_GATEWAY, id::PEER_GATEWAY, id::BENCH])
+        .allow(
+            &m("RedeemTicket"),
+            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::BENCH],
+        )
         .allow(&m("ListTickets"), &[id::ADMIN])
         .allow(&m("RevokeTicket"), &[id::ADMIN])
         .allow(&m("ListAudit"), &[id::ADMIN])
@@ -31,7 +34,10 @@ pub struct TicketsGrpc {
 
 impl TicketsGrpc {
     pub fn new(tickets: Arc<Tickets>, key_vault: Channel) -> Self {
-        Self { tickets, key_vault: KeyVaultClient::new(key_vault) }
+        Self {
+            tickets,
+            key_vault: KeyVaultClient::new(key_vault),
+        }
     }
 }
 
@@ -72,13 +78,24 @@ impl TicketsRpc for TicketsGrpc {
         let req = req.into_inner();
         let kind = kind_of(req.kind)?;
         let port = u16::try_from(req.port).map_err(|_| Status::invalid_argument("port out of range"))?;
-        let vault = self.key_vault.clone().get_status(GetStatusRequest {}).await?.into_inner();
+        let vault = self
+            .key_vault
+            .clone()
+            .get_status(GetStatusRequest {})
+            .await?
+            .into_inner();
         if !vault.has_key {
             return Err(TicketError::FailedPrecondition("the site has no key yet".into()).into());
         }
         let issued = self
             .tickets
-            .issue(kind, &req.chip_id, Duration::from_secs(u64::from(req.ttl_seconds)), &req.host, port)
+            .issue(
+                kind,
+                &req.chip_id,
+                Duration::from_secs(u64::from(req.ttl_seconds)),
+                &req.host,
+                port,
+            )
             .await?;
         Ok(Response::new(pb::IssuedTicket {
             info: Some(info_pb(&issued.ticket)),
@@ -90,9 +107,16 @@ impl TicketsRpc for TicketsGrpc {
 
     async fn redeem_ticket(&self, req: Request<pb::RedeemTicketRequest>) -> R<pb::RedeemTicketResponse> {
         let req = req.into_inner();
-        let kind = kind_of(req.kind)?;
-        let t = self.tickets.redeem(kind, &req.token, &req.chip_id, &req.source).await?;
-        Ok(Response::new(pb::RedeemTicketResponse { ticket_id: t.id, chip_id: t.chip_id }))
+        // A malformed kind is still an attempt: it burns the ticket it names.
+        let kind = kind_of(req.kind).ok();
+        let t = self
+            .tickets
+            .redeem(kind, &req.token, &req.chip_id, &req.source)
+            .await?;
+        Ok(Response::new(pb::RedeemTicketResponse {
+            ticket_id: t.id,
+            chip_id: t.chip_id,
+        }))
     }
 
     async fn list_tickets(&self, req: Request<pb::ListTicketsRequest>) -> R<pb::ListTicketsResponse> {
@@ -100,11 +124,15 @@ impl TicketsRpc for TicketsGrpc {
         let chip = (!req.chip_id.is_empty()).then_some(req.chip_id.as_str());
         let limit = if req.limit == 0 { 100 } else { u64::from(req.limit) };
         let list = self.tickets.list(chip, req.include_closed, limit).await?;
-        Ok(Response::new(pb::ListTicketsResponse { tickets: list.iter().map(info_pb).collect() }))
+        Ok(Response::new(pb::ListTicketsResponse {
+            tickets: list.iter().map(info_pb).collect(),
+        }))
     }
 
     async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::TicketInfo> {
-        Ok(Response::new(info_pb(&self.tickets.revoke(&req.into_inner().id).await?)))
+        Ok(Response::new(info_pb(
+            &self.tickets.revoke(&req.into_inner().id).await?,
+        )))
     }
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {

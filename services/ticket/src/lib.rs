@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, sea_query::Expr,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, sea_query::Expr,
 };
 use sea_orm_migration::MigratorTrait;
 use sha2::{Digest, Sha256};
@@ -104,14 +104,21 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued").field("ticket", &self.ticket.id).field("token", &"<redacted>").finish()
+        f.debug_struct("Issued")
+            .field("ticket", &self.ticket.id)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
 /// The state a ticket shows in listings: outstanding tickets past their
 /// expiry show as "expired".
 pub fn visible_state(t: &ticket::Model, now: i64) -> &str {
-    if t.state == "outstanding" && t.expires_at_ms <= now { "expired" } else { &t.state }
+    if t.state == "outstanding" && t.expires_at_ms <= now {
+        "expired"
+    } else {
+        &t.state
+    }
 }
 
 pub struct Tickets {
@@ -138,7 +145,10 @@ fn hash_token(token: &str) -> Vec<u8> {
 impl Tickets {
     pub async fn open(db: DatabaseConnection) -> Result<Self, TicketError> {
         store::Migrator::up(&db, None).await?;
-        Ok(Self { db, throttle: Throttle::default() })
+        Ok(Self {
+            db,
+            throttle: Throttle::default(),
+        })
     }
 
     /// Replace the per-source throttle (tests, benchmarks).
@@ -156,10 +166,14 @@ impl Tickets {
         port: u16,
     ) -> Result<Issued, TicketError> {
         if chip_id.is_empty() || chip_id.len() > 64 {
-            return Err(TicketError::InvalidArgument("chip_id must have 1 to 64 characters".into()));
+            return Err(TicketError::InvalidArgument(
+                "chip_id must have 1 to 64 characters".into(),
+            ));
         }
         if host.is_empty() || host.len() > 255 || port == 0 {
-            return Err(TicketError::InvalidArgument("a ticket needs the host and port to connect to".into()));
+            return Err(TicketError::InvalidArgument(
+                "a ticket needs the host and port to connect to".into(),
+            ));
         }
         let ttl = if ttl.is_zero() { DEFAULT_TTL } else { ttl };
         if ttl > MAX_TTL {
@@ -194,7 +208,7 @@ impl Tickets {
     /// from a source that is not throttled, succeeds.
     pub async fn redeem(
         &self,
-        kind: Kind,
+        kind: Option<Kind>,
         token: &str,
         chip_id: &str,
         source: &str,
@@ -214,18 +228,22 @@ impl Tickets {
             .exec_with_returning(&self.db)
             .await?;
         let Some(t) = claimed.into_iter().next() else {
-            let known = ticket::Entity::find().filter(ticket::Column::TokenHash.eq(hash)).one(&self.db).await?;
+            let known = ticket::Entity::find()
+                .filter(ticket::Column::TokenHash.eq(hash))
+                .one(&self.db)
+                .await?;
             let outcome = match &known {
                 Some(t) if t.state == "revoked" => "refused_revoked",
                 Some(_) => "refused_used",
                 None => "refused_unknown",
             };
-            self.refuse(known.as_ref().map(|t| t.id.as_str()), outcome, &source).await?;
+            self.refuse(known.as_ref().map(|t| t.id.as_str()), outcome, &source)
+                .await?;
             return Err(TicketError::Refused);
         };
         let outcome = if !bool::from(t.token_hash.ct_eq(&hash_token(token))) {
             "refused_unknown"
-        } else if t.kind != kind.as_str() {
+        } else if kind.is_none_or(|k| t.kind != k.as_str()) {
             "refused_kind"
         } else if t.expires_at_ms <= now {
             "refused_expired"
@@ -240,17 +258,25 @@ impl Tickets {
             self.refuse(Some(&t.id), outcome, &source).await?;
             return Err(TicketError::Refused);
         }
-        let redeemed =
-            ticket::ActiveModel { id: Set(t.id.clone()), state: Set("redeemed".to_owned()), ..Default::default() }
-                .update(&self.db)
-                .await?;
+        let redeemed = ticket::ActiveModel {
+            id: Set(t.id.clone()),
+            state: Set("redeemed".to_owned()),
+            ..Default::default()
+        }
+        .update(&self.db)
+        .await?;
         self.audit(Some(&t.id), "redeemed", &source).await?;
         Ok(redeemed)
     }
 
     async fn refuse(&self, ticket_id: Option<&str>, outcome: &str, source: &str) -> Result<(), TicketError> {
         self.throttle.record_failure(source);
-        tracing::info!(ticket = ticket_id.unwrap_or("-"), outcome, source, "ticket refused");
+        tracing::info!(
+            ticket = ticket_id.unwrap_or("-"),
+            outcome,
+            source,
+            "ticket refused"
+        );
         self.audit(ticket_id, outcome, source).await
     }
 
@@ -278,7 +304,9 @@ impl Tickets {
             q = q.filter(ticket::Column::ChipId.eq(c));
         }
         if !include_closed {
-            q = q.filter(ticket::Column::ClosedAtMs.is_null()).filter(ticket::Column::ExpiresAtMs.gt(now_ms()));
+            q = q
+                .filter(ticket::Column::ClosedAtMs.is_null())
+                .filter(ticket::Column::ExpiresAtMs.gt(now_ms()));
         }
         Ok(q.limit(limit.clamp(1, 1000)).all(&self.db).await?)
     }
@@ -299,13 +327,20 @@ impl Tickets {
                 Ok(t)
             }
             None => match ticket::Entity::find_by_id(id.to_owned()).one(&self.db).await? {
-                Some(t) => Err(TicketError::FailedPrecondition(format!("ticket {id} is already {}", t.state))),
+                Some(t) => Err(TicketError::FailedPrecondition(format!(
+                    "ticket {id} is already {}",
+                    t.state
+                ))),
                 None => Err(TicketError::NotFound(id.to_owned())),
             },
         }
     }
 
-    pub async fn audit_log(&self, ticket_id: Option<&str>, limit: u64) -> Result<Vec<audit::Model>, TicketError> {
+    pub async fn audit_log(
+        &self,
+        ticket_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<audit::Model>, TicketError> {
         let mut q = audit::Entity::find().order_by_desc(audit::Column::Id);
         if let Some(t) = ticket_id {
             q = q.filter(audit::Column::TicketId.eq(t));

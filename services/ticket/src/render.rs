@@ -85,7 +85,10 @@ impl PublishedTicket {
                 "chipsite:tally?c={c}&h={}&p={}&t={}&k={}&e={e}",
                 self.host, self.port, self.token, self.site_key
             ),
-            _ => format!("chipsite:user?h={}&p={}&t={}&k={}", self.host, self.port, self.token, self.site_key),
+            _ => format!(
+                "chipsite:user?h={}&p={}&t={}&k={}",
+                self.host, self.port, self.token, self.site_key
+            ),
         }
     }
 
@@ -109,12 +112,19 @@ impl PublishedTicket {
         let token = field("t")?;
         let site_key = field("k")?;
         let (chip_id, expires) = match kind {
-            Kind::Tally => {
-                (Some(field("c")?), Some(field("e")?.parse().map_err(|_| ParseError::Malformed("expires"))?))
-            }
+            Kind::Tally => (
+                Some(field("c")?),
+                Some(
+                    field("e")?
+                        .parse()
+                        .map_err(|_| ParseError::Malformed("expires"))?,
+                ),
+            ),
             Kind::User => (None, None),
         };
-        let spki = URL_SAFE_NO_PAD.decode(&site_key).map_err(|_| ParseError::Malformed("site_key"))?;
+        let spki = URL_SAFE_NO_PAD
+            .decode(&site_key)
+            .map_err(|_| ParseError::Malformed("site_key"))?;
         let t = Self {
             kind: kind.as_str().to_owned(),
             chip_id,
@@ -133,7 +143,10 @@ impl PublishedTicket {
     pub fn validate(&self) -> Result<(), ParseError> {
         let kind = Kind::parse(&self.kind).ok_or(ParseError::Malformed("kind"))?;
         let hostlike = |s: &str| {
-            !s.is_empty() && s.len() <= 255 && s.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+            !s.is_empty()
+                && s.len() <= 255
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         };
         if !hostlike(&self.host) {
             return Err(ParseError::Malformed("host"));
@@ -145,7 +158,9 @@ impl PublishedTicket {
         if !b64(&self.token) {
             return Err(ParseError::Malformed("token"));
         }
-        let spki = URL_SAFE_NO_PAD.decode(&self.site_key).map_err(|_| ParseError::Malformed("site_key"))?;
+        let spki = URL_SAFE_NO_PAD
+            .decode(&self.site_key)
+            .map_err(|_| ParseError::Malformed("site_key"))?;
         if spki.is_empty() || spki.len() > 512 {
             return Err(ParseError::Malformed("site_key"));
         }
@@ -154,7 +169,11 @@ impl PublishedTicket {
         }
         if kind == Kind::Tally {
             let chip = self.chip_id.as_deref().ok_or(ParseError::Missing("chip_id"))?;
-            if chip.is_empty() || chip.len() > 64 || !chip.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            if chip.is_empty()
+                || chip.len() > 64
+                || !chip
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
             {
                 return Err(ParseError::Malformed("chip_id"));
             }
@@ -178,7 +197,12 @@ impl PublishedTicket {
     /// The URI as a QR code in SVG.
     pub fn qr_svg(&self) -> Option<String> {
         let code = qrcode::QrCode::new(self.to_uri().as_bytes()).ok()?;
-        Some(code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(320, 320).quiet_zone(true).build())
+        Some(
+            code.render::<qrcode::render::svg::Color<'_>>()
+                .min_dimensions(320, 320)
+                .quiet_zone(true)
+                .build(),
+        )
     }
 }
 
@@ -187,7 +211,15 @@ mod tests {
     use super::*;
 
     fn sample(kind: Kind) -> PublishedTicket {
-        PublishedTicket::new(kind, "alice", "127.0.0.1", 4443, "dG9rZW4tdG9rZW4", &[48, 89, 1, 2, 3], 1_800_000_000_000)
+        PublishedTicket::new(
+            kind,
+            "alice",
+            "127.0.0.1",
+            4443,
+            "dG9rZW4tdG9rZW4",
+            &[48, 89, 1, 2, 3],
+            1_800_000_000_000,
+        )
     }
 
     #[test]
@@ -197,8 +229,14 @@ mod tests {
             assert_eq!(PublishedTicket::from_uri(&t.to_uri()), Ok(t.clone()));
             assert_eq!(PublishedTicket::from_json(&t.to_json()), Ok(t.clone()));
         }
-        assert!(!sample(Kind::User).to_json().contains("alice"), "user tickets do not publish the CHIP ID");
-        assert!(!sample(Kind::User).to_json().contains("expires"), "user tickets do not publish the expiry");
+        assert!(
+            !sample(Kind::User).to_json().contains("alice"),
+            "user tickets do not publish the CHIP ID"
+        );
+        assert!(
+            !sample(Kind::User).to_json().contains("expires"),
+            "user tickets do not publish the expiry"
+        );
     }
 
     #[test]
@@ -218,7 +256,10 @@ mod tests {
         }
         let mut t = sample(Kind::User);
         t.pin = "sha256//AAAA".into();
-        assert_eq!(PublishedTicket::from_json(&t.to_json()), Err(ParseError::Malformed("pin")));
+        assert_eq!(
+            PublishedTicket::from_json(&t.to_json()),
+            Err(ParseError::Malformed("pin"))
+        );
     }
 
     #[test]

@@ -107,14 +107,32 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(TicketTickets::Table)
-                    .col(ColumnDef::new(TicketTickets::Id).string_len(40).not_null().primary_key())
+                    .col(
+                        ColumnDef::new(TicketTickets::Id)
+                            .string_len(40)
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(TicketTickets::Kind).string_len(16).not_null())
                     .col(ColumnDef::new(TicketTickets::ChipId).string_len(64).not_null())
                     .col(ColumnDef::new(TicketTickets::Host).string_len(255).not_null())
                     .col(ColumnDef::new(TicketTickets::Port).integer().not_null())
-                    .col(ColumnDef::new(TicketTickets::TokenHash).blob().not_null().unique_key())
-                    .col(ColumnDef::new(TicketTickets::CreatedAtMs).big_integer().not_null())
-                    .col(ColumnDef::new(TicketTickets::ExpiresAtMs).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(TicketTickets::TokenHash)
+                            .blob()
+                            .not_null()
+                            .unique_key(),
+                    )
+                    .col(
+                        ColumnDef::new(TicketTickets::CreatedAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(TicketTickets::ExpiresAtMs)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(TicketTickets::State).string_len(16).not_null())
                     .col(ColumnDef::new(TicketTickets::ClosedAtMs).big_integer().null())
                     .to_owned(),
@@ -133,7 +151,13 @@ impl MigrationTrait for M0001Initial {
             .create_table(
                 Table::create()
                     .table(TicketAudit::Table)
-                    .col(ColumnDef::new(TicketAudit::Id).big_integer().not_null().auto_increment().primary_key())
+                    .col(
+                        ColumnDef::new(TicketAudit::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(TicketAudit::TicketId).string_len(40).null())
                     .col(ColumnDef::new(TicketAudit::Outcome).string_len(32).not_null())
                     .col(ColumnDef::new(TicketAudit::Source).string_len(128).not_null())

@@ -38,7 +38,9 @@ impl Throttle {
     /// Whether `source` may still make an attempt.
     pub fn allows(&self, source: &str) -> bool {
         let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        buckets.get(source).is_none_or(|b| self.level(*b, Instant::now()) >= 1.0)
+        buckets
+            .get(source)
+            .is_none_or(|b| self.level(*b, Instant::now()) >= 1.0)
     }
 
     pub fn record_failure(&self, source: &str) {

@@ -1,0 +1,861 @@
+//! chipsctl: the admin CLI. Every command is one AdminService call over
+//! mutual TLS with the operator's (admin-client) certificate. Output is for
+//! people by default and JSON with `--json`; every failure is one line.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, Write},
+    path::PathBuf,
+};
+
+use chipsite_proto::admin::v1::{self as pb, admin_service_client::AdminServiceClient};
+use chipsite_site::Endpoints;
+use chipsite_tls::{CertPaths, identity};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tonic::{Code, transport::Channel};
+
+#[derive(Parser, Debug)]
+#[command(name = "chipsctl", version, about = "Administer a chipsite site")]
+pub struct Cli {
+    /// Data directory of a dev site (default: $CHIPSITE_DATA_DIR or ~/.local/share/chipsite/dev).
+    #[arg(long, global = true, env = "CHIPSITE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// AdminService address (host:port); with --cert, --key and --ca instead of a data directory.
+    #[arg(long, global = true, env = "CHIPSCTL_ADMIN")]
+    pub admin: Option<String>,
+    #[arg(long, global = true, env = "CHIPSCTL_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "CHIPSCTL_KEY")]
+    pub key: Option<PathBuf>,
+    #[arg(long, global = true, env = "CHIPSCTL_CA")]
+    pub ca: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Users: create, show, list, edit, dump, load, lock, unlock.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Connection tickets: issue, list, revoke.
+    #[command(subcommand)]
+    Ticket(TicketCmd),
+    /// The site key: status, unseal, seal, create, passphrase.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// The peer server: status, start, stop.
+    #[command(subcommand)]
+    Peer(PeerCmd),
+    /// Site-wide lockdown: status, lock, unlock.
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Site configuration defaults: show, set, reset.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// The audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only "admin" or "ticket" records.
+        #[arg(long, default_value = "")]
+        source: String,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(id = "user_fields")]
+pub struct UserFields {
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub address: Option<String>,
+    #[arg(long)]
+    pub email: Option<String>,
+    #[arg(long)]
+    pub phone: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    Create {
+        chip_id: String,
+        #[command(flatten)]
+        fields: UserFields,
+    },
+    Show {
+        chip_id: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        query: String,
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    Edit {
+        chip_id: String,
+        #[command(flatten)]
+        fields: UserFields,
+        /// active, suspended or closed.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Write the user as JSON to a file (or stdout).
+    Dump {
+        chip_id: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Load a user from a JSON dump file ("-" for stdin).
+    Load {
+        file: PathBuf,
+    },
+    /// Lock the user out: open sessions close, new ones are refused.
+    Lock {
+        chip_id: String,
+    },
+    Unlock {
+        chip_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TicketCmd {
+    /// Issue a user's connection ticket.
+    Issue {
+        chip_id: String,
+        /// Lifetime in seconds (default: the site's ticket.ttl_seconds).
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+        /// Also draw the ticket as a QR code in the terminal.
+        #[arg(long)]
+        qr: bool,
+        /// Also write the QR code as an SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Include redeemed, burned, expired and revoked tickets.
+        #[arg(long)]
+        all: bool,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+#[group(id = "passphrase_source")]
+pub struct Passphrase {
+    /// Read the pass phrase from this file (else $CHIPSCTL_PASSPHRASE, else one line of stdin).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    Status,
+    Unseal {
+        #[command(flatten)]
+        passphrase: Passphrase,
+    },
+    Seal,
+    /// Create a new site key under a new pass phrase (the old key is retired).
+    Create {
+        #[command(flatten)]
+        passphrase: Passphrase,
+    },
+    /// Write the site key as stored (encrypted PKCS#8 PEM) to a file or stdout.
+    Export {
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Replace the site key with an encrypted PKCS#8 PEM file (for example from openssl).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        passphrase: Passphrase,
+    },
+    /// Encrypt the site key under a new pass phrase.
+    Passphrase {
+        #[command(flatten)]
+        passphrase: Passphrase,
+        /// Read the new pass phrase from this file (else $CHIPSCTL_NEW_PASSPHRASE, else the second line of stdin).
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PeerCmd {
+    Status,
+    Start {
+        #[command(flatten)]
+        passphrase: Passphrase,
+    },
+    Stop,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCmd {
+    Status,
+    Lock,
+    Unlock,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    Show,
+    /// Set keys: `chipsctl config set ticket.ttl_seconds=3600 site.name=Example`.
+    Set {
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Reset keys to their defaults.
+    Reset {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Site(#[from] chipsite_site::SiteError),
+    #[error("{0}")]
+    Rpc(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A tonic status as one line a person can act on.
+fn rpc_error(admin: &str) -> impl Fn(tonic::Status) -> CliError + '_ {
+    move |s| {
+        CliError::Rpc(match s.code() {
+            Code::Unavailable => format!("cannot reach the admin service at {admin}: {}", s.message()),
+            Code::PermissionDenied if s.message().contains("may not call") => {
+                format!("refused: {} (is this the admin-client certificate?)", s.message())
+            }
+            _ => s.message().to_owned(),
+        })
+    }
+}
+
+fn read_secret(
+    file: &Option<PathBuf>,
+    env: &str,
+    lines: &mut Option<std::io::Lines<std::io::StdinLock<'static>>>,
+) -> Result<String, CliError> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f).map_err(|e| CliError::Io(format!("{}: {e}", f.display())))?;
+        return Ok(s.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    if let Ok(s) = std::env::var(env) {
+        return Ok(s);
+    }
+    let lines = lines.get_or_insert_with(|| std::io::stdin().lock().lines());
+    match lines.next() {
+        Some(Ok(s)) => Ok(s.trim_end_matches('\r').to_owned()),
+        _ => Err(CliError::Usage(format!(
+            "no pass phrase: give a file, set ${env}, or write it to stdin"
+        ))),
+    }
+}
+
+fn connect(cli: &Cli) -> Result<(AdminServiceClient<Channel>, String), CliError> {
+    if let Some(admin) = &cli.admin {
+        let (Some(cert), Some(key), Some(ca)) = (&cli.cert, &cli.key, &cli.ca) else {
+            return Err(CliError::Usage("--admin needs --cert, --key and --ca".into()));
+        };
+        let certs = CertPaths {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        };
+        return Ok((chipsite_site::admin_client(admin, &certs)?, admin.clone()));
+    }
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(chipsite_site::config::default_data_dir);
+    let endpoints = Endpoints::read(&data_dir)?;
+    let client =
+        chipsite_site::admin_client(&endpoints.admin, &endpoints.cert_paths(identity::ADMIN_CLIENT))?;
+    Ok((client, endpoints.admin))
+}
+
+fn ms(t: i64) -> String {
+    if t <= 0 {
+        return "-".into();
+    }
+    // Seconds since the epoch as UTC, without a date library.
+    let secs = t / 1000;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn user_json(u: &pb::User) -> Value {
+    let c = u.contact.clone().unwrap_or_default();
+    json!({
+        "chip_id": u.chip_id, "name": u.name, "address": u.address,
+        "contact": {"email": c.email, "phone": c.phone},
+        "status": u.status, "locked": u.locked, "has_key": u.has_key,
+        "created_at_ms": u.created_at_ms, "updated_at_ms": u.updated_at_ms,
+    })
+}
+
+fn user_text(u: &pb::User) -> String {
+    let c = u.contact.clone().unwrap_or_default();
+    format!(
+        "{}\n  name     {}\n  address  {}\n  email    {}\n  phone    {}\n  status   {}{}\n  key      {}\n  created  {}\n  updated  {}\n",
+        u.chip_id,
+        u.name,
+        u.address,
+        c.email,
+        c.phone,
+        u.status,
+        if u.locked { " (LOCKED DOWN)" } else { "" },
+        if u.has_key { "registered" } else { "none yet" },
+        ms(u.created_at_ms),
+        ms(u.updated_at_ms)
+    )
+}
+
+fn vault_json(v: &pb::VaultStatusView) -> Value {
+    json!({"has_key": v.has_key, "sealed": v.sealed, "site_key_pin": v.site_key_pin, "key_created_at_ms": v.key_created_at_ms})
+}
+
+fn vault_text(v: &pb::VaultStatusView) -> String {
+    if !v.has_key {
+        return "no site key (create one: chipsctl key create)\n".into();
+    }
+    format!(
+        "site key {}\n  pin      {}\n  created  {}\n",
+        if v.sealed { "SEALED" } else { "unsealed" },
+        v.site_key_pin,
+        ms(v.key_created_at_ms)
+    )
+}
+
+fn ticket_json(t: &pb::TicketInfo) -> Value {
+    json!({"id": t.id, "kind": t.kind, "chip_id": t.chip_id, "state": t.state,
+           "created_at_ms": t.created_at_ms, "expires_at_ms": t.expires_at_ms})
+}
+
+fn lockdown_json(l: &pb::LockdownState) -> Value {
+    json!({"site_locked": l.site_locked, "chip_id": l.chip_id, "user_locked": l.user_locked})
+}
+
+fn lockdown_text(l: &pb::LockdownState) -> String {
+    let mut s = format!("site {}\n", if l.site_locked { "LOCKED DOWN" } else { "open" });
+    if !l.chip_id.is_empty() {
+        s.push_str(&format!(
+            "user {} {}\n",
+            l.chip_id,
+            if l.user_locked { "LOCKED DOWN" } else { "open" }
+        ));
+    }
+    s
+}
+
+fn peer_json(p: &pb::PeerServerState) -> Value {
+    json!({"desired": p.desired, "changed_at_ms": p.changed_at_ms})
+}
+
+fn config_json(c: &pb::SiteConfig) -> Value {
+    let sorted: std::collections::BTreeMap<_, _> = c.values.iter().collect();
+    json!(sorted)
+}
+
+fn config_text(c: &pb::SiteConfig) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = c.values.iter().collect();
+    sorted.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+}
+
+/// `key export` is handled before the status-returning key commands.
+fn unreachable_export() -> Result<tonic::Response<pb::VaultStatusView>, tonic::Status> {
+    Err(tonic::Status::internal("key export is handled separately"))
+}
+
+/// Run one command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let (mut client, admin_addr) = connect(&cli)?;
+    let err = rpc_error(&admin_addr);
+    let mut stdin_lines = None;
+    let json_mode = cli.json;
+    let emit = |out: &mut dyn Write, v: Value, text: String| -> Result<(), CliError> {
+        let s = if json_mode {
+            format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+        } else {
+            text
+        };
+        out.write_all(s.as_bytes())
+            .map_err(|e| CliError::Io(e.to_string()))
+    };
+    match cli.command {
+        Command::User(cmd) => match cmd {
+            UserCmd::Create { chip_id, fields } => {
+                let name = fields
+                    .name
+                    .ok_or_else(|| CliError::Usage("user create needs --name".into()))?;
+                let u = client
+                    .create_user(pb::CreateUserRequest {
+                        chip_id,
+                        name,
+                        address: fields.address.unwrap_or_default(),
+                        contact: Some(pb::Contact {
+                            email: fields.email.unwrap_or_default(),
+                            phone: fields.phone.unwrap_or_default(),
+                        }),
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, user_json(&u), format!("created user {}\n", u.chip_id))
+            }
+            UserCmd::Show { chip_id } => {
+                let u = client
+                    .get_user(pb::GetUserRequest { chip_id })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, user_json(&u), user_text(&u))
+            }
+            UserCmd::List {
+                query,
+                page_size,
+                page_token,
+            } => {
+                let r = client
+                    .list_users(pb::ListUsersRequest {
+                        query,
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                let mut text: String = r
+                    .users
+                    .iter()
+                    .map(|u| {
+                        format!(
+                            "{:<24} {:<9} {}{}\n",
+                            u.chip_id,
+                            u.status,
+                            u.name,
+                            if u.locked { "  [locked]" } else { "" }
+                        )
+                    })
+                    .collect();
+                if !r.next_page_token.is_empty() {
+                    text.push_str(&format!("(more: --page-token {})\n", r.next_page_token));
+                }
+                let v = json!({"users": r.users.iter().map(user_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token});
+                emit(out, v, text)
+            }
+            UserCmd::Edit {
+                chip_id,
+                fields,
+                status,
+            } => {
+                let u = client
+                    .update_user(pb::UpdateUserRequest {
+                        chip_id,
+                        name: fields.name,
+                        address: fields.address,
+                        email: fields.email,
+                        phone: fields.phone,
+                        status,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, user_json(&u), user_text(&u))
+            }
+            UserCmd::Dump { chip_id, output } => {
+                let d = client
+                    .dump_user(pb::DumpUserRequest {
+                        chip_id: chip_id.clone(),
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                match output {
+                    Some(path) => {
+                        std::fs::write(&path, format!("{}\n", d.json))
+                            .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+                        emit(
+                            out,
+                            json!({"chip_id": chip_id, "file": path}),
+                            format!("wrote {chip_id} to {}\n", path.display()),
+                        )
+                    }
+                    None => out
+                        .write_all(format!("{}\n", d.json).as_bytes())
+                        .map_err(|e| CliError::Io(e.to_string())),
+                }
+            }
+            UserCmd::Load { file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .map_err(|e| CliError::Io(e.to_string()))?;
+                    s
+                } else {
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| CliError::Io(format!("{}: {e}", file.display())))?
+                };
+                let u = client
+                    .load_user(pb::LoadUserRequest { json: text })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, user_json(&u), format!("loaded user {}\n", u.chip_id))
+            }
+            UserCmd::Lock { chip_id } | UserCmd::Unlock { chip_id } if chip_id.is_empty() => {
+                Err(CliError::Usage("a CHIP ID is required".into()))
+            }
+            UserCmd::Lock { chip_id } => {
+                let l = client
+                    .set_lockdown(pb::SetLockdownRequest {
+                        chip_id,
+                        locked: true,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, lockdown_json(&l), lockdown_text(&l))
+            }
+            UserCmd::Unlock { chip_id } => {
+                let l = client
+                    .set_lockdown(pb::SetLockdownRequest {
+                        chip_id,
+                        locked: false,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                emit(out, lockdown_json(&l), lockdown_text(&l))
+            }
+        },
+        Command::Ticket(cmd) => match cmd {
+            TicketCmd::Issue {
+                chip_id,
+                ttl,
+                qr,
+                svg,
+            } => {
+                let t = client
+                    .issue_user_ticket(pb::IssueUserTicketRequest {
+                        chip_id,
+                        ttl_seconds: ttl,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                let published = chipsite_ticket::render::PublishedTicket::from_uri(&t.uri)
+                    .map_err(|e| CliError::Rpc(format!("the site issued an unreadable ticket: {e}")))?;
+                if let Some(path) = &svg {
+                    let s = published
+                        .qr_svg()
+                        .ok_or_else(|| CliError::Io("ticket too large for a QR code".into()))?;
+                    std::fs::write(path, s).map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+                }
+                let mut text = format!(
+                    "ticket {} for {} (expires {})\n\nURI:\n{}\n\nJSON:\n{}\n",
+                    t.ticket_id,
+                    t.chip_id,
+                    ms(t.expires_at_ms),
+                    t.uri,
+                    t.json
+                );
+                if qr {
+                    text.push_str(&format!("\n{}\n", published.qr_terminal().unwrap_or_default()));
+                }
+                if let Some(p) = &svg {
+                    text.push_str(&format!("QR code written to {}\n", p.display()));
+                }
+                let ticket: Value = serde_json::from_str(&t.json).unwrap_or(Value::Null);
+                let v = json!({"ticket_id": t.ticket_id, "chip_id": t.chip_id, "expires_at_ms": t.expires_at_ms,
+                               "uri": t.uri, "ticket": ticket});
+                emit(out, v, text)
+            }
+            TicketCmd::List { user, all } => {
+                let r = client
+                    .list_tickets(pb::ListTicketsRequest {
+                        chip_id: user,
+                        include_closed: all,
+                    })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                let text = if r.tickets.is_empty() {
+                    "no tickets\n".to_owned()
+                } else {
+                    r.tickets
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "{:<26} {:<6} {:<20} {:<12} expires {}\n",
+                                t.id,
+                                t.kind,
+                                t.chip_id,
+                                t.state,
+                                ms(t.expires_at_ms)
+                            )
+                        })
+                        .collect()
+                };
+                emit(
+                    out,
+                    json!({"tickets": r.tickets.iter().map(ticket_json).collect::<Vec<_>>()}),
+                    text,
+                )
+            }
+            TicketCmd::Revoke { id } => {
+                let r = client
+                    .revoke_ticket(pb::RevokeTicketRequest { id })
+                    .await
+                    .map_err(&err)?
+                    .into_inner();
+                let t = r.ticket.unwrap_or_default();
+                emit(out, ticket_json(&t), format!("revoked {}\n", t.id))
+            }
+        },
+        Command::Key(KeyCmd::Export { output }) => {
+            let pem = client
+                .export_site_key(pb::ExportSiteKeyRequest {})
+                .await
+                .map_err(&err)?
+                .into_inner()
+                .encrypted_pem;
+            match output {
+                Some(path) => {
+                    chipsite_site::dev::write_private(&path, pem.as_bytes())?;
+                    emit(
+                        out,
+                        json!({"file": path}),
+                        format!("wrote the encrypted site key to {}\n", path.display()),
+                    )
+                }
+                None => out
+                    .write_all(pem.as_bytes())
+                    .map_err(|e| CliError::Io(e.to_string())),
+            }
+        }
+        Command::Key(cmd) => {
+            let v = match cmd {
+                KeyCmd::Export { .. } => unreachable_export(),
+                KeyCmd::Import { file, passphrase } => {
+                    let pem = std::fs::read_to_string(&file)
+                        .map_err(|e| CliError::Io(format!("{}: {e}", file.display())))?;
+                    let p = read_secret(
+                        &passphrase.passphrase_file,
+                        "CHIPSCTL_PASSPHRASE",
+                        &mut stdin_lines,
+                    )?;
+                    client
+                        .import_site_key(pb::ImportSiteKeyRequest {
+                            encrypted_pem: pem,
+                            passphrase: p,
+                        })
+                        .await
+                }
+                KeyCmd::Status => client.get_vault_status(pb::GetVaultStatusRequest {}).await,
+                KeyCmd::Unseal { passphrase } => {
+                    let p = read_secret(
+                        &passphrase.passphrase_file,
+                        "CHIPSCTL_PASSPHRASE",
+                        &mut stdin_lines,
+                    )?;
+                    client
+                        .unseal_vault(pb::UnsealVaultRequest { passphrase: p })
+                        .await
+                }
+                KeyCmd::Seal => client.seal_vault(pb::SealVaultRequest {}).await,
+                KeyCmd::Create { passphrase } => {
+                    let p = read_secret(
+                        &passphrase.passphrase_file,
+                        "CHIPSCTL_PASSPHRASE",
+                        &mut stdin_lines,
+                    )?;
+                    client
+                        .create_site_key(pb::CreateSiteKeyRequest { passphrase: p })
+                        .await
+                }
+                KeyCmd::Passphrase {
+                    passphrase,
+                    new_passphrase_file,
+                } => {
+                    let old = read_secret(
+                        &passphrase.passphrase_file,
+                        "CHIPSCTL_PASSPHRASE",
+                        &mut stdin_lines,
+                    )?;
+                    let new = read_secret(&new_passphrase_file, "CHIPSCTL_NEW_PASSPHRASE", &mut stdin_lines)?;
+                    client
+                        .change_passphrase(pb::ChangePassphraseRequest {
+                            old_passphrase: old,
+                            new_passphrase: new,
+                        })
+                        .await
+                }
+            }
+            .map_err(&err)?
+            .into_inner();
+            emit(out, vault_json(&v), vault_text(&v))
+        }
+        Command::Peer(cmd) => {
+            let p = match cmd {
+                PeerCmd::Status => client.get_peer_server(pb::GetPeerServerRequest {}).await,
+                PeerCmd::Start { passphrase } => {
+                    let p = read_secret(
+                        &passphrase.passphrase_file,
+                        "CHIPSCTL_PASSPHRASE",
+                        &mut stdin_lines,
+                    )?;
+                    client
+                        .start_peer_server(pb::StartPeerServerRequest { passphrase: p })
+                        .await
+                }
+                PeerCmd::Stop => client.stop_peer_server(pb::StopPeerServerRequest {}).await,
+            }
+            .map_err(&err)?
+            .into_inner();
+            emit(
+                out,
+                peer_json(&p),
+                format!("peer server {} (since {})\n", p.desired, ms(p.changed_at_ms)),
+            )
+        }
+        Command::Site(cmd) => {
+            let l = match cmd {
+                SiteCmd::Status => {
+                    client
+                        .get_lockdown(pb::GetLockdownRequest {
+                            chip_id: String::new(),
+                        })
+                        .await
+                }
+                SiteCmd::Lock => {
+                    client
+                        .set_lockdown(pb::SetLockdownRequest {
+                            chip_id: String::new(),
+                            locked: true,
+                        })
+                        .await
+                }
+                SiteCmd::Unlock => {
+                    client
+                        .set_lockdown(pb::SetLockdownRequest {
+                            chip_id: String::new(),
+                            locked: false,
+                        })
+                        .await
+                }
+            }
+            .map_err(&err)?
+            .into_inner();
+            emit(out, lockdown_json(&l), lockdown_text(&l))
+        }
+        Command::Config(cmd) => {
+            let c = match cmd {
+                ConfigCmd::Show => client.get_site_config(pb::GetSiteConfigRequest {}).await,
+                ConfigCmd::Set { pairs } => {
+                    let mut set = HashMap::new();
+                    for p in pairs {
+                        let (k, v) = p
+                            .split_once('=')
+                            .ok_or_else(|| CliError::Usage(format!("{p:?} is not key=value")))?;
+                        set.insert(k.trim().to_owned(), v.trim().to_owned());
+                    }
+                    client
+                        .update_site_config(pb::UpdateSiteConfigRequest { set, reset: vec![] })
+                        .await
+                }
+                ConfigCmd::Reset { keys } => {
+                    client
+                        .update_site_config(pb::UpdateSiteConfigRequest {
+                            set: HashMap::new(),
+                            reset: keys,
+                        })
+                        .await
+                }
+            }
+            .map_err(&err)?
+            .into_inner();
+            emit(out, config_json(&c), config_text(&c))
+        }
+        Command::Audit { limit, source } => {
+            let r = client
+                .list_audit(pb::ListAuditRequest { limit, source })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            let text: String = r
+                .entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}  {:<6} {:<14} {:<20} {:<20} {}\n",
+                        ms(e.at_ms),
+                        e.source,
+                        e.actor,
+                        e.action,
+                        e.subject,
+                        e.outcome
+                    )
+                })
+                .collect();
+            let v = json!({"entries": r.entries.iter().map(|e| json!({"at_ms": e.at_ms, "source": e.source, "actor": e.actor,
+                "action": e.action, "subject": e.subject, "outcome": e.outcome})).collect::<Vec<_>>()});
+            emit(out, v, text)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dates_render_in_utc() {
+        assert_eq!(super::ms(0), "-");
+        assert_eq!(super::ms(1_000), "1970-01-01 00:00:01Z");
+        assert_eq!(super::ms(1_764_028_800_000), "2025-11-25 00:00:00Z");
+    }
+}

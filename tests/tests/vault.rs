@@ -1,0 +1,420 @@
+//! The key-vault: sealing, pass phrases, gateway certificates, and key
+//! files that interoperate with the `openssl` command both ways.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use chipsite_e2e::{TestSite, stores};
+use chipsite_proto::{admin::v1 as pb, keyvault::v1 as kv};
+use chipsite_tls::identity as id;
+use tonic::Code;
+
+fn gateway_key_spki() -> Vec<u8> {
+    // A fresh P-256 key made by openssl, as a gateway would make its own.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("gw.key");
+    let pubkey = dir.path().join("gw.pub.der");
+    assert!(
+        Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out"
+            ])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("openssl")
+            .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&pubkey)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::read(pubkey).unwrap()
+}
+
+fn cert_request(spki: &[u8]) -> kv::IssueServiceCertificateRequest {
+    kv::IssueServiceCertificateRequest {
+        public_key: spki.to_vec(),
+        subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
+        ttl_seconds: 3600,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_vault_refuses_signing_and_wrong_pass_phrases_keep_it_sealed() {
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let mut admin = site.admin();
+        let mut gateway = site.key_vault_as(id::USER_GATEWAY);
+        let spki = gateway_key_spki();
+        let pass = std::fs::read_to_string(chipsite_site::dev::passphrase_path(&site.data_dir())).unwrap();
+
+        // Unsealed: the gateway gets [leaf, site certificate], the leaf signed by the site key.
+        let issued = gateway
+            .issue_service_certificate(cert_request(&spki))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(issued.chain.len(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf, root) = (dir.path().join("leaf.der"), dir.path().join("site.der"));
+        std::fs::write(&leaf, &issued.chain[0]).unwrap();
+        std::fs::write(&root, &issued.chain[1]).unwrap();
+        let to_pem = |der: &std::path::Path| {
+            let pem = der.with_extension("pem");
+            assert!(
+                Command::new("openssl")
+                    .args(["x509", "-inform", "DER", "-in"])
+                    .arg(der)
+                    .arg("-out")
+                    .arg(&pem)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            pem
+        };
+        let (leaf_pem, root_pem) = (to_pem(&leaf), to_pem(&root));
+        let verify = Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(&root_pem)
+            .arg(&leaf_pem)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "openssl verifies the gateway leaf against the site key: {verify:?}"
+        );
+        let status = gateway
+            .get_status(kv::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!status.sealed && status.site_key_pin.starts_with("sha256//"));
+
+        // Bad requests are clear errors.
+        let e = gateway
+            .issue_service_certificate(cert_request(b"not a key"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+
+        admin.seal_vault(pb::SealVaultRequest {}).await.unwrap();
+        let e = gateway
+            .issue_service_certificate(cert_request(&spki))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::FailedPrecondition,
+            "sealed vault refuses signing work"
+        );
+
+        let e = admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: "wrong".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            admin
+                .get_vault_status(pb::GetVaultStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sealed
+        );
+        admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: pass.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(
+            !admin
+                .get_vault_status(pb::GetVaultStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sealed
+        );
+
+        // Repeated wrong pass phrases are throttled (even the right one must wait).
+        for _ in 0..4 {
+            let _ = admin
+                .unseal_vault(pb::UnsealVaultRequest {
+                    passphrase: "wrong".into(),
+                })
+                .await;
+        }
+        let e = admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: pass.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+
+        let audit = admin
+            .list_audit(pb::ListAuditRequest {
+                limit: 100,
+                source: "admin".into(),
+            })
+            .await
+            .unwrap();
+        let failed = audit
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter(|e| e.action == "unseal_vault" && e.outcome.starts_with("PermissionDenied"))
+            .count();
+        assert!(failed >= 4, "wrong pass phrases are audited");
+        let stored = site.stored_bytes().await;
+        assert!(
+            !stored.windows(pass.len()).any(|w| w == pass.as_bytes()),
+            "pass phrase not stored"
+        );
+        site.finish().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_phrase_change_new_key_and_openssl_interop() {
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let mut admin = site.admin();
+        let mut vault = site.key_vault_as(id::ADMIN);
+        let pass = std::fs::read_to_string(chipsite_site::dev::passphrase_path(&site.data_dir())).unwrap();
+        let before = admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+
+        let e = admin
+            .change_passphrase(pb::ChangePassphraseRequest {
+                old_passphrase: pass.clone(),
+                new_passphrase: "short".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let after = admin
+            .change_passphrase(pb::ChangePassphraseRequest {
+                old_passphrase: pass.clone(),
+                new_passphrase: "correct horse battery staple".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            after.site_key_pin, before.site_key_pin,
+            "a new pass phrase keeps the key"
+        );
+        admin.seal_vault(pb::SealVaultRequest {}).await.unwrap();
+        let e = admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: pass.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::PermissionDenied,
+            "the old pass phrase no longer opens it"
+        );
+        admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: "correct horse battery staple".into(),
+            })
+            .await
+            .unwrap();
+
+        // What we store, openssl opens.
+        let pem = vault
+            .export_site_key(kv::ExportSiteKeyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .encrypted_pem;
+        assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("site.key");
+        std::fs::write(&file, &pem).unwrap();
+        let out = Command::new("openssl")
+            .args([
+                "pkey",
+                "-passin",
+                "pass:correct horse battery staple",
+                "-pubout",
+                "-outform",
+                "DER",
+                "-in",
+            ])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl opens our key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let spki = vault
+            .get_status(kv::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .site_public_key;
+        assert_eq!(out.stdout, spki, "and finds the site public key in it");
+        let out = Command::new("openssl")
+            .args(["pkey", "-passin", "pass:wrong", "-in"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+
+        // What openssl encrypts, we load (PBKDF2 and scrypt).
+        for (i, args) in [vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-aes-256-cbc",
+            "-pass",
+            "pass:openssl pass phrase",
+        ]]
+        .iter()
+        .enumerate()
+        {
+            let key = dir.path().join(format!("openssl{i}.key"));
+            assert!(
+                Command::new("openssl")
+                    .args(args)
+                    .arg("-out")
+                    .arg(&key)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let pem = std::fs::read_to_string(&key).unwrap();
+            let e = vault
+                .import_site_key(kv::ImportSiteKeyRequest {
+                    encrypted_pem: pem.clone(),
+                    passphrase: "nope".into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            let s = vault
+                .import_site_key(kv::ImportSiteKeyRequest {
+                    encrypted_pem: pem,
+                    passphrase: "openssl pass phrase".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let out = Command::new("openssl")
+                .args([
+                    "pkey",
+                    "-passin",
+                    "pass:openssl pass phrase",
+                    "-pubout",
+                    "-outform",
+                    "DER",
+                    "-in",
+                ])
+                .arg(&key)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.stdout, s.site_public_key,
+                "the imported key is the site key now"
+            );
+            assert!(!s.sealed);
+        }
+        let scrypt_key = dir.path().join("scrypt.key");
+        let plain = dir.path().join("plain.key");
+        assert!(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out"
+                ])
+                .arg(&plain)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            Command::new("openssl")
+                .args([
+                    "pkcs8",
+                    "-topk8",
+                    "-v2",
+                    "aes-256-cbc",
+                    "-scrypt",
+                    "-passout",
+                    "pass:scrypt pass phrase",
+                    "-in"
+                ])
+                .arg(&plain)
+                .arg("-out")
+                .arg(&scrypt_key)
+                .status()
+                .unwrap()
+                .success()
+        );
+        vault
+            .import_site_key(kv::ImportSiteKeyRequest {
+                encrypted_pem: std::fs::read_to_string(&scrypt_key).unwrap(),
+                passphrase: "scrypt pass phrase".into(),
+            })
+            .await
+            .unwrap();
+        // An unencrypted key is refused: the site key is never stored in the clear.
+        let e = vault
+            .import_site_key(kv::ImportSiteKeyRequest {
+                encrypted_pem: std::fs::read_to_string(&plain).unwrap(),
+                passphrase: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+
+        // A new site key: a new pin, the vault unsealed with it.
+        let old_pin = admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .site_key_pin;
+        let s = admin
+            .create_site_key(pb::CreateSiteKeyRequest {
+                passphrase: "another long pass phrase".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(s.site_key_pin, old_pin);
+        assert!(!s.sealed && s.has_key);
+        site.finish().await;
+    }
+}
