@@ -265,3 +265,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Run the `openssl` command; returns its output whether or not it succeeded.
+pub fn openssl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("the openssl command is installed")
+}
+
+/// Run the `openssl` command, failing the test unless it succeeds; returns stdout.
+pub fn openssl_ok(args: &[&str]) -> Vec<u8> {
+    let out = openssl(args);
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}

@@ -271,3 +271,82 @@ async fn every_service_reports_health_and_the_admin_api_reflects() {
     assert_eq!(e.code(), Code::PermissionDenied);
     site.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_mode_picks_up_replaced_certificate_files_without_a_restart() {
+    use chipsite_site::config::{Config, TlsFiles};
+    use chipsite_tls::CertPaths;
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |ca: &CertificateAuthority, who: &str| {
+        let issued = ca.issue(who, &[], Duration::from_secs(3600)).unwrap();
+        let paths = CertPaths {
+            cert: dir.path().join(format!("{who}.pem")),
+            key: dir.path().join(format!("{who}.key")),
+            ca: dir.path().join(format!("{who}-ca.pem")),
+        };
+        std::fs::write(&paths.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&paths.key, &issued.key_pem).unwrap();
+        std::fs::write(&paths.ca, &issued.ca_pem).unwrap();
+        paths
+    };
+    let (old_ca, new_ca) = (
+        CertificateAuthority::generate("old").unwrap(),
+        CertificateAuthority::generate("new").unwrap(),
+    );
+    let server = write(&old_ca, id::ADMIN);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: Some(addr),
+        tls: Some(TlsFiles {
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            ca: server.ca.clone(),
+        }),
+        ..Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        chipsite_site::serve_one(&config, chipsite_site::Service::Admin, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let client_of = |ca: &CertificateAuthority| {
+        let issued = ca
+            .issue(id::ADMIN_CLIENT, &[], Duration::from_secs(3600))
+            .unwrap();
+        let tls = ReloadableTls::from_material(
+            &TlsMaterial::from_pem(&issued.cert_pem, &issued.key_pem, ca.cert_pem()).unwrap(),
+        )
+        .unwrap();
+        let channel = chipsite_tls::connect_lazy(&addr.to_string(), id::ADMIN, tls).unwrap();
+        chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(channel)
+    };
+    let works = |ca: &CertificateAuthority| {
+        let mut client = client_of(ca);
+        async move { client.get_site_config(pb::GetSiteConfigRequest {}).await.is_ok() }
+    };
+    assert!(
+        chipsite_e2e::eventually(Duration::from_secs(10), || works(&old_ca)).await,
+        "serves with the old files"
+    );
+    assert!(!works(&new_ca).await);
+
+    // Replace the files in place, as a certificate manager would.
+    let replaced = new_ca.issue(id::ADMIN, &[], Duration::from_secs(3600)).unwrap();
+    std::fs::write(&server.key, &replaced.key_pem).unwrap();
+    std::fs::write(&server.cert, &replaced.cert_pem).unwrap();
+    std::fs::write(&server.ca, &replaced.ca_pem).unwrap();
+    assert!(
+        chipsite_e2e::eventually(Duration::from_secs(15), || works(&new_ca)).await,
+        "new connections use the replaced files"
+    );
+    assert!(!works(&old_ca).await, "and the old CA is no longer trusted");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

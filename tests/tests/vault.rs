@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
-use chipsite_e2e::{TestSite, stores};
+use chipsite_e2e::{TestSite, openssl, openssl_ok, stores};
 use chipsite_proto::{admin::v1 as pb, keyvault::v1 as kv};
 use chipsite_tls::identity as id;
 use tonic::Code;
@@ -13,34 +11,21 @@ use tonic::Code;
 fn gateway_key_spki() -> Vec<u8> {
     // A fresh P-256 key made by openssl, as a gateway would make its own.
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("gw.key");
-    let pubkey = dir.path().join("gw.pub.der");
-    assert!(
-        Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out"
-            ])
-            .arg(&key)
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        Command::new("openssl")
-            .args(["pkey", "-pubout", "-outform", "DER", "-in"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&pubkey)
-            .status()
-            .unwrap()
-            .success()
-    );
-    std::fs::read(pubkey).unwrap()
+    let key = path(&dir, "gw.key");
+    openssl_ok(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &key,
+    ]);
+    openssl_ok(&["pkey", "-pubout", "-outform", "DER", "-in", &key])
+}
+
+fn path(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_str().unwrap().to_owned()
 }
 
 fn cert_request(spki: &[u8]) -> kv::IssueServiceCertificateRequest {
@@ -68,35 +53,14 @@ async fn sealed_vault_refuses_signing_and_wrong_pass_phrases_keep_it_sealed() {
             .into_inner();
         assert_eq!(issued.chain.len(), 2);
         let dir = tempfile::tempdir().unwrap();
-        let (leaf, root) = (dir.path().join("leaf.der"), dir.path().join("site.der"));
+        let (leaf, root) = (path(&dir, "leaf.der"), path(&dir, "site.der"));
         std::fs::write(&leaf, &issued.chain[0]).unwrap();
         std::fs::write(&root, &issued.chain[1]).unwrap();
-        let to_pem = |der: &std::path::Path| {
-            let pem = der.with_extension("pem");
-            assert!(
-                Command::new("openssl")
-                    .args(["x509", "-inform", "DER", "-in"])
-                    .arg(der)
-                    .arg("-out")
-                    .arg(&pem)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-            pem
-        };
-        let (leaf_pem, root_pem) = (to_pem(&leaf), to_pem(&root));
-        let verify = Command::new("openssl")
-            .arg("verify")
-            .arg("-CAfile")
-            .arg(&root_pem)
-            .arg(&leaf_pem)
-            .output()
-            .unwrap();
-        assert!(
-            verify.status.success(),
-            "openssl verifies the gateway leaf against the site key: {verify:?}"
-        );
+        let (leaf_pem, root_pem) = (path(&dir, "leaf.pem"), path(&dir, "site.pem"));
+        openssl_ok(&["x509", "-inform", "DER", "-in", &leaf, "-out", &leaf_pem]);
+        openssl_ok(&["x509", "-inform", "DER", "-in", &root, "-out", &root_pem]);
+        // openssl verifies the gateway leaf against the site key's certificate.
+        openssl_ok(&["verify", "-CAfile", &root_pem, &leaf_pem]);
         let status = gateway
             .get_status(kv::GetStatusRequest {})
             .await
@@ -252,143 +216,94 @@ async fn pass_phrase_change_new_key_and_openssl_interop() {
             .encrypted_pem;
         assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("site.key");
+        let file = path(&dir, "site.key");
         std::fs::write(&file, &pem).unwrap();
-        let out = Command::new("openssl")
-            .args([
-                "pkey",
-                "-passin",
-                "pass:correct horse battery staple",
-                "-pubout",
-                "-outform",
-                "DER",
-                "-in",
-            ])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl opens our key: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let opened = openssl_ok(&[
+            "pkey",
+            "-passin",
+            "pass:correct horse battery staple",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-in",
+            &file,
+        ]);
         let spki = vault
             .get_status(kv::GetStatusRequest {})
             .await
             .unwrap()
             .into_inner()
             .site_public_key;
-        assert_eq!(out.stdout, spki, "and finds the site public key in it");
-        let out = Command::new("openssl")
-            .args(["pkey", "-passin", "pass:wrong", "-in"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
+        assert_eq!(
+            opened, spki,
+            "openssl opens our key and finds the site public key in it"
+        );
+        assert!(
+            !openssl(&["pkey", "-passin", "pass:wrong", "-in", &file])
+                .status
+                .success()
+        );
 
-        // What openssl encrypts, we load (PBKDF2 and scrypt).
-        for (i, args) in [vec![
+        // What openssl encrypts, we load: PBES2 with PBKDF2, and with scrypt.
+        let (plain, pbkdf2, scrypt) = (
+            path(&dir, "plain.key"),
+            path(&dir, "pbkdf2.key"),
+            path(&dir, "scrypt.key"),
+        );
+        openssl_ok(&[
             "genpkey",
             "-algorithm",
             "EC",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
-            "-aes-256-cbc",
-            "-pass",
-            "pass:openssl pass phrase",
-        ]]
-        .iter()
-        .enumerate()
-        {
-            let key = dir.path().join(format!("openssl{i}.key"));
-            assert!(
-                Command::new("openssl")
-                    .args(args)
-                    .arg("-out")
-                    .arg(&key)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-            let pem = std::fs::read_to_string(&key).unwrap();
-            let e = vault
-                .import_site_key(kv::ImportSiteKeyRequest {
-                    encrypted_pem: pem.clone(),
-                    passphrase: "nope".into(),
-                })
-                .await
-                .unwrap_err();
+            "-out",
+            &plain,
+        ]);
+        openssl_ok(&[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-passout",
+            "pass:openssl pass",
+            "-in",
+            &plain,
+            "-out",
+            &pbkdf2,
+        ]);
+        openssl_ok(&[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-scrypt",
+            "-passout",
+            "pass:openssl pass",
+            "-in",
+            &plain,
+            "-out",
+            &scrypt,
+        ]);
+        let plain_spki = openssl_ok(&["pkey", "-pubout", "-outform", "DER", "-in", &plain]);
+        for file in [&pbkdf2, &scrypt] {
+            let pem = std::fs::read_to_string(file).unwrap();
+            let import = |passphrase: &str| kv::ImportSiteKeyRequest {
+                encrypted_pem: pem.clone(),
+                passphrase: passphrase.into(),
+            };
+            let e = vault.import_site_key(import("nope")).await.unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument);
             let s = vault
-                .import_site_key(kv::ImportSiteKeyRequest {
-                    encrypted_pem: pem,
-                    passphrase: "openssl pass phrase".into(),
-                })
+                .import_site_key(import("openssl pass"))
                 .await
                 .unwrap()
                 .into_inner();
-            let out = Command::new("openssl")
-                .args([
-                    "pkey",
-                    "-passin",
-                    "pass:openssl pass phrase",
-                    "-pubout",
-                    "-outform",
-                    "DER",
-                    "-in",
-                ])
-                .arg(&key)
-                .output()
-                .unwrap();
             assert_eq!(
-                out.stdout, s.site_public_key,
+                s.site_public_key, plain_spki,
                 "the imported key is the site key now"
             );
             assert!(!s.sealed);
         }
-        let scrypt_key = dir.path().join("scrypt.key");
-        let plain = dir.path().join("plain.key");
-        assert!(
-            Command::new("openssl")
-                .args([
-                    "genpkey",
-                    "-algorithm",
-                    "EC",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-out"
-                ])
-                .arg(&plain)
-                .status()
-                .unwrap()
-                .success()
-        );
-        assert!(
-            Command::new("openssl")
-                .args([
-                    "pkcs8",
-                    "-topk8",
-                    "-v2",
-                    "aes-256-cbc",
-                    "-scrypt",
-                    "-passout",
-                    "pass:scrypt pass phrase",
-                    "-in"
-                ])
-                .arg(&plain)
-                .arg("-out")
-                .arg(&scrypt_key)
-                .status()
-                .unwrap()
-                .success()
-        );
-        vault
-            .import_site_key(kv::ImportSiteKeyRequest {
-                encrypted_pem: std::fs::read_to_string(&scrypt_key).unwrap(),
-                passphrase: "scrypt pass phrase".into(),
-            })
-            .await
-            .unwrap();
         // An unencrypted key is refused: the site key is never stored in the clear.
         let e = vault
             .import_site_key(kv::ImportSiteKeyRequest {

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use chipsite_proto::{
-    keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient},
+    keyvault::v1::{GetStatusRequest, VaultStatus, key_vault_client::KeyVaultClient},
     ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
 };
 use chipsite_tls::{Policy, identity as id};
@@ -26,10 +26,18 @@ pub fn policy() -> Policy {
         .allow(&m("ListAudit"), &[id::ADMIN])
 }
 
+/// How long the site key read from key-vault is reused when issuing. A key
+/// replaced within this window may still be pinned by tickets issued in it;
+/// clients then refuse the new key and the ticket must be issued again.
+const VAULT_STATUS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+type CachedStatus = Option<(std::time::Instant, VaultStatus)>;
+
 #[derive(Debug, Clone)]
 pub struct TicketsGrpc {
     tickets: Arc<Tickets>,
     key_vault: KeyVaultClient<Channel>,
+    vault_status: Arc<tokio::sync::Mutex<CachedStatus>>,
 }
 
 impl TicketsGrpc {
@@ -37,7 +45,25 @@ impl TicketsGrpc {
         Self {
             tickets,
             key_vault: KeyVaultClient::new(key_vault),
+            vault_status: Default::default(),
         }
+    }
+
+    async fn vault_status(&self) -> Result<VaultStatus, Status> {
+        let mut cached = self.vault_status.lock().await;
+        if let Some((at, status)) = cached.as_ref()
+            && at.elapsed() < VAULT_STATUS_TTL
+        {
+            return Ok(status.clone());
+        }
+        let status = self
+            .key_vault
+            .clone()
+            .get_status(GetStatusRequest {})
+            .await?
+            .into_inner();
+        *cached = Some((std::time::Instant::now(), status.clone()));
+        Ok(status)
     }
 }
 
@@ -78,12 +104,7 @@ impl TicketsRpc for TicketsGrpc {
         let req = req.into_inner();
         let kind = kind_of(req.kind)?;
         let port = u16::try_from(req.port).map_err(|_| Status::invalid_argument("port out of range"))?;
-        let vault = self
-            .key_vault
-            .clone()
-            .get_status(GetStatusRequest {})
-            .await?
-            .into_inner();
+        let vault = self.vault_status().await?;
         if !vault.has_key {
             return Err(TicketError::FailedPrecondition("the site has no key yet".into()).into());
         }

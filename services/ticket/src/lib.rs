@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, sea_query::Expr,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::Expr,
 };
 use sea_orm_migration::MigratorTrait;
 use sha2::{Digest, Sha256};
@@ -185,6 +185,7 @@ impl Tickets {
         let token = URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
         let id = format!("tkt_{}", hex(&random_bytes::<10>()?));
         let now = now_ms();
+        // The row is the record of issuance; attempts are what the audit log counts.
         let row = ticket::ActiveModel {
             id: Set(id),
             kind: Set(kind.as_str().to_owned()),
@@ -199,7 +200,6 @@ impl Tickets {
         }
         .insert(&self.db)
         .await?;
-        self.audit(Some(&row.id), "issued", "").await?;
         Ok(Issued { ticket: row, token })
     }
 
@@ -215,19 +215,37 @@ impl Tickets {
     ) -> Result<ticket::Model, TicketError> {
         let source: String = source.chars().take(128).collect();
         if token.len() > MAX_TOKEN_LEN {
-            self.refuse(None, "refused_unknown", &source).await?;
+            self.refuse(&self.db, None, "refused_unknown", &source).await?;
             return Err(TicketError::Refused);
         }
         let hash = hash_token(token);
         let now = now_ms();
+        let throttled = !self.throttle.allows(&source);
+        // Whether the claimed ticket is redeemed or burned is decided in the
+        // same statement that claims it.
+        let state = match kind {
+            Some(kind) if !throttled => Expr::case(
+                Condition::all()
+                    .add(ticket::Column::Kind.eq(kind.as_str()))
+                    .add(ticket::Column::ExpiresAtMs.gt(now))
+                    .add(ticket::Column::ChipId.eq(chip_id)),
+                "redeemed",
+            )
+            .finally("burned")
+            .into(),
+            _ => Expr::value("burned"),
+        };
+        // The claim, the outcome and its audit record commit together.
+        let txn = self.db.begin().await?;
         let claimed = ticket::Entity::update_many()
-            .col_expr(ticket::Column::State, Expr::value("burned"))
+            .col_expr(ticket::Column::State, state)
             .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))
             .filter(ticket::Column::TokenHash.eq(hash.clone()))
             .filter(ticket::Column::ClosedAtMs.is_null())
-            .exec_with_returning(&self.db)
+            .exec_with_returning(&txn)
             .await?;
         let Some(t) = claimed.into_iter().next() else {
+            txn.rollback().await?;
             let known = ticket::Entity::find()
                 .filter(ticket::Column::TokenHash.eq(hash))
                 .one(&self.db)
@@ -237,11 +255,12 @@ impl Tickets {
                 Some(_) => "refused_used",
                 None => "refused_unknown",
             };
-            self.refuse(known.as_ref().map(|t| t.id.as_str()), outcome, &source)
+            self.refuse(&self.db, known.as_ref().map(|t| t.id.as_str()), outcome, &source)
                 .await?;
             return Err(TicketError::Refused);
         };
-        let outcome = if !bool::from(t.token_hash.ct_eq(&hash_token(token))) {
+        // Why, for the audit record (the database already decided whether).
+        let outcome = if !bool::from(t.token_hash.ct_eq(&hash)) {
             "refused_unknown"
         } else if kind.is_none_or(|k| t.kind != k.as_str()) {
             "refused_kind"
@@ -249,27 +268,43 @@ impl Tickets {
             "refused_expired"
         } else if !bool::from(t.chip_id.as_bytes().ct_eq(chip_id.as_bytes())) {
             "refused_chip_id"
-        } else if !self.throttle.allows(&source) {
+        } else if throttled {
             "throttled"
         } else {
             "redeemed"
         };
-        if outcome != "redeemed" {
-            self.refuse(Some(&t.id), outcome, &source).await?;
+        if outcome != "redeemed" || t.state != "redeemed" {
+            let outcome = if outcome == "redeemed" {
+                "refused_check"
+            } else {
+                outcome
+            };
+            if t.state == "redeemed" {
+                // The database and this process disagree: burn, never pass.
+                tracing::error!(ticket = %t.id, outcome, "redemption check mismatch; burning the ticket");
+                let burned = ticket::ActiveModel {
+                    id: Set(t.id.clone()),
+                    state: Set("burned".into()),
+                    ..Default::default()
+                };
+                burned.update(&txn).await?;
+            }
+            self.refuse(&txn, Some(&t.id), outcome, &source).await?;
+            txn.commit().await?;
             return Err(TicketError::Refused);
         }
-        let redeemed = ticket::ActiveModel {
-            id: Set(t.id.clone()),
-            state: Set("redeemed".to_owned()),
-            ..Default::default()
-        }
-        .update(&self.db)
-        .await?;
-        self.audit(Some(&t.id), "redeemed", &source).await?;
-        Ok(redeemed)
+        self.audit(&txn, Some(&t.id), "redeemed", &source).await?;
+        txn.commit().await?;
+        Ok(t)
     }
 
-    async fn refuse(&self, ticket_id: Option<&str>, outcome: &str, source: &str) -> Result<(), TicketError> {
+    async fn refuse(
+        &self,
+        db: &impl ConnectionTrait,
+        ticket_id: Option<&str>,
+        outcome: &str,
+        source: &str,
+    ) -> Result<(), TicketError> {
         self.throttle.record_failure(source);
         tracing::info!(
             ticket = ticket_id.unwrap_or("-"),
@@ -277,10 +312,16 @@ impl Tickets {
             source,
             "ticket refused"
         );
-        self.audit(ticket_id, outcome, source).await
+        self.audit(db, ticket_id, outcome, source).await
     }
 
-    async fn audit(&self, ticket_id: Option<&str>, outcome: &str, source: &str) -> Result<(), TicketError> {
+    async fn audit(
+        &self,
+        db: &impl ConnectionTrait,
+        ticket_id: Option<&str>,
+        outcome: &str,
+        source: &str,
+    ) -> Result<(), TicketError> {
         audit::ActiveModel {
             ticket_id: Set(ticket_id.map(str::to_owned)),
             outcome: Set(outcome.to_owned()),
@@ -288,7 +329,7 @@ impl Tickets {
             at_ms: Set(now_ms()),
             ..Default::default()
         }
-        .insert(&self.db)
+        .insert(db)
         .await?;
         Ok(())
     }
@@ -323,7 +364,7 @@ impl Tickets {
             .await?;
         match closed.into_iter().next() {
             Some(t) => {
-                self.audit(Some(id), "revoked", "").await?;
+                self.audit(&self.db, Some(id), "revoked", "").await?;
                 Ok(t)
             }
             None => match ticket::Entity::find_by_id(id.to_owned()).one(&self.db).await? {
