@@ -54,7 +54,9 @@ macro_rules! serve_with {
             .with_service_name("grpc.reflection.v1alpha.ServerReflection")
             .build_v1alpha()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
+        chipsite_telemetry::install_propagator();
         Server::builder()
+            .layer(chipsite_telemetry::TraceContextLayer)
             .layer(AuthzLayer::new(with_common($policy)))
             .add_service(health)
             .add_service(reflection_v1)

@@ -2,7 +2,10 @@
 //! when an endpoint is configured (off by default). `init` returns a guard
 //! that flushes spans when dropped.
 
+pub mod propagation;
+
 use opentelemetry::trace::TracerProvider as _;
+pub use propagation::{TraceContextLayer, TracedChannel, install_propagator, traced};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// Flushes and shuts down the OTLP exporter when dropped.
@@ -22,6 +25,7 @@ impl Drop for TelemetryGuard {
 /// Install the global subscriber. `filter` uses EnvFilter syntax and is
 /// overridden by `RUST_LOG`; `otlp_endpoint` empty means no export.
 pub fn init(service: &str, filter: &str, otlp_endpoint: &str) -> anyhow::Result<TelemetryGuard> {
+    install_propagator();
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(filter))?;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -10,6 +10,7 @@ use chipsite_proto::{
     keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
     ticket::v1::{self as tk, tickets_client::TicketsClient},
 };
+use chipsite_telemetry::{TracedChannel, traced};
 use chipsite_ticket::{Kind, render::PublishedTicket};
 use chipsite_tls::{Caller, Policy, identity as id};
 use tonic::{Code, Request, Response, Status, transport::Channel};
@@ -34,16 +35,16 @@ pub fn policy() -> Policy {
 #[derive(Debug, Clone)]
 pub struct AdminGrpc {
     admin: Arc<Admin>,
-    vault: KeyVaultClient<Channel>,
-    tickets: TicketsClient<Channel>,
+    vault: KeyVaultClient<TracedChannel>,
+    tickets: TicketsClient<TracedChannel>,
 }
 
 impl AdminGrpc {
     pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel) -> Self {
         Self {
             admin,
-            vault: KeyVaultClient::new(key_vault),
-            tickets: TicketsClient::new(tickets),
+            vault: KeyVaultClient::new(traced(key_vault)),
+            tickets: TicketsClient::new(traced(tickets)),
         }
     }
 

@@ -6,6 +6,7 @@ use chipsite_proto::{
     keyvault::v1::{GetStatusRequest, VaultStatus, key_vault_client::KeyVaultClient},
     ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
 };
+use chipsite_telemetry::{TracedChannel, traced};
 use chipsite_tls::{Policy, identity as id};
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -36,7 +37,7 @@ type CachedStatus = Option<(std::time::Instant, VaultStatus)>;
 #[derive(Debug, Clone)]
 pub struct TicketsGrpc {
     tickets: Arc<Tickets>,
-    key_vault: KeyVaultClient<Channel>,
+    key_vault: KeyVaultClient<TracedChannel>,
     vault_status: Arc<tokio::sync::Mutex<CachedStatus>>,
 }
 
@@ -44,7 +45,7 @@ impl TicketsGrpc {
     pub fn new(tickets: Arc<Tickets>, key_vault: Channel) -> Self {
         Self {
             tickets,
-            key_vault: KeyVaultClient::new(key_vault),
+            key_vault: KeyVaultClient::new(traced(key_vault)),
             vault_status: Default::default(),
         }
     }
