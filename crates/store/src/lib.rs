@@ -47,6 +47,10 @@ pub fn sqlite_url(path: &Path) -> String {
 pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
     let engine = Engine::of_url(url)?;
     let mut opts = ConnectOptions::new(url.to_owned());
+    // Ping only connections idle long enough to have been dropped by the
+    // server or a firewall; pinging on every checkout costs a round trip per
+    // statement.
+    opts.test_before_acquire_if_idle_for(Duration::from_secs(30));
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10));

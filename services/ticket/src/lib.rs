@@ -20,12 +20,11 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::Expr,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, sea_query::Expr,
 };
 use sea_orm_migration::MigratorTrait;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use chipsite_store::now_ms;
 pub use grpc::{TicketsGrpc, policy};
@@ -219,83 +218,80 @@ impl Tickets {
             return Err(TicketError::Refused);
         }
         let hash = hash_token(token);
-        let now = now_ms();
-        let throttled = !self.throttle.allows(&source);
-        // Whether the claimed ticket is redeemed or burned is decided in the
-        // same statement that claims it.
-        let state = match kind {
-            Some(kind) if !throttled => Expr::case(
-                Condition::all()
-                    .add(ticket::Column::Kind.eq(kind.as_str()))
-                    .add(ticket::Column::ExpiresAtMs.gt(now))
-                    .add(ticket::Column::ChipId.eq(chip_id)),
-                "redeemed",
-            )
-            .finally("burned")
-            .into(),
-            _ => Expr::value("burned"),
+        let attempt = Attempt {
+            allowed: kind.is_some() && self.throttle.allows(&source),
+            kind: kind.map_or("", Kind::as_str),
+            now: now_ms(),
+            chip_id,
+            hash: &hash,
+            source: &source,
         };
-        // The claim, the outcome and its audit record commit together.
-        let txn = self.db.begin().await?;
-        let claimed = ticket::Entity::update_many()
-            .col_expr(ticket::Column::State, state)
-            .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))
-            .filter(ticket::Column::TokenHash.eq(hash.clone()))
-            .filter(ticket::Column::ClosedAtMs.is_null())
-            .exec_with_returning(&txn)
-            .await?;
-        let Some(t) = claimed.into_iter().next() else {
-            txn.rollback().await?;
-            let known = ticket::Entity::find()
-                .filter(ticket::Column::TokenHash.eq(hash))
-                .one(&self.db)
-                .await?;
-            let outcome = match &known {
-                Some(t) if t.state == "revoked" => "refused_revoked",
-                Some(_) => "refused_used",
-                None => "refused_unknown",
-            };
-            self.refuse(&self.db, known.as_ref().map(|t| t.id.as_str()), outcome, &source)
-                .await?;
-            return Err(TicketError::Refused);
+        let claimed = match self.db.get_database_backend() {
+            DbBackend::Postgres => self.claim_postgres(&attempt).await?,
+            _ => self.claim_in_transaction(&attempt).await?,
         };
-        // Why, for the audit record (the database already decided whether).
-        let outcome = if !bool::from(t.token_hash.ct_eq(&hash)) {
-            "refused_unknown"
-        } else if kind.is_none_or(|k| t.kind != k.as_str()) {
-            "refused_kind"
-        } else if t.expires_at_ms <= now {
-            "refused_expired"
-        } else if !bool::from(t.chip_id.as_bytes().ct_eq(chip_id.as_bytes())) {
-            "refused_chip_id"
-        } else if throttled {
-            "throttled"
-        } else {
-            "redeemed"
-        };
-        if outcome != "redeemed" || t.state != "redeemed" {
-            let outcome = if outcome == "redeemed" {
-                "refused_check"
-            } else {
-                outcome
-            };
-            if t.state == "redeemed" {
-                // The database and this process disagree: burn, never pass.
-                tracing::error!(ticket = %t.id, outcome, "redemption check mismatch; burning the ticket");
-                let burned = ticket::ActiveModel {
-                    id: Set(t.id.clone()),
-                    state: Set("burned".into()),
-                    ..Default::default()
-                };
-                burned.update(&txn).await?;
+        match claimed {
+            Some(t) if t.state == "redeemed" => Ok(t),
+            Some(t) => {
+                // Burned; the audit row with the reason is already written.
+                self.note_failure(Some(&t.id), &source);
+                Err(TicketError::Refused)
             }
-            self.refuse(&txn, Some(&t.id), outcome, &source).await?;
-            txn.commit().await?;
-            return Err(TicketError::Refused);
+            None => {
+                let known = ticket::Entity::find()
+                    .filter(ticket::Column::TokenHash.eq(hash))
+                    .one(&self.db)
+                    .await?;
+                let outcome = match &known {
+                    Some(t) if t.state == "revoked" => "refused_revoked",
+                    Some(_) => "refused_used",
+                    None => "refused_unknown",
+                };
+                self.refuse(&self.db, known.as_ref().map(|t| t.id.as_str()), outcome, &source)
+                    .await?;
+                Err(TicketError::Refused)
+            }
         }
-        self.audit(&txn, Some(&t.id), "redeemed", &source).await?;
+    }
+
+    /// PostgreSQL: claim, decide and audit in one statement (one round trip).
+    async fn claim_postgres(&self, a: &Attempt<'_>) -> Result<Option<ticket::Model>, TicketError> {
+        let sql = format!(
+            "WITH claimed AS ({CLAIM} RETURNING *), \
+             audited AS (INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) \
+                         SELECT id, {OUTCOME}, $6, $3 FROM claimed) \
+             SELECT * FROM claimed"
+        );
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, a.values());
+        Ok(ticket::Entity::find().from_raw_sql(stmt).one(&self.db).await?)
+    }
+
+    /// SQLite (no data-modifying CTEs): the same statements in one transaction.
+    async fn claim_in_transaction(&self, a: &Attempt<'_>) -> Result<Option<ticket::Model>, TicketError> {
+        let backend = self.db.get_database_backend();
+        let numbered = |sql: String| sql.replace('$', "?");
+        let txn = self.db.begin().await?;
+        let claim =
+            Statement::from_sql_and_values(backend, numbered(format!("{CLAIM} RETURNING *")), a.values());
+        let Some(t) = ticket::Entity::find().from_raw_sql(claim).one(&txn).await? else {
+            txn.rollback().await?;
+            return Ok(None);
+        };
+        let mut values = a.values();
+        values.push(t.id.clone().into());
+        let audit = numbered(format!(
+            "INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) \
+             SELECT id, {OUTCOME}, $6, $3 FROM ticket_tickets WHERE id = $7"
+        ));
+        txn.execute_raw(Statement::from_sql_and_values(backend, audit, values))
+            .await?;
         txn.commit().await?;
-        Ok(t)
+        Ok(Some(t))
+    }
+
+    fn note_failure(&self, ticket_id: Option<&str>, source: &str) {
+        self.throttle.record_failure(source);
+        tracing::info!(ticket = ticket_id.unwrap_or("-"), source, "ticket refused");
     }
 
     async fn refuse(
@@ -305,13 +301,7 @@ impl Tickets {
         outcome: &str,
         source: &str,
     ) -> Result<(), TicketError> {
-        self.throttle.record_failure(source);
-        tracing::info!(
-            ticket = ticket_id.unwrap_or("-"),
-            outcome,
-            source,
-            "ticket refused"
-        );
+        self.note_failure(ticket_id, source);
         self.audit(db, ticket_id, outcome, source).await
     }
 
@@ -389,6 +379,48 @@ impl Tickets {
         Ok(q.limit(limit.clamp(1, 10_000)).all(&self.db).await?)
     }
 }
+
+/// One redemption attempt, as the parameters of [`CLAIM`] and [`OUTCOME`].
+struct Attempt<'a> {
+    /// A well-formed kind from a source that is not throttled.
+    allowed: bool,
+    kind: &'a str,
+    now: i64,
+    chip_id: &'a str,
+    hash: &'a [u8],
+    source: &'a str,
+}
+
+impl Attempt<'_> {
+    /// `$1` allowed, `$2` kind, `$3` now, `$4` CHIP ID, `$5` token hash, `$6` source.
+    fn values(&self) -> Vec<sea_orm::Value> {
+        vec![
+            self.allowed.into(),
+            self.kind.into(),
+            self.now.into(),
+            self.chip_id.into(),
+            self.hash.to_vec().into(),
+            self.source.into(),
+        ]
+    }
+}
+
+/// Claims the ticket a token names, if it is still open, and decides in the
+/// same step whether it is redeemed or burned. Of any number of concurrent
+/// attempts exactly one sees the row (PostgreSQL re-checks the `WHERE` after
+/// the row lock; SQLite serializes writers).
+const CLAIM: &str = "UPDATE ticket_tickets SET \
+     state = CASE WHEN $1 AND kind = $2 AND expires_at_ms > $3 AND chip_id = $4 \
+                  THEN 'redeemed' ELSE 'burned' END, \
+     closed_at_ms = $3 \
+     WHERE token_hash = $5 AND closed_at_ms IS NULL";
+
+/// Why, for the audit record: the same judgement as [`CLAIM`], spelled out.
+const OUTCOME: &str = "CASE WHEN kind <> $2 THEN 'refused_kind' \
+     WHEN expires_at_ms <= $3 THEN 'refused_expired' \
+     WHEN chip_id <> $4 THEN 'refused_chip_id' \
+     WHEN NOT $1 THEN 'throttled' \
+     ELSE 'redeemed' END";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
