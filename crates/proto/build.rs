@@ -5,6 +5,22 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
+/// Messages holding a pass phrase or a ticket token (kept in step with the
+/// redacting `Debug` impls in src/lib.rs).
+const SECRET_MESSAGES: [&str; 11] = [
+    ".chipsite.keyvault.v1.UnsealRequest",
+    ".chipsite.keyvault.v1.CreateSiteKeyRequest",
+    ".chipsite.keyvault.v1.ChangePassphraseRequest",
+    ".chipsite.keyvault.v1.ImportSiteKeyRequest",
+    ".chipsite.ticket.v1.IssuedTicket",
+    ".chipsite.ticket.v1.RedeemTicketRequest",
+    ".chipsite.admin.v1.UnsealVaultRequest",
+    ".chipsite.admin.v1.CreateSiteKeyRequest",
+    ".chipsite.admin.v1.ChangePassphraseRequest",
+    ".chipsite.admin.v1.StartPeerServerRequest",
+    ".chipsite.admin.v1.IssuedTicketView",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
@@ -19,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("chipsite_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Messages that carry a secret get a redacting Debug (src/lib.rs).
+        .skip_debug(SECRET_MESSAGES)
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

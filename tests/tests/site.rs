@@ -143,6 +143,24 @@ async fn internal_callers_are_authorized_per_rpc() {
             Code::PermissionDenied,
             "even the operator gets keys only through AdminService"
         );
+        // A gateway issues tally tickets for its users, never connection tickets.
+        let issue = |kind: tk::TicketKind| tk::IssueTicketRequest {
+            kind: kind as i32,
+            chip_id: "someone".into(),
+            ttl_seconds: 60,
+            host: "127.0.0.1".into(),
+            port: 1,
+        };
+        let mut gateway_tickets = site.tickets_as(id::USER_GATEWAY);
+        let e = gateway_tickets
+            .issue_ticket(issue(tk::TicketKind::User))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        gateway_tickets
+            .issue_ticket(issue(tk::TicketKind::Tally))
+            .await
+            .expect("tally tickets are the gateway's");
         // ...while the allowed callers get through.
         site.admin_as(id::USER_GATEWAY)
             .get_lockdown(pb::GetLockdownRequest {

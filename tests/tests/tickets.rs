@@ -100,6 +100,11 @@ async fn every_kind_of_failed_attempt_looks_the_same_and_burns_the_ticket() {
         refused(gateway.redeem_ticket(redeem(&token, "mallory", "s1")).await);
         refused(gateway.redeem_ticket(redeem(&token, "alice", "s1")).await);
 
+        // Text the database would refuse (NUL) is still an attempt: it burns.
+        let (_, token) = user_with_ticket(&site, "alice", 0).await;
+        refused(gateway.redeem_ticket(redeem(&token, "alice\0", "s1\0\n")).await);
+        refused(gateway.redeem_ticket(redeem(&token, "alice", "s1")).await);
+
         // Wrong kind (a user ticket presented as a tally ticket) burns it.
         let (_, token) = user_with_ticket(&site, "alice", 0).await;
         let mut tally = redeem(&token, "alice", "s2");
@@ -181,7 +186,7 @@ async fn every_kind_of_failed_attempt_looks_the_same_and_burns_the_ticket() {
             .into_inner()
             .tickets;
         let states: Vec<&str> = listed.iter().map(|t| t.state.as_str()).collect();
-        assert_eq!(states.iter().filter(|s| **s == "burned").count(), 3, "{states:?}");
+        assert_eq!(states.iter().filter(|s| **s == "burned").count(), 4, "{states:?}");
         assert!(
             states.contains(&"revoked") && states.contains(&"redeemed"),
             "{states:?}"

@@ -304,6 +304,46 @@ async fn pass_phrase_change_new_key_and_openssl_interop() {
             );
             assert!(!s.sealed);
         }
+        // A file whose key derivation is out of bounds is refused before any
+        // derivation runs (scrypt N patched from 2^14 to 2^14 + 1).
+        let der = openssl_ok(&[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-scrypt",
+            "-passout",
+            "pass:openssl pass",
+            "-in",
+            &plain,
+            "-outform",
+            "DER",
+        ]);
+        let at = der
+            .windows(4)
+            .position(|w| w == [0x02, 0x02, 0x40, 0x00])
+            .expect("scrypt N = 16384 in the DER");
+        let mut patched = der.clone();
+        patched[at + 3] = 0x01;
+        let patched_der = path(&dir, "patched.der");
+        std::fs::write(&patched_der, &patched).unwrap();
+        let pem_text = {
+            use std::fmt::Write;
+            let b64 = openssl_ok(&["base64", "-in", &patched_der]);
+            let mut s = String::from("-----BEGIN ENCRYPTED PRIVATE KEY-----\n");
+            let _ = write!(s, "{}", String::from_utf8(b64).unwrap());
+            s.push_str("-----END ENCRYPTED PRIVATE KEY-----\n");
+            s
+        };
+        let e = vault
+            .import_site_key(kv::ImportSiteKeyRequest {
+                encrypted_pem: pem_text,
+                passphrase: "openssl pass".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("out of bounds"), "{}", e.message());
         // An unencrypted key is refused: the site key is never stored in the clear.
         let e = vault
             .import_site_key(kv::ImportSiteKeyRequest {

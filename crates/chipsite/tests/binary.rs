@@ -141,3 +141,110 @@ fn config_layers_file_then_environment_and_masks_the_password() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown service"));
 }
+
+/// `chipsite serve key-vault` with the pass phrase in its environment: the
+/// key is created on first launch and unsealed on the next; without the
+/// variable the vault starts sealed; the pass phrase is written nowhere.
+#[test]
+fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
+    use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
+    use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
+
+    chipsite_tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("serve-test").unwrap();
+    let server = ca.issue(id::KEY_VAULT, &[], Duration::from_secs(3600)).unwrap();
+    let client = ca.issue(id::TICKET, &[], Duration::from_secs(3600)).unwrap();
+    for (name, body) in [
+        ("kv.pem", &server.cert_pem),
+        ("kv.key", &server.key_pem),
+        ("ca.pem", &server.ca_pem),
+    ] {
+        std::fs::write(dir.path().join(name), body).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let passphrase = "environment-only pass phrase";
+    let serve = |with_passphrase: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
+        cmd.args(["serve", "key-vault"])
+            .env("CHIPSITE_LISTEN", &addr)
+            .env(
+                "CHIPSITE_DATABASE_URL",
+                format!("sqlite://{}/kv.sqlite?mode=rwc", dir.path().display()),
+            )
+            .env("CHIPSITE_TLS__CERT", dir.path().join("kv.pem"))
+            .env("CHIPSITE_TLS__KEY", dir.path().join("kv.key"))
+            .env("CHIPSITE_TLS__CA", dir.path().join("ca.pem"))
+            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if with_passphrase {
+            cmd.env("CHIPSITE_SITE_KEY_PASSPHRASE", passphrase);
+        }
+        cmd.spawn().unwrap()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = || {
+        runtime.block_on(async {
+            let tls = ReloadableTls::from_material(
+                &TlsMaterial::from_pem(&client.cert_pem, &client.key_pem, &client.ca_pem).unwrap(),
+            )
+            .unwrap();
+            let channel = chipsite_tls::connect_lazy(&addr, id::KEY_VAULT, tls).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match KeyVaultClient::new(channel.clone())
+                    .get_status(GetStatusRequest {})
+                    .await
+                {
+                    Ok(s) => return s.into_inner(),
+                    Err(e) if Instant::now() > deadline => panic!("key-vault did not answer: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+
+    let first = serve(true);
+    let created = status();
+    assert!(
+        created.has_key && !created.sealed,
+        "first launch creates the key and unseals"
+    );
+    assert!(interrupt_and_wait(first).0);
+
+    let second = serve(true);
+    let again = status();
+    assert!(
+        !again.sealed && again.site_key_pin == created.site_key_pin,
+        "same key, unsealed again"
+    );
+    assert!(interrupt_and_wait(second).0);
+
+    let third = serve(false);
+    let sealed = status();
+    assert!(
+        sealed.has_key && sealed.sealed,
+        "without the pass phrase the vault starts sealed"
+    );
+    assert!(interrupt_and_wait(third).0);
+
+    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap();
+        assert!(
+            !bytes
+                .windows(passphrase.len())
+                .any(|w| w == passphrase.as_bytes()),
+            "the pass phrase is in {}",
+            entry.path().display()
+        );
+    }
+}

@@ -20,3 +20,52 @@ pub mod admin {
 
 /// Encoded `FileDescriptorSet` of every chipsite proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chipsite_descriptor.bin"));
+
+/// `Debug` for messages that carry a secret (see `SECRET_MESSAGES` in
+/// build.rs): every field but the secret ones.
+macro_rules! redacted_debug {
+    ($($ty:path { $($field:ident),* $(,)? } redacting [$($secret:ident),*];)*) => {$(
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut d = f.debug_struct(stringify!($ty));
+                $(d.field(stringify!($field), &self.$field);)*
+                $(d.field(stringify!($secret), &"<redacted>");)*
+                d.finish()
+            }
+        }
+    )*};
+}
+
+redacted_debug! {
+    keyvault::v1::UnsealRequest {} redacting [passphrase];
+    keyvault::v1::CreateSiteKeyRequest {} redacting [passphrase];
+    keyvault::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
+    keyvault::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase];
+    ticket::v1::IssuedTicket { info, site_key_pin } redacting [token];
+    ticket::v1::RedeemTicketRequest { kind, chip_id, source } redacting [token];
+    admin::v1::UnsealVaultRequest {} redacting [passphrase];
+    admin::v1::CreateSiteKeyRequest {} redacting [passphrase];
+    admin::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
+    admin::v1::StartPeerServerRequest {} redacting [passphrase];
+    admin::v1::IssuedTicketView { ticket_id, chip_id, expires_at_ms } redacting [json, uri];
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let redeem = super::ticket::v1::RedeemTicketRequest {
+            token: "s3cret-token".into(),
+            chip_id: "alice".into(),
+            ..Default::default()
+        };
+        let unseal = super::admin::v1::UnsealVaultRequest {
+            passphrase: "s3cret pass".into(),
+        };
+        for shown in [format!("{redeem:?}"), format!("{unseal:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert!(format!("{redeem:?}").contains("alice"));
+    }
+}

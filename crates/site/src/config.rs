@@ -72,8 +72,8 @@ pub struct TlsFiles {
 }
 
 /// The whole configuration. Every field has a default, so an empty file
-/// and environment give a working dev site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// and environment give a working dev site. (`Debug` masks the database password.)
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     /// Where `chipsite dev` keeps its databases, PKI and endpoints file.
     pub data_dir: PathBuf,
@@ -92,6 +92,21 @@ pub struct Config {
     pub otlp_endpoint: String,
     /// Log filter (tracing's EnvFilter syntax).
     pub log: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &chipsite_store::redact_url(&self.database_url))
+            .field("addresses", &self.addresses)
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field("init_dir", &self.init_dir)
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("log", &self.log)
+            .finish()
+    }
 }
 
 impl Default for Config {

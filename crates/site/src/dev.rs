@@ -32,8 +32,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SiteError + '_ {
     move |e| SiteError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Write a file readable only by its owner.
+/// Write a file readable only by its owner, atomically: readers see the old
+/// file or the whole new one, never a part.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), SiteError> {
+    let tmp = path.with_extension("tmp");
+    write_private_in_place(&tmp, contents)?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn write_private_in_place(path: &Path, contents: &[u8]) -> Result<(), SiteError> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]

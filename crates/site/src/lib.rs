@@ -234,7 +234,10 @@ impl Site {
             pid: std::process::id(),
         };
         let json = serde_json::to_string_pretty(&endpoints).map_err(|e| SiteError::Io(e.to_string()))?;
-        std::fs::write(Endpoints::path(data), json).map_err(|e| SiteError::Io(e.to_string()))?;
+        // Atomically, so chipsctl never reads half a file.
+        let tmp = Endpoints::path(data).with_extension("json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| SiteError::Io(e.to_string()))?;
+        std::fs::rename(&tmp, Endpoints::path(data)).map_err(|e| SiteError::Io(e.to_string()))?;
         Ok(Site {
             endpoints,
             created_site_key,

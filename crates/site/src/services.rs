@@ -2,7 +2,13 @@
 //! internal mutual TLS until `shutdown` resolves. Each server carries gRPC
 //! health, server reflection and its authorization policy.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use chipsite_admin::{Admin, AdminGrpc};
 use chipsite_key_vault::{KeyVault, KeyVaultGrpc};
@@ -16,6 +22,87 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server};
 
 use crate::SiteError;
+
+/// How long a stopping server waits for open calls and streams (a health
+/// `Watch` never ends by itself) before it stops anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs each call's handler on a task of its own, so a caller that goes away
+/// mid-call cannot cut a command short between its writes and its audit record.
+#[derive(Debug, Clone, Default)]
+pub struct RunToCompletionLayer;
+
+impl<S> tower::Layer<S> for RunToCompletionLayer {
+    type Service = RunToCompletion<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RunToCompletion { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunToCompletion<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower::Service<http::Request<B>> for RunToCompletion<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The task keeps the call's span (and so its trace context).
+        let span = tracing::Span::current();
+        let call = tokio::spawn(tracing::Instrument::instrument(
+            async move { inner.call(request).await },
+            span,
+        ));
+        Box::pin(async move {
+            match call.await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!(error = %e, "a call handler failed");
+                    Ok(tonic::Status::internal("internal error").into_http())
+                }
+            }
+        })
+    }
+}
+
+/// Serve until `shutdown`, then drain for at most [`DRAIN_GRACE`].
+async fn serve_until<F>(server: F, stopping: tokio::sync::watch::Receiver<bool>) -> Result<(), SiteError>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let mut stopping = stopping;
+    let grace = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| SiteError::Serve(e.to_string())),
+        () = grace => {
+            tracing::warn!("calls still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
+}
 
 /// Health for every identity; reflection for the operator and console.
 fn with_common(p: Policy) -> Policy {
@@ -55,16 +142,21 @@ macro_rules! serve_with {
             .build_v1alpha()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
         chipsite_telemetry::install_propagator();
-        Server::builder()
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            $shutdown.await;
+            let _ = stopping_tx.send(true);
+        };
+        let server = Server::builder()
             .layer(chipsite_telemetry::TraceContextLayer)
             .layer(AuthzLayer::new(with_common($policy)))
+            .layer(RunToCompletionLayer)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service($svc)
-            .serve_with_incoming_shutdown(tls_incoming($listener, $tls), $shutdown)
-            .await
-            .map_err(|e| SiteError::Serve(e.to_string()))
+            .serve_with_incoming_shutdown(tls_incoming($listener, $tls), shutdown);
+        serve_until(server, stopping).await
     }};
 }
 

@@ -24,6 +24,12 @@ pub fn connect_lazy(addr: &str, identity: &str, tls: Arc<ReloadableTls>) -> Resu
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ChannelError::BadAddress(addr.to_owned()))?
         .connect_timeout(Duration::from_secs(5))
+        // No call to another service may hang a caller: a deadline per call,
+        // and keepalives to notice a peer that vanished without a word.
+        .timeout(Duration::from_secs(15))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     let server_name = ServerName::try_from(service_dns_name(identity))
         .map_err(|_| ChannelError::BadAddress(identity.to_owned()))?;

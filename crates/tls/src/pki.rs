@@ -126,7 +126,9 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
+        // At most a hundred years: the date arithmetic below cannot overflow.
+        let seconds = validity.as_secs().min(100 * 365 * 24 * 3600);
+        params.not_after = now + time::Duration::seconds(i64::try_from(seconds).unwrap_or(0));
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCertificate {
             cert_pem: cert.pem(),

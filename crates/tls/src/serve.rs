@@ -10,6 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::ReloadableTls;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at most; more connections wait to be accepted,
+/// so unauthenticated peers cannot exhaust file descriptors or memory.
+const MAX_HANDSHAKES: usize = 512;
 
 /// Accept TCP connections on `listener` and yield those whose mutual-TLS
 /// handshake succeeds, for `Server::serve_with_incoming_shutdown`.
@@ -22,8 +25,12 @@ pub fn tls_incoming(
     tls: Arc<ReloadableTls>,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => accepted,
@@ -40,6 +47,7 @@ pub fn tls_incoming(
             let acceptor = TlsAcceptor::from(tls.server_config());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;

@@ -247,10 +247,14 @@ impl AdminService for AdminGrpc {
                 if let Err(s) = registered {
                     // Nothing half-written: take the user back out.
                     self.admin.unload_user(&u.chip_id).await?;
-                    return Err(Status::invalid_argument(format!(
-                        "bad user dump: public_key: {}",
-                        s.message()
-                    )));
+                    return Err(if s.code() == Code::InvalidArgument {
+                        Status::invalid_argument(format!("bad user dump: public_key: {}", s.message()))
+                    } else {
+                        Status::new(
+                            s.code(),
+                            format!("key-vault: {}; nothing was loaded", s.message()),
+                        )
+                    });
                 }
             }
             self.user_pb(u).await

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::OnConflict,
 };
 use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
@@ -471,11 +471,17 @@ impl Admin {
             value: Set(value.to_owned()),
             changed_at_ms: Set(now_ms()),
         };
-        Ok(if self.setting(scope, key).await?.is_some() {
-            row.update(&self.db).await?
-        } else {
-            row.insert(&self.db).await?
-        })
+        setting::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([setting::Column::Scope, setting::Column::Key])
+                    .update_columns([setting::Column::Value, setting::Column::ChangedAtMs])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        self.setting(scope, key)
+            .await?
+            .ok_or_else(|| AdminError::FailedPrecondition(format!("setting {scope}/{key} vanished")))
     }
 
     pub async fn site_locked(&self) -> Result<bool, AdminError> {

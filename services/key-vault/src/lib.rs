@@ -22,7 +22,7 @@ use rcgen::{
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, TransactionTrait,
+    QueryOrder, TransactionTrait, sea_query::OnConflict,
 };
 use sea_orm_migration::MigratorTrait;
 use time::OffsetDateTime;
@@ -110,6 +110,9 @@ pub struct KeyVault {
     db: DatabaseConnection,
     unsealed: RwLock<Option<Unsealed>>,
     throttle: Mutex<Throttle>,
+    /// Held while the site key is created, imported or re-encrypted, so
+    /// that two such changes cannot interleave.
+    key_changes: Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyVault {
@@ -126,6 +129,7 @@ impl KeyVault {
             db,
             unsealed: RwLock::new(None),
             throttle: Mutex::new(Throttle::default()),
+            key_changes: Mutex::new(()),
         })
     }
 
@@ -170,29 +174,28 @@ impl KeyVault {
     /// retired. The vault is left unsealed with the new key.
     pub async fn create_site_key(&self, passphrase: &str) -> Result<Status, VaultError> {
         check_new_passphrase(passphrase)?;
-        let passphrase = Zeroizing::new(passphrase.to_owned());
-        let (encrypted_pem, secret) = tokio::task::spawn_blocking(move || {
-            let secret = SecretKey::try_generate().map_err(crypto)?;
-            let pem = secret
-                .to_pkcs8_encrypted_pem(passphrase.as_bytes(), LineEnding::LF)
-                .map_err(crypto)?;
-            Ok::<_, VaultError>((pem.to_string(), secret))
-        })
-        .await
-        .map_err(crypto)??;
+        let _changing = self.key_changes.lock().await;
+        let secret = SecretKey::try_generate().map_err(crypto)?;
+        let encrypted_pem = encrypt(secret.clone(), passphrase).await?;
         self.install(encrypted_pem, &secret).await
     }
 
-    /// Replace the site key with an encrypted PKCS#8 PEM (P-256) opened by `passphrase`.
+    /// Replace the site key with an encrypted PKCS#8 PEM (P-256) opened by
+    /// `passphrase`. The file's key-derivation parameters are bounded before
+    /// anything is derived, and the key is stored re-encrypted under this
+    /// vault's own parameters, never as given.
     pub async fn import_site_key(&self, encrypted_pem: &str, passphrase: &str) -> Result<Status, VaultError> {
-        let pem = encrypted_pem.to_owned();
-        let secret = decrypt(pem.clone(), passphrase).await.map_err(|e| match e {
+        check_new_passphrase(passphrase)?;
+        check_key_derivation(encrypted_pem)?;
+        let _changing = self.key_changes.lock().await;
+        let secret = decrypt(encrypted_pem.to_owned(), passphrase).await.map_err(|e| match e {
             VaultError::WrongPassphrase => VaultError::InvalidArgument(
                 "cannot open the key: it must be a P-256 key in encrypted PKCS#8 PEM and the pass phrase must match"
                     .into(),
             ),
             e => e,
         })?;
+        let pem = encrypt(secret.clone(), passphrase).await?;
         self.install(pem, &secret).await
     }
 
@@ -289,16 +292,9 @@ impl KeyVault {
     /// pin, ticket and peer relationship, is unchanged.
     pub async fn change_passphrase(&self, old: &str, new: &str) -> Result<Status, VaultError> {
         check_new_passphrase(new)?;
+        let _changing = self.key_changes.lock().await;
         let (current, secret) = self.open_current(old).await?;
-        let new = Zeroizing::new(new.to_owned());
-        let pem = tokio::task::spawn_blocking(move || {
-            secret
-                .to_pkcs8_encrypted_pem(new.as_bytes(), LineEnding::LF)
-                .map(|p| p.to_string())
-                .map_err(crypto)
-        })
-        .await
-        .map_err(crypto)??;
+        let pem = encrypt(secret, new).await?;
         site_key::ActiveModel {
             id: Set(current.id),
             encrypted_pem: Set(pem),
@@ -374,25 +370,26 @@ impl KeyVault {
     }
 
     pub async fn register_user_key(&self, chip_id: &str, public_key: &[u8]) -> Result<bool, VaultError> {
+        check_name("chip_id", chip_id, 64)?;
         check_public_key(public_key)?;
-        let existing = user_key::Entity::find_by_id(chip_id.to_owned())
+        let replaced = user_key::Entity::find_by_id(chip_id.to_owned())
             .one(&self.db)
-            .await?;
+            .await?
+            .is_some();
         let row = user_key::ActiveModel {
             chip_id: Set(chip_id.to_owned()),
             public_key: Set(public_key.to_vec()),
             registered_at_ms: Set(now_ms()),
         };
-        match existing {
-            Some(_) => {
-                row.update(&self.db).await?;
-                Ok(true)
-            }
-            None => {
-                row.insert(&self.db).await?;
-                Ok(false)
-            }
-        }
+        user_key::Entity::insert(row)
+            .on_conflict(
+                OnConflict::column(user_key::Column::ChipId)
+                    .update_columns([user_key::Column::PublicKey, user_key::Column::RegisteredAtMs])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(replaced)
     }
 
     pub async fn user_key(&self, chip_id: &str) -> Result<user_key::Model, VaultError> {
@@ -408,19 +405,23 @@ impl KeyVault {
         host: &str,
         public_key: &[u8],
     ) -> Result<(), VaultError> {
+        check_name("peer_chip_id", chip_id, 64)?;
+        check_name("peer_host", host, 255)?;
         check_public_key(public_key)?;
-        let key = (chip_id.to_owned(), host.to_owned());
         let row = peer_key::ActiveModel {
-            peer_chip_id: Set(key.0.clone()),
-            peer_host: Set(key.1.clone()),
+            peer_chip_id: Set(chip_id.to_owned()),
+            peer_host: Set(host.to_owned()),
             public_key: Set(public_key.to_vec()),
             registered_at_ms: Set(now_ms()),
         };
-        if peer_key::Entity::find_by_id(key).one(&self.db).await?.is_some() {
-            row.update(&self.db).await?;
-        } else {
-            row.insert(&self.db).await?;
-        }
+        peer_key::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([peer_key::Column::PeerChipId, peer_key::Column::PeerHost])
+                    .update_columns([peer_key::Column::PublicKey, peer_key::Column::RegisteredAtMs])
+                    .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
         Ok(())
     }
 
@@ -441,10 +442,73 @@ fn check_new_passphrase(passphrase: &str) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// Names (CHIP IDs, hosts) are short printable text: anything else is a
+/// clear error, not a database failure.
+fn check_name(what: &str, value: &str, max: usize) -> Result<(), VaultError> {
+    if value.is_empty() || value.len() > max || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(VaultError::InvalidArgument(format!(
+            "{what} must be 1 to {max} printable characters"
+        )));
+    }
+    Ok(())
+}
+
 fn check_public_key(spki: &[u8]) -> Result<(), VaultError> {
     PublicKey::from_public_key_der(spki)
         .map(|_| ())
         .map_err(|_| VaultError::InvalidArgument("public key must be a P-256 SPKI (DER)".into()))
+}
+
+/// Encrypt the key under `passphrase` as this vault stores keys (PBES2:
+/// scrypt N = 2^14, r = 8, p = 1, AES-256-CBC), off the async threads.
+async fn encrypt(secret: SecretKey, passphrase: &str) -> Result<String, VaultError> {
+    let passphrase = Zeroizing::new(passphrase.to_owned());
+    tokio::task::spawn_blocking(move || {
+        secret
+            .to_pkcs8_encrypted_pem(passphrase.as_bytes(), LineEnding::LF)
+            .map(|p| p.to_string())
+            .map_err(crypto)
+    })
+    .await
+    .map_err(crypto)?
+}
+
+/// Bound what deriving the key of an imported file may cost: a file could
+/// otherwise ask for terabytes of scrypt memory or a panic on N = 0.
+fn check_key_derivation(pem: &str) -> Result<(), VaultError> {
+    use p256::pkcs8::{Document, EncryptedPrivateKeyInfoRef, pkcs5::pbes2::Kdf};
+    let bad = |why: &str| VaultError::InvalidArgument(format!("cannot import the key: {why}"));
+    let (label, doc) = Document::from_pem(pem).map_err(|_| bad("it is not a PEM document"))?;
+    if label != "ENCRYPTED PRIVATE KEY" {
+        return Err(bad(
+            "it must be encrypted PKCS#8 (BEGIN ENCRYPTED PRIVATE KEY); a site key is never taken in the clear",
+        ));
+    }
+    let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
+        .map_err(|_| bad("malformed encrypted PKCS#8"))?;
+    let params = info
+        .encryption_algorithm
+        .pbes2()
+        .ok_or_else(|| bad("only PBES2 encryption is accepted"))?;
+    let ok = match &params.kdf {
+        Kdf::Pbkdf2(p) => (1..=10_000_000).contains(&p.iteration_count),
+        Kdf::Scrypt(p) => {
+            let n = p.cost_parameter;
+            n >= 2
+                && n.is_power_of_two()
+                && (1..=8).contains(&p.block_size)
+                && (1..=4).contains(&p.parallelization)
+                && n.saturating_mul(u64::from(p.block_size)) <= 1 << 19
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "its key-derivation parameters are out of bounds (scrypt N·r ≤ 2^19, p ≤ 4; PBKDF2 ≤ 10,000,000 iterations)",
+        ))
+    }
 }
 
 /// Decrypt an encrypted PKCS#8 PEM off the async threads (scrypt is slow on purpose).

@@ -7,7 +7,7 @@ use chipsite_proto::{
     ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
 };
 use chipsite_telemetry::{TracedChannel, traced};
-use chipsite_tls::{Policy, identity as id};
+use chipsite_tls::{Caller, Policy, identity as id};
 use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{Kind, TicketError, Tickets, store, visible_state};
@@ -38,7 +38,7 @@ type CachedStatus = Option<(std::time::Instant, VaultStatus)>;
 pub struct TicketsGrpc {
     tickets: Arc<Tickets>,
     key_vault: KeyVaultClient<TracedChannel>,
-    vault_status: Arc<tokio::sync::Mutex<CachedStatus>>,
+    vault_status: Arc<std::sync::Mutex<CachedStatus>>,
 }
 
 impl TicketsGrpc {
@@ -51,19 +51,25 @@ impl TicketsGrpc {
     }
 
     async fn vault_status(&self) -> Result<VaultStatus, Status> {
-        let mut cached = self.vault_status.lock().await;
-        if let Some((at, status)) = cached.as_ref()
+        if let Some((at, status)) = self
+            .vault_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
             && at.elapsed() < VAULT_STATUS_TTL
         {
             return Ok(status.clone());
         }
+        // Not holding the lock across the call: a slow key-vault delays
+        // only the calls that need a fresh status.
         let status = self
             .key_vault
             .clone()
             .get_status(GetStatusRequest {})
             .await?
             .into_inner();
-        *cached = Some((std::time::Instant::now(), status.clone()));
+        *self.vault_status.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), status.clone()));
         Ok(status)
     }
 }
@@ -102,8 +108,21 @@ type R<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl TicketsRpc for TicketsGrpc {
     async fn issue_ticket(&self, req: Request<pb::IssueTicketRequest>) -> R<pb::IssuedTicket> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let kind = kind_of(req.kind)?;
+        // A user's connection ticket is the operator's to issue (admin checks
+        // the user first); a gateway issues only tally tickets, for its users.
+        let allowed: &[&str] = match kind {
+            Kind::User => &[id::ADMIN, id::BENCH],
+            Kind::Tally => &[id::ADMIN, id::USER_GATEWAY],
+        };
+        if !allowed.contains(&caller.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{caller} may not issue {} tickets",
+                kind.as_str()
+            )));
+        }
         let port = u16::try_from(req.port).map_err(|_| Status::invalid_argument("port out of range"))?;
         let vault = self.vault_status().await?;
         if !vault.has_key {

@@ -164,9 +164,9 @@ impl Tickets {
         host: &str,
         port: u16,
     ) -> Result<Issued, TicketError> {
-        if chip_id.is_empty() || chip_id.len() > 64 {
+        if !is_chip_id(chip_id) {
             return Err(TicketError::InvalidArgument(
-                "chip_id must have 1 to 64 characters".into(),
+                "chip_id must be 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit".into(),
             ));
         }
         if host.is_empty() || host.len() > 255 || port == 0 {
@@ -212,7 +212,10 @@ impl Tickets {
         chip_id: &str,
         source: &str,
     ) -> Result<ticket::Model, TicketError> {
-        let source: String = source.chars().take(128).collect();
+        // Whatever arrives must reach the database as valid text (PostgreSQL
+        // refuses NUL), so that every attempt burns and leaves its record.
+        let source: String = source.chars().filter(|c| !c.is_control()).take(128).collect();
+        let chip_id = if is_chip_id(chip_id) { chip_id } else { "" };
         if token.len() > MAX_TOKEN_LEN {
             self.refuse(&self.db, None, "refused_unknown", &source).await?;
             return Err(TicketError::Refused);
@@ -421,6 +424,17 @@ const OUTCOME: &str = "CASE WHEN kind <> $2 THEN 'refused_kind' \
      WHEN chip_id <> $4 THEN 'refused_chip_id' \
      WHEN NOT $1 THEN 'throttled' \
      ELSE 'redeemed' END";
+
+/// A CHIP ID: 1-64 of `a-z0-9._-`, starting with a letter or digit.
+pub fn is_chip_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Kind;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedTicket {
     /// "user" or "tally".
     pub kind: String,
@@ -32,6 +32,20 @@ pub struct PublishedTicket {
     /// Tally tickets only: unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<i64>,
+}
+
+impl std::fmt::Debug for PublishedTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishedTicket")
+            .field("kind", &self.kind)
+            .field("chip_id", &self.chip_id)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("token", &"<redacted>")
+            .field("pin", &self.pin)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

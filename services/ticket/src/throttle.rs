@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Sources remembered at most, so a flood from ever-new addresses cannot
+/// grow the table without bound.
+const MAX_SOURCES: usize = 100_000;
+
 #[derive(Debug)]
 pub struct Throttle {
     burst: f64,
@@ -46,8 +50,14 @@ impl Throttle {
     pub fn record_failure(&self, source: &str) {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > 100_000 {
+        if buckets.len() >= MAX_SOURCES {
+            // Forget sources that have refilled; if that is not enough (a
+            // flood from ever-new sources), forget everything rather than grow.
             buckets.retain(|_, b| self.level(*b, now) < self.burst);
+            if buckets.len() >= MAX_SOURCES / 2 {
+                tracing::warn!(sources = buckets.len(), "throttle table full; starting over");
+                buckets.clear();
+            }
         }
         let level = buckets.get(source).map_or(self.burst, |b| self.level(*b, now));
         buckets.insert(source.to_owned(), ((level - 1.0).max(0.0), now));
