@@ -118,7 +118,7 @@ fn with_common(p: Policy) -> Policy {
 }
 
 macro_rules! serve_with {
-    ($svc:expr, $server_ty:ty, $policy:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
+    ($svc:expr, $server_ty:ty, $policy:expr, $run_to_completion:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
         // Reflection advertises this server's own service, health and reflection.
         let name = <$server_ty as tonic::server::NamedService>::NAME;
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -150,7 +150,9 @@ macro_rules! serve_with {
         let server = Server::builder()
             .layer(chipsite_telemetry::TraceContextLayer)
             .layer(AuthzLayer::new(with_common($policy)))
-            .layer(RunToCompletionLayer)
+            .layer(tower::util::option_layer(
+                $run_to_completion.then_some(RunToCompletionLayer),
+            ))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -168,7 +170,15 @@ pub async fn serve_key_vault(
 ) -> Result<(), SiteError> {
     type S = KeyVaultServer<KeyVaultGrpc>;
     let svc = S::new(KeyVaultGrpc(vault));
-    serve_with!(svc, S, chipsite_key_vault::policy(), listener, tls, shutdown)
+    serve_with!(
+        svc,
+        S,
+        chipsite_key_vault::policy(),
+        true,
+        listener,
+        tls,
+        shutdown
+    )
 }
 
 pub async fn serve_ticket(
@@ -180,7 +190,10 @@ pub async fn serve_ticket(
 ) -> Result<(), SiteError> {
     type S = TicketsServer<TicketsGrpc>;
     let svc = S::new(TicketsGrpc::new(tickets, key_vault));
-    serve_with!(svc, S, chipsite_ticket::policy(), listener, tls, shutdown)
+    // Every ticket operation is a single atomic statement (or transaction), so
+    // a call cut short leaves nothing half done: no extra task per call on
+    // this hot path.
+    serve_with!(svc, S, chipsite_ticket::policy(), false, listener, tls, shutdown)
 }
 
 pub async fn serve_admin(
@@ -193,5 +206,5 @@ pub async fn serve_admin(
 ) -> Result<(), SiteError> {
     type S = AdminServiceServer<AdminGrpc>;
     let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
-    serve_with!(svc, S, chipsite_admin::policy(), listener, tls, shutdown)
+    serve_with!(svc, S, chipsite_admin::policy(), true, listener, tls, shutdown)
 }

@@ -216,13 +216,13 @@ impl Tickets {
         // refuses NUL), so that every attempt burns and leaves its record.
         let source: String = source.chars().filter(|c| !c.is_control()).take(128).collect();
         let chip_id = if is_chip_id(chip_id) { chip_id } else { "" };
-        if token.len() > MAX_TOKEN_LEN {
-            self.refuse(&self.db, None, "refused_unknown", &source).await?;
-            return Err(TicketError::Refused);
-        }
-        let hash = hash_token(token);
+        // Charged before the attempt and refunded on success, so that an
+        // attempt whose caller goes away mid-call still counts.
+        let allowed = kind.is_some() && self.throttle.allows(&source);
+        self.throttle.record_failure(&source);
+        let hash = hash_token(if token.len() > MAX_TOKEN_LEN { "" } else { token });
         let attempt = Attempt {
-            allowed: kind.is_some() && self.throttle.allows(&source),
+            allowed,
             kind: kind.map_or("", Kind::as_str),
             now: now_ms(),
             chip_id,
@@ -234,27 +234,42 @@ impl Tickets {
             _ => self.claim_in_transaction(&attempt).await?,
         };
         match claimed {
-            Some(t) if t.state == "redeemed" => Ok(t),
+            Some(t) if t.state == "redeemed" => {
+                self.throttle.refund(&source);
+                Ok(t)
+            }
             Some(t) => {
                 // Burned; the audit row with the reason is already written.
-                self.note_failure(Some(&t.id), &source);
+                tracing::info!(ticket = %t.id, source = %source, "ticket refused");
                 Err(TicketError::Refused)
             }
             None => {
-                let known = ticket::Entity::find()
-                    .filter(ticket::Column::TokenHash.eq(hash))
-                    .one(&self.db)
-                    .await?;
-                let outcome = match &known {
-                    Some(t) if t.state == "revoked" => "refused_revoked",
-                    Some(_) => "refused_used",
-                    None => "refused_unknown",
-                };
-                self.refuse(&self.db, known.as_ref().map(|t| t.id.as_str()), outcome, &source)
-                    .await?;
+                // Nothing to claim: used, revoked or unknown. The lookup and
+                // the audit row are one statement.
+                let sql = "INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) SELECT \
+                     (SELECT id FROM ticket_tickets WHERE token_hash = $5), \
+                     COALESCE((SELECT CASE WHEN state = 'revoked' THEN 'refused_revoked' ELSE 'refused_used' END \
+                               FROM ticket_tickets WHERE token_hash = $5), 'refused_unknown'), \
+                     $6, $3";
+                self.execute(sql, attempt.values()).await?;
+                tracing::info!(source = %source, "ticket refused (nothing to claim)");
                 Err(TicketError::Refused)
             }
         }
+    }
+
+    /// One statement with `$N` parameters, on either engine.
+    async fn execute(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<(), TicketError> {
+        let backend = self.db.get_database_backend();
+        let sql = if backend == DbBackend::Postgres {
+            sql.to_owned()
+        } else {
+            sql.replace('$', "?")
+        };
+        self.db
+            .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        Ok(())
     }
 
     /// PostgreSQL: claim, decide and audit in one statement (one round trip).
@@ -290,22 +305,6 @@ impl Tickets {
             .await?;
         txn.commit().await?;
         Ok(Some(t))
-    }
-
-    fn note_failure(&self, ticket_id: Option<&str>, source: &str) {
-        self.throttle.record_failure(source);
-        tracing::info!(ticket = ticket_id.unwrap_or("-"), source, "ticket refused");
-    }
-
-    async fn refuse(
-        &self,
-        db: &impl ConnectionTrait,
-        ticket_id: Option<&str>,
-        outcome: &str,
-        source: &str,
-    ) -> Result<(), TicketError> {
-        self.note_failure(ticket_id, source);
-        self.audit(db, ticket_id, outcome, source).await
     }
 
     async fn audit(
@@ -348,16 +347,18 @@ impl Tickets {
     /// Revoke an outstanding ticket. Revoking a closed ticket is an error.
     pub async fn revoke(&self, id: &str) -> Result<ticket::Model, TicketError> {
         let now = now_ms();
+        let txn = self.db.begin().await?;
         let closed = ticket::Entity::update_many()
             .col_expr(ticket::Column::State, Expr::value("revoked"))
             .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))
             .filter(ticket::Column::Id.eq(id))
             .filter(ticket::Column::ClosedAtMs.is_null())
-            .exec_with_returning(&self.db)
+            .exec_with_returning(&txn)
             .await?;
         match closed.into_iter().next() {
             Some(t) => {
-                self.audit(&self.db, Some(id), "revoked", "").await?;
+                self.audit(&txn, Some(id), "revoked", "").await?;
+                txn.commit().await?;
                 Ok(t)
             }
             None => match ticket::Entity::find_by_id(id.to_owned()).one(&self.db).await? {

@@ -47,6 +47,15 @@ impl Throttle {
             .is_none_or(|b| self.level(*b, Instant::now()) >= 1.0)
     }
 
+    /// Give back what [`Throttle::record_failure`] took (an attempt that succeeded).
+    pub fn refund(&self, source: &str) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get_mut(source) {
+            *b = ((self.level(*b, now) + 1.0).min(self.burst), now);
+        }
+    }
+
     pub fn record_failure(&self, source: &str) {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
