@@ -39,6 +39,9 @@ fn main() -> anyhow::Result<()> {
     let mut config =
         Config::load(cli.config.as_deref()).map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The OTLP exporter's gRPC channel is made in telemetry::init and needs
+    // the runtime's context.
+    let _runtime_context = runtime.enter();
     match cli.command {
         Command::Config => {
             print!("{}", config.to_masked_toml());

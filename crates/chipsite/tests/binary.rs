@@ -188,7 +188,10 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
         }
         cmd.spawn().unwrap()
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // A runtime that keeps running between calls, so the client answers the
+    // server's shutdown (GOAWAY, PING) as a real client would.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
