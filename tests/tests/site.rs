@@ -161,6 +161,15 @@ async fn internal_callers_are_authorized_per_rpc() {
             .issue_ticket(issue(tk::TicketKind::Tally))
             .await
             .expect("tally tickets are the gateway's");
+        let mut odd = issue(tk::TicketKind::Tally);
+        odd.host = "evil\0host".into();
+        let e = gateway_tickets.issue_ticket(odd).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "a clear error on both engines: {}",
+            e.message()
+        );
         // ...while the allowed callers get through.
         site.admin_as(id::USER_GATEWAY)
             .get_lockdown(pb::GetLockdownRequest {

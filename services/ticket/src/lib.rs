@@ -169,7 +169,10 @@ impl Tickets {
                 "chip_id must be 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit".into(),
             ));
         }
-        if host.is_empty() || host.len() > 255 || port == 0 {
+        let hostlike = host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+        if host.is_empty() || host.len() > 255 || !hostlike || port == 0 {
             return Err(TicketError::InvalidArgument(
                 "a ticket needs the host and port to connect to".into(),
             ));
