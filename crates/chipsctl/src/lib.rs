@@ -251,24 +251,36 @@ fn rpc_error(admin: &str) -> impl Fn(tonic::Status) -> CliError + '_ {
     }
 }
 
-fn read_secret(
-    file: &Option<PathBuf>,
-    env: &str,
-    lines: &mut Option<std::io::Lines<std::io::StdinLock<'static>>>,
-) -> Result<String, CliError> {
-    if let Some(f) = file {
-        let s = std::fs::read_to_string(f).map_err(|e| CliError::Io(format!("{}: {e}", f.display())))?;
-        return Ok(s.trim_end_matches(['\r', '\n']).to_owned());
+/// Where pass phrases come from: a file, else an environment variable, else
+/// the next line of stdin (never the command line, where `ps` shows it).
+#[derive(Default)]
+struct Secrets {
+    stdin: Option<std::io::Lines<std::io::StdinLock<'static>>>,
+}
+
+impl Secrets {
+    fn read(&mut self, file: &Option<PathBuf>, env: &str) -> Result<String, CliError> {
+        if let Some(f) = file {
+            let s = std::fs::read_to_string(f).map_err(|e| CliError::Io(format!("{}: {e}", f.display())))?;
+            return Ok(s.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        if let Ok(s) = std::env::var(env) {
+            return Ok(s);
+        }
+        match self
+            .stdin
+            .get_or_insert_with(|| std::io::stdin().lock().lines())
+            .next()
+        {
+            Some(Ok(s)) => Ok(s.trim_end_matches('\r').to_owned()),
+            _ => Err(CliError::Usage(format!(
+                "no pass phrase: give a file, set ${env}, or write it to stdin"
+            ))),
+        }
     }
-    if let Ok(s) = std::env::var(env) {
-        return Ok(s);
-    }
-    let lines = lines.get_or_insert_with(|| std::io::stdin().lock().lines());
-    match lines.next() {
-        Some(Ok(s)) => Ok(s.trim_end_matches('\r').to_owned()),
-        _ => Err(CliError::Usage(format!(
-            "no pass phrase: give a file, set ${env}, or write it to stdin"
-        ))),
+
+    fn passphrase(&mut self, p: &Passphrase) -> Result<String, CliError> {
+        self.read(&p.passphrase_file, "CHIPSCTL_PASSPHRASE")
     }
 }
 
@@ -401,16 +413,23 @@ fn config_text(c: &pb::SiteConfig) -> String {
     sorted.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
 }
 
-/// `key export` is handled before the status-returning key commands.
-fn unreachable_export() -> Result<tonic::Response<pb::VaultStatusView>, tonic::Status> {
-    Err(tonic::Status::internal("key export is handled separately"))
+/// Lock down a user (`chip_id`) or the whole site (empty), or lift it.
+async fn set_lockdown(
+    client: &mut AdminServiceClient<Channel>,
+    chip_id: String,
+    locked: bool,
+) -> Result<pb::LockdownState, tonic::Status> {
+    Ok(client
+        .set_lockdown(pb::SetLockdownRequest { chip_id, locked })
+        .await?
+        .into_inner())
 }
 
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let (mut client, admin_addr) = connect(&cli)?;
     let err = rpc_error(&admin_addr);
-    let mut stdin_lines = None;
+    let mut secrets = Secrets::default();
     let json_mode = cli.json;
     let emit = |out: &mut dyn Write, v: Value, text: String| -> Result<(), CliError> {
         let s = if json_mode {
@@ -546,25 +565,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 Err(CliError::Usage("a CHIP ID is required".into()))
             }
             UserCmd::Lock { chip_id } => {
-                let l = client
-                    .set_lockdown(pb::SetLockdownRequest {
-                        chip_id,
-                        locked: true,
-                    })
-                    .await
-                    .map_err(&err)?
-                    .into_inner();
+                let l = set_lockdown(&mut client, chip_id, true).await.map_err(&err)?;
                 emit(out, lockdown_json(&l), lockdown_text(&l))
             }
             UserCmd::Unlock { chip_id } => {
-                let l = client
-                    .set_lockdown(pb::SetLockdownRequest {
-                        chip_id,
-                        locked: false,
-                    })
-                    .await
-                    .map_err(&err)?
-                    .into_inner();
+                let l = set_lockdown(&mut client, chip_id, false).await.map_err(&err)?;
                 emit(out, lockdown_json(&l), lockdown_text(&l))
             }
         },
@@ -652,38 +657,33 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 emit(out, ticket_json(&t), format!("revoked {}\n", t.id))
             }
         },
-        Command::Key(KeyCmd::Export { output }) => {
-            let pem = client
-                .export_site_key(pb::ExportSiteKeyRequest {})
-                .await
-                .map_err(&err)?
-                .into_inner()
-                .encrypted_pem;
-            match output {
-                Some(path) => {
-                    chipsite_site::dev::write_private(&path, pem.as_bytes())?;
-                    emit(
-                        out,
-                        json!({"file": path}),
-                        format!("wrote the encrypted site key to {}\n", path.display()),
-                    )
-                }
-                None => out
-                    .write_all(pem.as_bytes())
-                    .map_err(|e| CliError::Io(e.to_string())),
-            }
-        }
         Command::Key(cmd) => {
             let v = match cmd {
-                KeyCmd::Export { .. } => unreachable_export(),
+                KeyCmd::Export { output } => {
+                    let pem = client
+                        .export_site_key(pb::ExportSiteKeyRequest {})
+                        .await
+                        .map_err(&err)?
+                        .into_inner()
+                        .encrypted_pem;
+                    return match output {
+                        Some(path) => {
+                            chipsite_site::dev::write_private(&path, pem.as_bytes())?;
+                            emit(
+                                out,
+                                json!({"file": path}),
+                                format!("wrote the encrypted site key to {}\n", path.display()),
+                            )
+                        }
+                        None => out
+                            .write_all(pem.as_bytes())
+                            .map_err(|e| CliError::Io(e.to_string())),
+                    };
+                }
                 KeyCmd::Import { file, passphrase } => {
                     let pem = std::fs::read_to_string(&file)
                         .map_err(|e| CliError::Io(format!("{}: {e}", file.display())))?;
-                    let p = read_secret(
-                        &passphrase.passphrase_file,
-                        "CHIPSCTL_PASSPHRASE",
-                        &mut stdin_lines,
-                    )?;
+                    let p = secrets.passphrase(&passphrase)?;
                     client
                         .import_site_key(pb::ImportSiteKeyRequest {
                             encrypted_pem: pem,
@@ -693,22 +693,14 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 }
                 KeyCmd::Status => client.get_vault_status(pb::GetVaultStatusRequest {}).await,
                 KeyCmd::Unseal { passphrase } => {
-                    let p = read_secret(
-                        &passphrase.passphrase_file,
-                        "CHIPSCTL_PASSPHRASE",
-                        &mut stdin_lines,
-                    )?;
+                    let p = secrets.passphrase(&passphrase)?;
                     client
                         .unseal_vault(pb::UnsealVaultRequest { passphrase: p })
                         .await
                 }
                 KeyCmd::Seal => client.seal_vault(pb::SealVaultRequest {}).await,
                 KeyCmd::Create { passphrase } => {
-                    let p = read_secret(
-                        &passphrase.passphrase_file,
-                        "CHIPSCTL_PASSPHRASE",
-                        &mut stdin_lines,
-                    )?;
+                    let p = secrets.passphrase(&passphrase)?;
                     client
                         .create_site_key(pb::CreateSiteKeyRequest { passphrase: p })
                         .await
@@ -717,12 +709,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     passphrase,
                     new_passphrase_file,
                 } => {
-                    let old = read_secret(
-                        &passphrase.passphrase_file,
-                        "CHIPSCTL_PASSPHRASE",
-                        &mut stdin_lines,
-                    )?;
-                    let new = read_secret(&new_passphrase_file, "CHIPSCTL_NEW_PASSPHRASE", &mut stdin_lines)?;
+                    let old = secrets.passphrase(&passphrase)?;
+                    let new = secrets.read(&new_passphrase_file, "CHIPSCTL_NEW_PASSPHRASE")?;
                     client
                         .change_passphrase(pb::ChangePassphraseRequest {
                             old_passphrase: old,
@@ -739,11 +727,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             let p = match cmd {
                 PeerCmd::Status => client.get_peer_server(pb::GetPeerServerRequest {}).await,
                 PeerCmd::Start { passphrase } => {
-                    let p = read_secret(
-                        &passphrase.passphrase_file,
-                        "CHIPSCTL_PASSPHRASE",
-                        &mut stdin_lines,
-                    )?;
+                    let p = secrets.passphrase(&passphrase)?;
                     client
                         .start_peer_server(pb::StartPeerServerRequest { passphrase: p })
                         .await
@@ -760,32 +744,16 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Site(cmd) => {
             let l = match cmd {
-                SiteCmd::Status => {
-                    client
-                        .get_lockdown(pb::GetLockdownRequest {
-                            chip_id: String::new(),
-                        })
-                        .await
-                }
-                SiteCmd::Lock => {
-                    client
-                        .set_lockdown(pb::SetLockdownRequest {
-                            chip_id: String::new(),
-                            locked: true,
-                        })
-                        .await
-                }
-                SiteCmd::Unlock => {
-                    client
-                        .set_lockdown(pb::SetLockdownRequest {
-                            chip_id: String::new(),
-                            locked: false,
-                        })
-                        .await
-                }
+                SiteCmd::Status => client
+                    .get_lockdown(pb::GetLockdownRequest {
+                        chip_id: String::new(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner),
+                SiteCmd::Lock => set_lockdown(&mut client, String::new(), true).await,
+                SiteCmd::Unlock => set_lockdown(&mut client, String::new(), false).await,
             }
-            .map_err(&err)?
-            .into_inner();
+            .map_err(&err)?;
             emit(out, lockdown_json(&l), lockdown_text(&l))
         }
         Command::Config(cmd) => {

@@ -176,33 +176,11 @@ impl Config {
     }
 
     /// The configuration as TOML, with the database password masked.
+    /// The configuration as TOML (the file format it is read from), with
+    /// the database password masked.
     pub fn to_masked_toml(&self) -> String {
         let mut c = self.clone();
         c.database_url = chipsite_store::redact_url(&c.database_url);
-        toml_string(&c)
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
-}
-
-fn toml_string(c: &Config) -> String {
-    // figment can serialize back through serde_json; TOML-ish output is
-    // enough for humans and avoids another dependency.
-    let v = serde_json::to_value(c).unwrap_or_default();
-    let mut out = String::new();
-    if let serde_json::Value::Object(m) = v {
-        let mut tables = String::new();
-        for (k, v) in m {
-            match v {
-                serde_json::Value::Object(inner) => {
-                    tables.push_str(&format!("\n[{k}]\n"));
-                    for (ik, iv) in inner {
-                        tables.push_str(&format!("{ik} = {iv}\n"));
-                    }
-                }
-                serde_json::Value::Null => out.push_str(&format!("# {k} is not set\n")),
-                v => out.push_str(&format!("{k} = {v}\n")),
-            }
-        }
-        out.push_str(&tables);
-    }
-    out
 }

@@ -117,28 +117,26 @@ fn with_common(p: Policy) -> Policy {
         )
 }
 
+/// Server reflection advertising one service (with health and reflection).
+fn reflection(service: &'static str) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+}
+
 macro_rules! serve_with {
     ($svc:expr, $server_ty:ty, $policy:expr, $run_to_completion:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
-        // Reflection advertises this server's own service, health and reflection.
         let name = <$server_ty as tonic::server::NamedService>::NAME;
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<$server_ty>().await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(name)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        let reflection_v1 = reflection(name)
             .build_v1()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(name)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        let reflection_v1alpha = reflection(name)
             .build_v1alpha()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
         chipsite_telemetry::install_propagator();

@@ -16,7 +16,7 @@ mod serve;
 pub use authz::{AuthzLayer, Caller, Policy};
 pub use client::{ChannelError, connect_lazy};
 pub use material::{CertPaths, ReloadableTls, TlsMaterial};
-pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki, spki_of_certificate};
+pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki};
 pub use serve::tls_incoming;
 
 /// The trust domain of internal identities.

@@ -16,7 +16,7 @@ use rustls::{
 };
 use tokio::task::JoinHandle;
 
-use crate::{IssuedCertificate, TlsError};
+use crate::TlsError;
 
 /// A certificate chain, its key, and the CA certificates to trust.
 pub struct TlsMaterial {
@@ -40,10 +40,6 @@ impl TlsMaterial {
             .map_err(|_| TlsError::NoPrivateKey("private key".into()))?;
         let roots = certs_from_pem(ca_pem, "CA certificate")?;
         Ok(Self { chain, key, roots })
-    }
-
-    pub fn from_issued(issued: &IssuedCertificate) -> Result<Self, TlsError> {
-        Self::from_pem(&issued.cert_pem, &issued.key_pem, &issued.ca_pem)
     }
 
     pub fn from_files(paths: &CertPaths) -> Result<Self, TlsError> {

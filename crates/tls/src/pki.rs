@@ -149,12 +149,6 @@ pub fn identity_of(cert_der: &[u8]) -> Option<String> {
     })
 }
 
-/// The SubjectPublicKeyInfo (DER) of a certificate.
-pub fn spki_of_certificate(cert_der: &[u8]) -> Option<Vec<u8>> {
-    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
-    Some(cert.public_key().raw.to_vec())
-}
-
 /// A key pin as curl's `--pinnedpubkey` takes it: `sha256//<base64(SHA-256(SPKI))>`.
 pub fn pin_of_spki(spki_der: &[u8]) -> String {
     let digest = Sha256::digest(spki_der);

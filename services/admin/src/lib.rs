@@ -283,13 +283,6 @@ impl Admin {
         Ok(ran)
     }
 
-    pub async fn init_scripts(&self) -> Result<Vec<init_script::Model>, AdminError> {
-        Ok(init_script::Entity::find()
-            .order_by_asc(init_script::Column::Name)
-            .all(&self.db)
-            .await?)
-    }
-
     pub async fn create_user(&self, chip_id: &str, data: UserData) -> Result<user::Model, AdminError> {
         validate_chip_id(chip_id)?;
         validate_data(&data)?;

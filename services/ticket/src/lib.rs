@@ -150,12 +150,6 @@ impl Tickets {
         })
     }
 
-    /// Replace the per-source throttle (tests, benchmarks).
-    pub fn with_throttle(mut self, throttle: Throttle) -> Self {
-        self.throttle = throttle;
-        self
-    }
-
     pub async fn issue(
         &self,
         kind: Kind,
