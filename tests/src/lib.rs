@@ -16,11 +16,13 @@ use std::{
     time::Duration,
 };
 
+use chipsite_app::{AppKey, Session};
 use chipsite_proto::{
     admin::v1::admin_service_client::AdminServiceClient, keyvault::v1::key_vault_client::KeyVaultClient,
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_site::{Config, Site, config::Addresses};
+use chipsite_ticket::render::PublishedTicket;
 use chipsite_tls::{ReloadableTls, identity as id};
 use sea_orm::ConnectionTrait;
 use tempfile::TempDir;
@@ -101,11 +103,7 @@ pub fn config_for(data_dir: &Path, store: &Store) -> Config {
     Config {
         data_dir: data_dir.to_path_buf(),
         database_url: store.url(),
-        addresses: Addresses {
-            admin: "127.0.0.1:0".into(),
-            key_vault: "127.0.0.1:0".into(),
-            ticket: "127.0.0.1:0".into(),
-        },
+        addresses: Addresses::ephemeral(),
         ..Config::default()
     }
 }
@@ -156,6 +154,65 @@ impl TestSite {
 
     pub fn key_vault_as(&self, identity: &str) -> KeyVaultClient<Channel> {
         KeyVaultClient::new(self.channel(&self.site.endpoints.key_vault, id::KEY_VAULT, identity))
+    }
+
+    /// Create a user (ignoring "already exists").
+    pub async fn create_user(&self, chip_id: &str) {
+        let _ = self
+            .admin()
+            .create_user(chipsite_proto::admin::v1::CreateUserRequest {
+                chip_id: chip_id.into(),
+                name: format!("User {chip_id}"),
+                ..Default::default()
+            })
+            .await;
+    }
+
+    /// A user's connection ticket, as the operator hands it out.
+    pub async fn user_ticket(&self, chip_id: &str, ttl_seconds: u32) -> PublishedTicket {
+        let view = self
+            .admin()
+            .issue_user_ticket(chipsite_proto::admin::v1::IssueUserTicketRequest {
+                chip_id: chip_id.into(),
+                ttl_seconds,
+            })
+            .await
+            .expect("issue a user ticket")
+            .into_inner();
+        PublishedTicket::from_uri(&view.uri).expect("a ticket URI")
+    }
+
+    /// Create the user (if needed) and enroll a fresh app key for it.
+    pub async fn enrolled(&self, chip_id: &str) -> AppKey {
+        self.create_user(chip_id).await;
+        let ticket = self.user_ticket(chip_id, 0).await;
+        let key = AppKey::generate().unwrap();
+        chipsite_app::enroll(&ticket, chip_id, &key)
+            .await
+            .expect("enrollment");
+        key
+    }
+
+    /// The site public key (SPKI DER), as tickets carry it.
+    pub async fn site_key(&self) -> Vec<u8> {
+        self.key_vault_as(id::ADMIN)
+            .get_status(chipsite_proto::keyvault::v1::GetStatusRequest {})
+            .await
+            .expect("vault status")
+            .into_inner()
+            .site_public_key
+    }
+
+    /// Host and port of the user gateway.
+    pub fn gateway(&self) -> (String, u16) {
+        let addr: std::net::SocketAddr = self.site.endpoints.user_gateway.parse().unwrap();
+        (addr.ip().to_string(), addr.port())
+    }
+
+    /// Open a session as `chip_id` with `key`.
+    pub async fn session(&self, chip_id: &str, key: &AppKey) -> Result<Session, chipsite_app::AppError> {
+        let (host, port) = self.gateway();
+        Session::connect(&host, port, &self.site_key().await, chip_id, key).await
     }
 
     pub async fn stop(self) -> Arc<TempDir> {

@@ -80,11 +80,7 @@ async fn measure(args: &Args, db_url: &str) -> anyhow::Result<()> {
     let config = Config {
         data_dir: dir.path().to_path_buf(),
         database_url: db_url.to_owned(),
-        addresses: Addresses {
-            admin: "127.0.0.1:0".into(),
-            key_vault: "127.0.0.1:0".into(),
-            ticket: "127.0.0.1:0".into(),
-        },
+        addresses: Addresses::ephemeral(),
         ..Config::default()
     };
     let site = Site::start_dev(&config).await?;

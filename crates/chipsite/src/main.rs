@@ -78,6 +78,10 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     );
     println!("  key-vault  {}", e.key_vault);
     println!("  ticket     {}", e.ticket);
+    println!(
+        "  apps       {}  (user gateway: JSON over TLS 1.3, see docs/protocol.md)",
+        e.user_gateway
+    );
     println!();
     println!(
         "  endpoints  {}",
@@ -113,6 +117,8 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     println!("Try:");
     println!("  chipsctl user create alice --name 'Alice Example' --email alice@example.com");
     println!("  chipsctl ticket issue alice --qr");
+    println!("  chipapp enroll 'chipsite:user?…' --chip-id alice   # play the mobile app");
+    println!("  chipapp status");
     println!("  chipsctl key status");
     println!("  chipsctl audit");
     println!();

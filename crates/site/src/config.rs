@@ -16,10 +16,16 @@ pub enum Service {
     Admin,
     KeyVault,
     Ticket,
+    UserGateway,
 }
 
 impl Service {
-    pub const ALL: [Service; 3] = [Service::Admin, Service::KeyVault, Service::Ticket];
+    pub const ALL: [Service; 4] = [
+        Service::Admin,
+        Service::KeyVault,
+        Service::Ticket,
+        Service::UserGateway,
+    ];
 
     /// The internal identity (certificate name) of the service.
     pub fn identity(self) -> &'static str {
@@ -27,6 +33,7 @@ impl Service {
             Self::Admin => chipsite_tls::identity::ADMIN,
             Self::KeyVault => chipsite_tls::identity::KEY_VAULT,
             Self::Ticket => chipsite_tls::identity::TICKET,
+            Self::UserGateway => chipsite_tls::identity::USER_GATEWAY,
         }
     }
 
@@ -41,6 +48,8 @@ pub struct Addresses {
     pub admin: String,
     pub key_vault: String,
     pub ticket: String,
+    /// The user gateway's external port (apps connect here).
+    pub user_gateway: String,
 }
 
 impl Default for Addresses {
@@ -49,16 +58,29 @@ impl Default for Addresses {
             admin: "127.0.0.1:44310".into(),
             key_vault: "127.0.0.1:44311".into(),
             ticket: "127.0.0.1:44312".into(),
+            user_gateway: "127.0.0.1:44301".into(),
         }
     }
 }
 
 impl Addresses {
+    /// Every service on a loopback port the system picks (tests, benchmarks).
+    pub fn ephemeral() -> Self {
+        let any = || "127.0.0.1:0".to_owned();
+        Self {
+            admin: any(),
+            key_vault: any(),
+            ticket: any(),
+            user_gateway: any(),
+        }
+    }
+
     pub fn of(&self, s: Service) -> &str {
         match s {
             Service::Admin => &self.admin,
             Service::KeyVault => &self.key_vault,
             Service::Ticket => &self.ticket,
+            Service::UserGateway => &self.user_gateway,
         }
     }
 }
@@ -175,7 +197,6 @@ impl Config {
         }
     }
 
-    /// The configuration as TOML, with the database password masked.
     /// The configuration as TOML (the file format it is read from), with
     /// the database password masked.
     pub fn to_masked_toml(&self) -> String {

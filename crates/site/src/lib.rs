@@ -19,6 +19,7 @@ use chipsite_key_vault::KeyVault;
 use chipsite_proto::admin::v1::admin_service_client::AdminServiceClient;
 use chipsite_ticket::Tickets;
 use chipsite_tls::{CertPaths, ReloadableTls, identity as id};
+use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::Channel;
@@ -44,6 +45,8 @@ pub enum SiteError {
     Ticket(#[from] chipsite_ticket::TicketError),
     #[error("admin: {0}")]
     Admin(#[from] chipsite_admin::AdminError),
+    #[error("user gateway: {0}")]
+    Gateway(#[from] chipsite_user_gateway::GatewayError),
     #[error("server: {0}")]
     Serve(String),
     #[error("{0}")]
@@ -59,6 +62,8 @@ pub struct Endpoints {
     pub admin: String,
     pub key_vault: String,
     pub ticket: String,
+    /// The user gateway's external port (apps connect here).
+    pub user_gateway: String,
     pub ca: PathBuf,
     pub admin_client_cert: PathBuf,
     pub admin_client_key: PathBuf,
@@ -149,18 +154,28 @@ impl Site {
             bind(&config.addresses.admin).await?,
             bind(&config.addresses.key_vault).await?,
             bind(&config.addresses.ticket).await?,
+            bind(&config.addresses.user_gateway).await?,
         ];
         let addrs = listeners.iter().map(local_addr).collect::<Result<Vec<_>, _>>()?;
-        let [admin_l, vault_l, ticket_l] = listeners;
-        let (admin_addr, vault_addr, ticket_addr) =
-            (addrs[0].to_string(), addrs[1].to_string(), addrs[2].to_string());
+        let [admin_l, vault_l, ticket_l, gateway_l] = listeners;
+        let (admin_addr, vault_addr, ticket_addr, gateway_addr) = (
+            addrs[0].to_string(),
+            addrs[1].to_string(),
+            addrs[2].to_string(),
+            addrs[3],
+        );
 
         let tls = |identity: &str| -> Result<Arc<ReloadableTls>, SiteError> {
             let t = ReloadableTls::from_files(dev::cert_paths(data, identity))?;
             t.spawn_watcher(CERT_POLL);
             Ok(t)
         };
-        let (admin_tls, vault_tls, ticket_tls) = (tls(id::ADMIN)?, tls(id::KEY_VAULT)?, tls(id::TICKET)?);
+        let (admin_tls, vault_tls, ticket_tls, gateway_tls) = (
+            tls(id::ADMIN)?,
+            tls(id::KEY_VAULT)?,
+            tls(id::TICKET)?,
+            tls(id::USER_GATEWAY)?,
+        );
 
         // First launch: tables, init scripts, site key.
         let vault = Arc::new(
@@ -174,6 +189,17 @@ impl Site {
             Admin::open(chipsite_store::connect(&config.database_url_for(Service::Admin)).await?).await?,
         );
         let init_scripts_ran = admin.run_init_scripts(&config.init_dir()).await?;
+        // A dev site knows where its user gateway listens: tickets name it.
+        admin
+            .update_config(
+                &[
+                    ("user_gateway.host".to_owned(), gateway_addr.ip().to_string()),
+                    ("user_gateway.port".to_owned(), gateway_addr.port().to_string()),
+                ]
+                .into(),
+                &[],
+            )
+            .await?;
         let created_site_key = vault.ensure_site_key(&passphrase).await?;
         let unsealed = created_site_key
             || match vault.unseal(&passphrase).await {
@@ -189,6 +215,14 @@ impl Site {
         let ticket_to_vault = channel(&vault_addr, id::KEY_VAULT, &ticket_tls)?;
         let admin_to_vault = channel(&vault_addr, id::KEY_VAULT, &admin_tls)?;
         let admin_to_ticket = channel(&ticket_addr, id::TICKET, &admin_tls)?;
+        let gateway = UserGateway::new(
+            GatewayClients {
+                key_vault: channel(&vault_addr, id::KEY_VAULT, &gateway_tls)?,
+                tickets: channel(&ticket_addr, id::TICKET, &gateway_tls)?,
+                admin: channel(&admin_addr, id::ADMIN, &gateway_tls)?,
+            },
+            GatewaySettings::default(),
+        );
         let tasks: Vec<(&'static str, JoinHandle<Result<(), SiteError>>)> = vec![
             (
                 "key-vault",
@@ -220,6 +254,10 @@ impl Site {
                     shutdown.clone().wait(),
                 )),
             ),
+            (
+                "user-gateway",
+                tokio::spawn(serve_gateway(gateway, gateway_l, shutdown.clone().wait())),
+            ),
         ];
 
         let client = dev::cert_paths(data, id::ADMIN_CLIENT);
@@ -227,6 +265,7 @@ impl Site {
             admin: admin_addr,
             key_vault: vault_addr,
             ticket: ticket_addr,
+            user_gateway: gateway_addr.to_string(),
             ca: client.ca.clone(),
             admin_client_cert: client.cert,
             admin_client_key: client.key,
@@ -296,6 +335,26 @@ pub async fn serve_one(
         Some(a) => a.to_string(),
         None => config.addresses.of(service).to_owned(),
     };
+    if service == Service::UserGateway {
+        let gateway = UserGateway::new(
+            GatewayClients {
+                key_vault: channel(&config.addresses.key_vault, id::KEY_VAULT, &tls)?,
+                tickets: channel(&config.addresses.ticket, id::TICKET, &tls)?,
+                admin: channel(&config.addresses.admin, id::ADMIN, &tls)?,
+            },
+            GatewaySettings::default(),
+        );
+        // Nothing listens before key-vault has certified the gateway.
+        let shutdown = Box::pin(shutdown);
+        let mut shutdown = shutdown;
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = gateway.certify_first() => {}
+        }
+        let listener = bind(&listen).await?;
+        tracing::info!(service = service.identity(), addr = %listen, "serving");
+        return serve_gateway(gateway, listener, shutdown).await;
+    }
     let listener = bind(&listen).await?;
     tracing::info!(service = service.identity(), addr = %listen, "serving");
     let db = chipsite_store::connect(&config.database_url_for(service)).await?;
@@ -326,5 +385,14 @@ pub async fn serve_one(
             let tk = channel(&config.addresses.ticket, id::TICKET, &tls)?;
             services::serve_admin(admin, kv, tk, listener, tls, shutdown).await
         }
+        Service::UserGateway => Ok(()),
     }
+}
+
+async fn serve_gateway(
+    gateway: UserGateway,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), SiteError> {
+    Ok(gateway.serve(listener, shutdown).await?)
 }

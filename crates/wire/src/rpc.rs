@@ -141,7 +141,11 @@ impl Notification {
 
 impl Request {
     pub fn to_frame(&self) -> String {
-        json!({"jsonrpc": "2.0", "id": self.id, "method": self.method, "params": self.params}).to_string()
+        if self.params.is_null() {
+            json!({"jsonrpc": "2.0", "id": self.id, "method": self.method}).to_string()
+        } else {
+            json!({"jsonrpc": "2.0", "id": self.id, "method": self.method, "params": self.params}).to_string()
+        }
     }
 }
 

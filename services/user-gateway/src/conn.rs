@@ -1,0 +1,410 @@
+//! One external connection: the TLS handshake, then either an enrollment
+//! (no client certificate) or a session (a client certificate).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_proto::{
+    admin::v1 as ad,
+    keyvault::v1 as kv,
+    ticket::v1::{self as tk, TicketKind},
+};
+use chipsite_ticket::{Kind, render::PublishedTicket};
+use chipsite_wire::{
+    ErrorCode, FrameError, FrameReader, Incoming, Limits, Notification, Response, RpcError, rpc,
+};
+use rustls::ServerConfig;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    sync::OwnedSemaphorePermit,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tonic::Code;
+
+use crate::{AppCertificate, CloseReason, Inner, source_of};
+
+type Stream = TlsStream<TcpStream>;
+
+pub(crate) async fn handle(
+    inner: Arc<Inner>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        inner.settings.handshake_timeout,
+        TlsAcceptor::from(config).accept(tcp),
+    )
+    .await;
+    drop(permit);
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "app TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "app TLS handshake timed out");
+            return;
+        }
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| AppCertificate::parse(c));
+    match cert {
+        None => enroll(&inner, stream, peer).await,
+        Some(Ok(app)) => session(&inner, stream, app, peer).await,
+        // The verifier accepted only parseable certificates.
+        Some(Err(_)) => {}
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &str) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(frame.len() + 1);
+    line.extend_from_slice(frame.as_bytes());
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+// ---------------------------------------------------------------- enrollment
+
+#[derive(Deserialize)]
+struct EnrollParams {
+    chip_id: String,
+    public_key: String,
+}
+
+/// Read one `enroll` request. Valid: answer, close. Anything else: close
+/// without sending a byte (the stream is dropped without a TLS close_notify).
+async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr) {
+    let limits = Limits {
+        idle: inner.settings.enroll_timeout,
+        frame: inner.settings.enroll_timeout,
+        ..inner.settings.limits
+    };
+    let mut reader = FrameReader::new(stream, limits);
+    let Ok(Some(frame)) = reader.next_frame().await else {
+        return;
+    };
+    match enroll_request(inner, &frame, peer).await {
+        Ok((id, chip_id)) => {
+            tracing::info!(chip_id, "app key enrolled");
+            let reply = Response::result(id, json!({"enrolled": true, "chip_id": chip_id}));
+            let stream = reader.get_mut();
+            if write_frame(stream, &reply.to_frame()).await.is_ok() {
+                let _ = stream.shutdown().await;
+            }
+        }
+        Err(why) => tracing::info!(%peer, why, "enrollment refused (closed without a word)"),
+    }
+}
+
+async fn enroll_request(
+    inner: &Inner,
+    frame: &str,
+    peer: SocketAddr,
+) -> Result<(Value, String), &'static str> {
+    let Ok(Incoming::Request(req)) = rpc::parse(frame) else {
+        return Err("not a JSON-RPC request");
+    };
+    // Burn the token whatever else is wrong with the request.
+    let Some(token) = req.params.get("token").and_then(Value::as_str) else {
+        return Err("no token");
+    };
+    let claimed_chip = req.params.get("chip_id").and_then(Value::as_str).unwrap_or("");
+    let redeemed = inner
+        .tickets
+        .clone()
+        .redeem_ticket(tk::RedeemTicketRequest {
+            kind: TicketKind::User as i32,
+            token: token.to_owned(),
+            chip_id: claimed_chip.to_owned(),
+            source: source_of(peer),
+        })
+        .await
+        .map_err(|_| "ticket refused")?
+        .into_inner();
+    if req.method != "enroll" {
+        return Err("not an enroll request");
+    }
+    let params: EnrollParams = serde_json::from_value(req.params).map_err(|_| "bad parameters")?;
+    let key = URL_SAFE_NO_PAD
+        .decode(params.public_key.as_bytes())
+        .map_err(|_| "public key not base64url")?;
+    {
+        use p256::pkcs8::DecodePublicKey;
+        p256::PublicKey::from_public_key_der(&key).map_err(|_| "public key not a P-256 SPKI")?;
+    }
+    if redeemed.chip_id != params.chip_id {
+        return Err("ticket of another user");
+    }
+    let lock = inner
+        .admin
+        .clone()
+        .get_lockdown(ad::GetLockdownRequest {
+            chip_id: params.chip_id.clone(),
+        })
+        .await
+        .map_err(|_| "lockdown state unavailable")?
+        .into_inner();
+    if lock.site_locked || lock.user_locked {
+        return Err("locked down");
+    }
+    inner
+        .vault
+        .clone()
+        .register_user_key(kv::RegisterUserKeyRequest {
+            chip_id: params.chip_id.clone(),
+            public_key: key.clone(),
+        })
+        .await
+        .map_err(|_| "key-vault refused the key")?;
+    inner
+        .registry
+        .close_user(&params.chip_id, CloseReason::KeyReplaced, Some(&key));
+    Ok((req.id, params.chip_id))
+}
+
+// ------------------------------------------------------------------- session
+
+fn rpc_error(status: &tonic::Status) -> RpcError {
+    let (code, message) = match status.code() {
+        Code::NotFound => (ErrorCode::NotFound, status.message()),
+        Code::InvalidArgument => (ErrorCode::InvalidParams, status.message()),
+        Code::ResourceExhausted => (ErrorCode::RateLimited, "too many requests"),
+        Code::PermissionDenied | Code::Unauthenticated => (ErrorCode::Unauthorized, "not allowed"),
+        Code::FailedPrecondition if status.message().contains("locked") => {
+            (ErrorCode::LockedDown, "locked down")
+        }
+        Code::FailedPrecondition => (ErrorCode::Unavailable, status.message()),
+        Code::Unavailable | Code::DeadlineExceeded => {
+            (ErrorCode::Unavailable, "the site is unavailable; try again later")
+        }
+        _ => (ErrorCode::Internal, "internal error"),
+    };
+    RpcError::new(code, message)
+}
+
+/// Whether this certificate may open a session: its key is the one
+/// registered for its CHIP ID, and neither the user nor the site is locked down.
+async fn admit(inner: &Inner, app: &AppCertificate) -> Result<(), RpcError> {
+    let unauthorized = || RpcError::new(ErrorCode::Unauthorized, "unknown CHIP ID or key not registered");
+    let registered = match inner
+        .vault
+        .clone()
+        .get_user_key(kv::GetUserKeyRequest {
+            chip_id: app.chip_id.clone(),
+        })
+        .await
+    {
+        Ok(k) => k.into_inner().public_key,
+        Err(s) if s.code() == Code::NotFound => return Err(unauthorized()),
+        Err(s) => return Err(rpc_error(&s)),
+    };
+    if !bool::from(registered.ct_eq(&app.spki)) {
+        return Err(unauthorized());
+    }
+    let lock = inner
+        .admin
+        .clone()
+        .get_lockdown(ad::GetLockdownRequest {
+            chip_id: app.chip_id.clone(),
+        })
+        .await
+        .map_err(|s| rpc_error(&s))?
+        .into_inner();
+    if lock.site_locked || lock.user_locked {
+        return Err(RpcError::new(ErrorCode::LockedDown, "locked down"));
+    }
+    Ok(())
+}
+
+async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: SocketAddr) {
+    let (read, mut write) = tokio::io::split(stream);
+    // Registered before the checks, so a lockdown or key change that lands
+    // while they run still reaches this session.
+    let mut handle = inner.registry.register(&app.chip_id, &app.spki);
+    let _registered = Unregister {
+        inner,
+        chip_id: &app.chip_id,
+        id: handle.id,
+    };
+    if let Err(e) = admit(inner, &app).await {
+        tracing::info!(%peer, chip_id = app.chip_id, error = e.message, "session refused");
+        let _ = write_frame(&mut write, &Response::error(Value::Null, e).to_frame()).await;
+        let _ = write.shutdown().await;
+        return;
+    }
+    tracing::debug!(%peer, chip_id = app.chip_id, "session open");
+    let mut reader = FrameReader::new(read, inner.settings.limits);
+    let ended = loop {
+        tokio::select! {
+            biased;
+            changed = handle.close.changed() => {
+                let reason = if changed.is_ok() { *handle.close.borrow() } else { None };
+                let reason = reason.unwrap_or(CloseReason::ShuttingDown);
+                let note = Notification {
+                    method: "closed".into(),
+                    params: json!({"code": reason.code().code(), "message": reason.message()}),
+                };
+                let _ = write_frame(&mut write, &note.to_frame()).await;
+                break "closed by the site";
+            }
+            Some(alarm) = handle.alarms.recv() => {
+                if write_frame(&mut write, &alarm).await.is_err() {
+                    break "write failed";
+                }
+            }
+            frame = reader.next_frame() => {
+                let frame = match frame {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break "closed by the app",
+                    Err(e @ (FrameError::TooLong(_) | FrameError::NotUtf8)) => {
+                        let code = if matches!(e, FrameError::NotUtf8) { ErrorCode::ParseError } else { ErrorCode::InvalidRequest };
+                        let reply = Response::error(Value::Null, RpcError::new(code, e.to_string()));
+                        let _ = write_frame(&mut write, &reply.to_frame()).await;
+                        break "framing error";
+                    }
+                    Err(_) => break "timed out or broken",
+                };
+                let reply = match rpc::parse(&frame) {
+                    Err(reply) => Some(reply),
+                    Ok(Incoming::Notification(_)) => None,
+                    Ok(Incoming::Request(req)) => Some(Response {
+                        outcome: call(inner, &app.chip_id, handle.id, &req.method, req.params).await,
+                        id: req.id,
+                    }),
+                };
+                if let Some(reply) = reply
+                    && write_frame(&mut write, &reply.to_frame()).await.is_err()
+                {
+                    break "write failed";
+                }
+            }
+        }
+    };
+    tracing::debug!(%peer, chip_id = app.chip_id, ended, "session ended");
+    let _ = write.shutdown().await;
+}
+
+struct Unregister<'a> {
+    inner: &'a Inner,
+    chip_id: &'a str,
+    id: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.inner.registry.unregister(self.chip_id, self.id);
+    }
+}
+
+fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, RpcError> {
+    let p = if p.is_null() { json!({}) } else { p };
+    serde_json::from_value(p)
+        .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TallyTicketParams {
+    #[serde(default)]
+    ttl_seconds: Option<u32>,
+}
+
+async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value) -> Result<Value, RpcError> {
+    let grpc = |s: tonic::Status| rpc_error(&s);
+    match method {
+        "status" => {
+            let NoParams {} = params(p)?;
+            let user = inner
+                .admin
+                .clone()
+                .get_user(ad::GetUserRequest {
+                    chip_id: chip_id.to_owned(),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            Ok(json!({
+                "chip_id": user.chip_id,
+                "name": user.name,
+                "status": user.status,
+                "locked": user.locked,
+                "tallies": [],
+            }))
+        }
+        "tally_ticket" => {
+            let TallyTicketParams { ttl_seconds } = params(p)?;
+            let config = inner
+                .admin
+                .clone()
+                .get_site_config(ad::GetSiteConfigRequest {})
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .values;
+            let host = config.get("peer_gateway.host").cloned().unwrap_or_default();
+            let port: u16 = config
+                .get("peer_gateway.port")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let ttl = ttl_seconds
+                .or_else(|| config.get("ticket.ttl_seconds").and_then(|t| t.parse().ok()))
+                .unwrap_or(86_400);
+            let issued = inner
+                .tickets
+                .clone()
+                .issue_ticket(tk::IssueTicketRequest {
+                    kind: TicketKind::Tally as i32,
+                    chip_id: chip_id.to_owned(),
+                    ttl_seconds: ttl,
+                    host: host.clone(),
+                    port: u32::from(port),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let expires = issued.info.as_ref().map_or(0, |i| i.expires_at_ms);
+            let ticket = PublishedTicket::new(
+                Kind::Tally,
+                chip_id,
+                &host,
+                port,
+                &issued.token,
+                &issued.site_public_key,
+                expires,
+            );
+            let ticket_json: Value = serde_json::from_str(&ticket.to_json())
+                .map_err(|_| RpcError::new(ErrorCode::Internal, "internal error"))?;
+            Ok(json!({"ticket": ticket_json, "uri": ticket.to_uri()}))
+        }
+        "alarms.subscribe" => {
+            let NoParams {} = params(p)?;
+            inner.registry.subscribe(chip_id, session);
+            Ok(json!({"subscribed": true}))
+        }
+        "enroll" => Err(RpcError::new(
+            ErrorCode::MethodNotFound,
+            "enroll is only available on a connection without a client certificate",
+        )),
+        other => Err(RpcError::new(
+            ErrorCode::MethodNotFound,
+            format!("method not found: {}", other.chars().take(64).collect::<String>()),
+        )),
+    }
+}

@@ -1,0 +1,274 @@
+//! user-gateway: the external port mobile apps connect to (dialogs 3 and 4
+//! of the product brief; the wire protocol is `docs/protocol.md`).
+//!
+//! * **Enrollment:** a connection without a client certificate may send one
+//!   `enroll` request (user ticket token, CHIP ID, the app's public key). The
+//!   ticket service burns the token; if it was valid the key is registered
+//!   in key-vault and the gateway answers and closes. Anything else: closed
+//!   without a byte, nothing more read.
+//! * **Session:** a connection whose client certificate carries the key
+//!   registered for the CHIP ID in its common name gets the command
+//!   interpreter (`status`, `tally_ticket`, alarms).
+//!
+//! The gateway owns nothing durable: its TLS key lives in memory and is
+//! certified by the site key through key-vault; users, lockdown and alarms
+//! belong to admin, keys to key-vault, tickets to the ticket service.
+
+mod conn;
+mod registry;
+mod tls;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use chipsite_proto::{
+    admin::v1::{self as ad, admin_service_client::AdminServiceClient},
+    keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
+    ticket::v1::tickets_client::TicketsClient,
+};
+use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_wire::Limits;
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::ServerConfig;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tonic::transport::Channel;
+
+pub use registry::{CloseReason, Registry};
+pub use tls::{AppCertVerifier, AppCertificate, server_config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("key-vault did not certify the gateway: {0}")]
+    Certify(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Limits and lifetimes; the defaults are what `docs/protocol.md` states.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Frames and timeouts of a session.
+    pub limits: Limits,
+    /// How long an enrollment connection may take to send its request.
+    pub enroll_timeout: Duration,
+    /// Lifetime requested for the gateway's certificate.
+    pub cert_ttl: Duration,
+    /// TLS handshakes in progress at most.
+    pub max_handshakes: usize,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            enroll_timeout: Duration::from_secs(10),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            max_handshakes: 512,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The internal services the gateway calls.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub key_vault: Channel,
+    pub tickets: Channel,
+    pub admin: Channel,
+}
+
+pub(crate) struct Inner {
+    pub(crate) vault: KeyVaultClient<TracedChannel>,
+    pub(crate) tickets: TicketsClient<TracedChannel>,
+    pub(crate) admin: AdminServiceClient<TracedChannel>,
+    pub(crate) registry: Registry,
+    pub(crate) settings: Settings,
+    tls: ArcSwapOption<ServerConfig>,
+    not_after_ms: AtomicI64,
+}
+
+/// One gateway replica.
+#[derive(Clone)]
+pub struct UserGateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for UserGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserGateway")
+            .field("sessions", &self.inner.registry.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserGateway {
+    pub fn new(clients: Clients, settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                vault: KeyVaultClient::new(traced(clients.key_vault)),
+                tickets: TicketsClient::new(traced(clients.tickets)),
+                admin: AdminServiceClient::new(traced(clients.admin)),
+                registry: Registry::default(),
+                settings,
+                tls: ArcSwapOption::empty(),
+                not_after_ms: AtomicI64::new(0),
+            }),
+        }
+    }
+
+    /// The open sessions of this replica.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Get a fresh certificate from key-vault for a new in-memory key, for
+    /// the host name apps are told to connect to (`user_gateway.host` of the
+    /// site configuration). Returns the certificate's expiry (Unix ms).
+    pub async fn certify(&self) -> Result<i64, GatewayError> {
+        let fail = |e: tonic::Status| GatewayError::Certify(e.message().to_owned());
+        let config = self
+            .inner
+            .admin
+            .clone()
+            .get_site_config(ad::GetSiteConfigRequest {})
+            .await
+            .map_err(fail)?
+            .into_inner();
+        let host = config
+            .values
+            .get("user_gateway.host")
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1".to_owned());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| GatewayError::Certify(e.to_string()))?;
+        let issued = self
+            .inner
+            .vault
+            .clone()
+            .issue_service_certificate(kv::IssueServiceCertificateRequest {
+                public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
+                subject_alt_names: vec![host],
+                ttl_seconds: u32::try_from(self.inner.settings.cert_ttl.as_secs()).unwrap_or(u32::MAX),
+            })
+            .await
+            .map_err(fail)?
+            .into_inner();
+        let config = server_config(issued.chain, key.serialize_der())?;
+        self.inner.tls.store(Some(Arc::new(config)));
+        self.inner
+            .not_after_ms
+            .store(issued.not_after_ms, Ordering::Relaxed);
+        Ok(issued.not_after_ms)
+    }
+
+    /// Retry [`Self::certify`] until it succeeds: key-vault may not be up
+    /// yet, or sealed.
+    pub async fn certify_first(&self) {
+        let mut warned = false;
+        loop {
+            match self.certify().await {
+                Ok(_) => return,
+                Err(e) if !warned => {
+                    tracing::warn!(error = %e, "the user gateway waits for key-vault to certify it (is the vault sealed?)");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Renew the certificate at two thirds of its remaining life (retrying
+    /// every 10 s if key-vault refuses; the current one serves meanwhile).
+    async fn keep_certified(self) {
+        loop {
+            let left = self.inner.not_after_ms.load(Ordering::Relaxed) - now_ms();
+            let wait = Duration::from_millis(u64::try_from(left * 2 / 3).unwrap_or(0));
+            tokio::time::sleep(wait.max(Duration::from_secs(10))).await;
+            if let Err(e) = self.certify().await {
+                tracing::warn!(error = %e, "could not renew the user gateway's certificate; retrying");
+            }
+        }
+    }
+
+    /// Serve apps on `listener` until `shutdown`: first wait for key-vault to
+    /// certify the gateway (nothing is accepted before), then accept.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
+        tokio::pin!(shutdown);
+        if self.inner.tls.load().is_none() {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = self.certify_first() => {}
+            }
+        }
+        let _renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
+        tracing::info!(addr = ?listener.local_addr().ok(), "user gateway certified by the site key; accepting apps");
+        let handshakes = Arc::new(Semaphore::new(self.inner.settings.max_handshakes));
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(config) = self.inner.tls.load_full() else {
+                continue;
+            };
+            tokio::spawn(conn::handle(self.inner.clone(), tcp, peer, config, permit));
+        }
+        self.inner.registry.close_all(CloseReason::ShuttingDown);
+        Ok(())
+    }
+
+    /// Close every open session of a user, or of everyone.
+    pub fn close_sessions(&self, chip_id: Option<&str>, reason: CloseReason) -> usize {
+        match chip_id {
+            Some(c) => self.inner.registry.close_user(c, reason, None),
+            None => self.inner.registry.close_all(reason),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Where a connection came from, for the ticket service's throttle and audit.
+pub(crate) fn source_of(peer: SocketAddr) -> String {
+    peer.ip().to_string()
+}
