@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "chipsite/keyvault/v1/keyvault.proto",
         "chipsite/ticket/v1/ticket.proto",
         "chipsite/admin/v1/admin.proto",
+        "chipsite/events/v1/events.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

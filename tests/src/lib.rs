@@ -341,3 +341,156 @@ pub fn openssl_ok(args: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// A real SMTP server on loopback (Python's aiosmtpd, installed with pip if
+/// missing) that prints every message it receives; [`SmtpSink::text`] is
+/// all of it so far.
+pub struct SmtpSink {
+    pub port: u16,
+    child: std::process::Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        let has = |m: &str| {
+            std::process::Command::new("python3")
+                .args(["-c", &format!("import {m}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !has("aiosmtpd") {
+            let ok = std::process::Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "aiosmtpd",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok && has("aiosmtpd"),
+                "the e-mail tests need python3 with aiosmtpd (pip install aiosmtpd)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Debugging",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd");
+        let stdout = child.stdout.take().unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let up = eventually(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(up, "aiosmtpd did not start");
+        SmtpSink { port, child, out }
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real HTTP listener on loopback standing in for an SMS gateway: answers
+/// 200 to every POST and keeps each request body.
+pub struct WebhookSink {
+    pub port: u16,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl WebhookSink {
+    pub async fn start() -> WebhookSink {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = Arc::new(Mutex::new(vec![]));
+        let sink = bodies.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![];
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = tcp.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() < len {
+                            continue;
+                        }
+                        if let Ok(v) = serde_json::from_str(&body[..len]) {
+                            sink.lock().unwrap().push(v);
+                        }
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                });
+            }
+        });
+        WebhookSink { port, bodies }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/sms", self.port)
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}

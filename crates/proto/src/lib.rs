@@ -17,6 +17,11 @@ pub mod admin {
         tonic::include_proto!("chipsite.admin.v1");
     }
 }
+pub mod events {
+    pub mod v1 {
+        tonic::include_proto!("chipsite.events.v1");
+    }
+}
 
 /// Encoded `FileDescriptorSet` of every chipsite proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chipsite_descriptor.bin"));

@@ -185,9 +185,7 @@ impl Site {
         let tickets = Arc::new(
             Tickets::open(chipsite_store::connect(&config.database_url_for(Service::Ticket)).await?).await?,
         );
-        let admin = Arc::new(
-            Admin::open(chipsite_store::connect(&config.database_url_for(Service::Admin)).await?).await?,
-        );
+        let admin = Arc::new(open_admin(config).await?);
         let init_scripts_ran = admin.run_init_scripts(&config.init_dir()).await?;
         // A dev site knows where its user gateway listens: tickets name it.
         admin
@@ -379,7 +377,8 @@ pub async fn serve_one(
             services::serve_ticket(tickets, kv, listener, tls, shutdown).await
         }
         Service::Admin => {
-            let admin = Arc::new(Admin::open(db).await?);
+            drop(db);
+            let admin = Arc::new(open_admin(config).await?);
             admin.run_init_scripts(&config.init_dir()).await?;
             let kv = channel(&config.addresses.key_vault, id::KEY_VAULT, &tls)?;
             let tk = channel(&config.addresses.ticket, id::TICKET, &tls)?;
@@ -387,6 +386,15 @@ pub async fn serve_one(
         }
         Service::UserGateway => Ok(()),
     }
+}
+
+/// Admin's store, with its user events on PostgreSQL LISTEN/NOTIFY when
+/// the store is PostgreSQL.
+async fn open_admin(config: &Config) -> Result<Admin, SiteError> {
+    let url = config.database_url_for(Service::Admin);
+    let db = chipsite_store::connect(&url).await?;
+    let hub = chipsite_admin::Hub::for_database(&url, &db).await?;
+    Ok(Admin::open(db).await?.with_hub(hub))
 }
 
 async fn serve_gateway(

@@ -10,11 +10,11 @@ use std::{
     time::Duration,
 };
 
-use chipsite_admin::{Admin, AdminGrpc};
+use chipsite_admin::{Admin, AdminGrpc, Notifier, UserEventsGrpc};
 use chipsite_key_vault::{KeyVault, KeyVaultGrpc};
 use chipsite_proto::{
-    admin::v1::admin_service_server::AdminServiceServer, keyvault::v1::key_vault_server::KeyVaultServer,
-    ticket::v1::tickets_server::TicketsServer,
+    admin::v1::admin_service_server::AdminServiceServer, events::v1::user_events_server::UserEventsServer,
+    keyvault::v1::key_vault_server::KeyVaultServer, ticket::v1::tickets_server::TicketsServer,
 };
 use chipsite_ticket::{Tickets, TicketsGrpc};
 use chipsite_tls::{AuthzLayer, Policy, ReloadableTls, identity as id, tls_incoming};
@@ -117,26 +117,29 @@ fn with_common(p: Policy) -> Policy {
         )
 }
 
-/// Server reflection advertising one service (with health and reflection).
-fn reflection(service: &'static str) -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
+/// Server reflection advertising a server's own services (with health and reflection).
+fn reflection(services: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    services
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, s| {
+            b.with_service_name(*s)
+        })
         .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(service)
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
 }
 
 macro_rules! serve_with {
-    ($svc:expr, $server_ty:ty, $policy:expr, $run_to_completion:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
-        let name = <$server_ty as tonic::server::NamedService>::NAME;
+    ([$($svc:expr => $server_ty:ty),+], $policy:expr, $run_to_completion:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
+        let names = [$(<$server_ty as tonic::server::NamedService>::NAME),+];
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter.set_serving::<$server_ty>().await;
-        let reflection_v1 = reflection(name)
+        $(reporter.set_serving::<$server_ty>().await;)+
+        let reflection_v1 = reflection(&names)
             .build_v1()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
-        let reflection_v1alpha = reflection(name)
+        let reflection_v1alpha = reflection(&names)
             .build_v1alpha()
             .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
         chipsite_telemetry::install_propagator();
@@ -154,7 +157,7 @@ macro_rules! serve_with {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service($svc)
+            $(.add_service($svc))+
             .serve_with_incoming_shutdown(tls_incoming($listener, $tls), shutdown);
         serve_until(server, stopping).await
     }};
@@ -169,8 +172,7 @@ pub async fn serve_key_vault(
     type S = KeyVaultServer<KeyVaultGrpc>;
     let svc = S::new(KeyVaultGrpc(vault));
     serve_with!(
-        svc,
-        S,
+        [svc => S],
         chipsite_key_vault::policy(),
         true,
         listener,
@@ -191,7 +193,7 @@ pub async fn serve_ticket(
     // Every ticket operation is a single atomic statement (or transaction), so
     // a call cut short leaves nothing half done: no extra task per call on
     // this hot path.
-    serve_with!(svc, S, chipsite_ticket::policy(), false, listener, tls, shutdown)
+    serve_with!([svc => S], chipsite_ticket::policy(), false, listener, tls, shutdown)
 }
 
 pub async fn serve_admin(
@@ -203,6 +205,19 @@ pub async fn serve_admin(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
     type S = AdminServiceServer<AdminGrpc>;
+    type E = UserEventsServer<UserEventsGrpc>;
+    let notifier = Notifier::new(admin.clone(), chipsite_admin::notify::DELIVERY_WINDOW);
+    let sweeper = notifier.spawn_sweeper();
+    let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
     let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
-    serve_with!(svc, S, chipsite_admin::policy(), true, listener, tls, shutdown)
+    let served = serve_with!(
+        [svc => S, events => E],
+        chipsite_admin::policy(),
+        true,
+        listener,
+        tls,
+        shutdown
+    );
+    sweeper.abort();
+    served
 }

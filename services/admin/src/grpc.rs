@@ -19,8 +19,11 @@ use crate::{Admin, UserChanges, UserData, store::user};
 
 /// Which internal identities may call which AdminService RPC: the operator
 /// and console everything; gateways may read users and lockdown state.
+/// UserEvents (served beside it): gateways watch events and handle their
+/// users' alarms; the operator, console and benchmark raise alarms.
 pub fn policy() -> Policy {
     const S: &str = "/chipsite.admin.v1.AdminService/";
+    const E: &str = "/chipsite.events.v1.UserEvents/";
     Policy::new()
         .allow(S, &[id::ADMIN_CLIENT, id::CONSOLE])
         .allow(&format!("{S}GetUser"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
@@ -30,6 +33,21 @@ pub fn policy() -> Policy {
             &[id::USER_GATEWAY, id::PEER_GATEWAY],
         )
         .allow(&format!("{S}GetPeerServer"), &[id::PEER_GATEWAY])
+        .allow(
+            &format!("{E}Watch"),
+            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE],
+        )
+        .allow(
+            &format!("{E}RaiseAlarms"),
+            &[id::ADMIN_CLIENT, id::CONSOLE, id::BENCH],
+        )
+        .allow(
+            &format!("{E}ListAlarms"),
+            &[id::USER_GATEWAY, id::ADMIN_CLIENT, id::CONSOLE],
+        )
+        .allow(&format!("{E}AckAlarm"), &[id::USER_GATEWAY])
+        .allow(&format!("{E}AlarmsDelivered"), &[id::USER_GATEWAY])
+        .allow(&format!("{E}KeyChanged"), &[id::USER_GATEWAY])
 }
 
 #[derive(Debug, Clone)]

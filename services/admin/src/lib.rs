@@ -2,7 +2,11 @@
 //! desired state, first launch (init scripts), and AdminService — every
 //! administration command of the seed design note.
 
+mod alarms;
+pub mod events;
+mod events_grpc;
 mod grpc;
+pub mod notify;
 pub mod store;
 
 use std::{collections::BTreeMap, path::Path};
@@ -15,8 +19,12 @@ use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use alarms::NewAlarm;
 use chipsite_store::{is_unique_violation, now_ms};
+pub use events::Hub;
+pub use events_grpc::UserEventsGrpc;
 pub use grpc::{AdminGrpc, policy};
+pub use notify::Notifier;
 use store::{audit, init_script, setting, user};
 
 pub const USER_STATUSES: &[&str] = &["active", "suspended", "closed"];
@@ -37,6 +45,10 @@ pub enum AdminError {
     FailedPrecondition(String),
     #[error("init script {name}: {message}")]
     InitScript { name: String, message: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("database: {0}")]
     Store(#[from] sea_orm::DbErr),
 }
@@ -45,7 +57,8 @@ impl AdminError {
     pub fn code(&self) -> tonic::Code {
         match self {
             Self::InvalidArgument(_) | Self::BadDump(_) => tonic::Code::InvalidArgument,
-            Self::UserNotFound(_) => tonic::Code::NotFound,
+            Self::UserNotFound(_) | Self::NotFound(_) => tonic::Code::NotFound,
+            Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::UserExists(_) => tonic::Code::AlreadyExists,
             Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::InitScript { .. } | Self::Store(_) => tonic::Code::Internal,
@@ -162,6 +175,7 @@ pub fn config_defaults() -> BTreeMap<&'static str, &'static str> {
         ("peer_gateway.port", "44302"),
         ("alarm.email_from", "chipsite@localhost"),
         ("alarm.sms_webhook", ""),
+        ("alarm.smtp_url", ""),
     ])
 }
 
@@ -197,10 +211,11 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
         "site.name" if value.trim().is_empty() || value.len() > 100 => {
             bad("site.name must have 1 to 100 characters".into())
         }
-        "alarm.sms_webhook"
-            if !(value.is_empty() || value.starts_with("http://") || value.starts_with("https://")) =>
-        {
-            bad("alarm.sms_webhook must be empty or an http(s) URL".into())
+        "alarm.sms_webhook" if !(value.is_empty() || value.starts_with("http://")) => {
+            bad("alarm.sms_webhook must be empty or an http:// URL".into())
+        }
+        "alarm.smtp_url" if !(value.is_empty() || notify::parse_smtp_url(value).is_some()) => {
+            bad("alarm.smtp_url must be empty or smtp://host:port".into())
         }
         _ if value.len() > 1000 => bad(format!("{key} is too long")),
         _ => Ok(()),
@@ -212,6 +227,7 @@ const STATE: &str = "state";
 
 pub struct Admin {
     db: DatabaseConnection,
+    hub: Hub,
 }
 
 impl std::fmt::Debug for Admin {
@@ -224,7 +240,32 @@ impl Admin {
     /// Open admin's store, building its tables on first launch.
     pub async fn open(db: DatabaseConnection) -> Result<Self, AdminError> {
         store::Migrator::up(&db, None).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            hub: Hub::local(),
+        })
+    }
+
+    /// Publish user events through `hub` (see [`Hub::for_database`]).
+    pub fn with_hub(mut self, hub: Hub) -> Self {
+        self.hub = hub;
+        self
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    async fn publish_lockdown(&self, chip_id: &str, locked: bool) -> Result<(), AdminError> {
+        use chipsite_proto::events::v1::{Lockdown, UserEvent, user_event::Event};
+        self.hub
+            .publish(vec![UserEvent {
+                event: Some(Event::Lockdown(Lockdown {
+                    chip_id: chip_id.to_owned(),
+                    locked,
+                })),
+            }])
+            .await
     }
 
     /// Run every `*.sql` file in `dir` (in name order) that has not run
@@ -448,7 +489,9 @@ impl Admin {
         let mut row: user::ActiveModel = self.user(chip_id).await?.into();
         row.locked = Set(locked);
         row.updated_at_ms = Set(now_ms());
-        Ok(row.update(&self.db).await?)
+        let u = row.update(&self.db).await?;
+        self.publish_lockdown(chip_id, locked).await?;
+        Ok(u)
     }
 
     async fn setting(&self, scope: &str, key: &str) -> Result<Option<setting::Model>, AdminError> {
@@ -487,7 +530,7 @@ impl Admin {
     pub async fn set_site_locked(&self, locked: bool) -> Result<(), AdminError> {
         self.put_setting(STATE, "site_locked", if locked { "true" } else { "false" })
             .await?;
-        Ok(())
+        self.publish_lockdown("", locked).await
     }
 
     /// The peer server's desired state ("running"/"stopped") and when it changed.

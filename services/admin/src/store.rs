@@ -89,8 +89,49 @@ pub mod audit {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// Alarms for users: raised, delivered (to a session, or by e-mail/text),
+/// acknowledged. Times are Unix ms; 0 means "not yet".
+pub mod alarm {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "admin_alarms")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub chip_id: String,
+        pub kind: String,
+        #[sea_orm(column_type = "Text")]
+        pub text: String,
+        pub created_at_ms: i64,
+        pub acked_at_ms: i64,
+        pub delivered_at_ms: i64,
+        pub notified_at_ms: i64,
+        pub delivered_by: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 #[derive(DeriveIden)]
 struct AdminMigrations;
+
+#[derive(DeriveIden)]
+enum AdminAlarms {
+    Table,
+    Id,
+    ChipId,
+    Kind,
+    Text,
+    CreatedAtMs,
+    AckedAtMs,
+    DeliveredAtMs,
+    NotifiedAtMs,
+    DeliveredBy,
+}
 
 #[derive(DeriveIden)]
 enum AdminUsers {
@@ -139,7 +180,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial)]
+        vec![Box::new(M0001Initial), Box::new(M0002Alarms)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -226,6 +267,71 @@ impl MigrationTrait for M0001Initial {
                     .col(ColumnDef::new(AdminAudit::Action).string_len(64).not_null())
                     .col(ColumnDef::new(AdminAudit::Subject).string_len(255).not_null())
                     .col(ColumnDef::new(AdminAudit::Outcome).string_len(255).not_null())
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+struct M0002Alarms;
+
+impl MigrationName for M0002Alarms {
+    fn name(&self) -> &str {
+        "m0002_admin_alarms"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002Alarms {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let time = |c: AdminAlarms| ColumnDef::new(c).big_integer().not_null().default(0).to_owned();
+        manager
+            .create_table(
+                Table::create()
+                    .table(AdminAlarms::Table)
+                    .col(
+                        ColumnDef::new(AdminAlarms::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(AdminAlarms::ChipId).string_len(64).not_null())
+                    .col(ColumnDef::new(AdminAlarms::Kind).string_len(32).not_null())
+                    .col(ColumnDef::new(AdminAlarms::Text).text().not_null())
+                    .col(time(AdminAlarms::CreatedAtMs))
+                    .col(time(AdminAlarms::AckedAtMs))
+                    .col(time(AdminAlarms::DeliveredAtMs))
+                    .col(time(AdminAlarms::NotifiedAtMs))
+                    .col(
+                        ColumnDef::new(AdminAlarms::DeliveredBy)
+                            .string_len(16)
+                            .not_null()
+                            .default(""),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("admin_alarms_by_user")
+                    .table(AdminAlarms::Table)
+                    .col(AdminAlarms::ChipId)
+                    .col(AdminAlarms::Id)
+                    .to_owned(),
+            )
+            .await?;
+        // The sweeper's question: alarms neither delivered nor notified.
+        manager
+            .create_index(
+                Index::create()
+                    .name("admin_alarms_undelivered")
+                    .table(AdminAlarms::Table)
+                    .col(AdminAlarms::NotifiedAtMs)
+                    .col(AdminAlarms::DeliveredAtMs)
+                    .col(AdminAlarms::CreatedAtMs)
                     .to_owned(),
             )
             .await?;

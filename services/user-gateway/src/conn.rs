@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chipsite_proto::{
     admin::v1 as ad,
+    events::v1 as ev,
     keyvault::v1 as kv,
     ticket::v1::{self as tk, TicketKind},
 };
@@ -169,9 +170,22 @@ async fn enroll_request(
         })
         .await
         .map_err(|_| "key-vault refused the key")?;
+    // Sessions with the old key close here at once, and on every other
+    // replica through admin's user events.
     inner
         .registry
         .close_user(&params.chip_id, CloseReason::KeyReplaced, Some(&key));
+    if let Err(e) = inner
+        .events
+        .clone()
+        .key_changed(ev::KeyChangedRequest {
+            chip_id: params.chip_id.clone(),
+            public_key: key,
+        })
+        .await
+    {
+        tracing::warn!(error = %e, "could not announce a key change to other gateway replicas");
+    }
     Ok((req.id, params.chip_id))
 }
 
@@ -326,6 +340,32 @@ struct TallyTicketParams {
     ttl_seconds: Option<u32>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlarmListParams {
+    #[serde(default)]
+    include_acked: bool,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlarmAckParams {
+    id: i64,
+}
+
+fn alarm_json(a: &ev::Alarm) -> Value {
+    json!({
+        "id": a.id,
+        "kind": a.kind,
+        "text": a.text,
+        "created_at_ms": a.created_at_ms,
+        "acked": a.acked_at_ms != 0,
+        "delivered_by": a.delivered_by,
+    })
+}
+
 async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value) -> Result<Value, RpcError> {
     let grpc = |s: tonic::Status| rpc_error(&s);
     match method {
@@ -340,11 +380,25 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                 .await
                 .map_err(grpc)?
                 .into_inner();
+            let pending = inner
+                .events
+                .clone()
+                .list_alarms(ev::ListAlarmsRequest {
+                    chip_id: chip_id.to_owned(),
+                    include_acked: false,
+                    limit: 1000,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .alarms
+                .len();
             Ok(json!({
                 "chip_id": user.chip_id,
                 "name": user.name,
                 "status": user.status,
                 "locked": user.locked,
+                "alarms_pending": pending,
                 "tallies": [],
             }))
         }
@@ -392,6 +446,36 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
             let ticket_json: Value = serde_json::from_str(&ticket.to_json())
                 .map_err(|_| RpcError::new(ErrorCode::Internal, "internal error"))?;
             Ok(json!({"ticket": ticket_json, "uri": ticket.to_uri()}))
+        }
+        "alarms.list" => {
+            let AlarmListParams { include_acked, limit } = params(p)?;
+            let alarms = inner
+                .events
+                .clone()
+                .list_alarms(ev::ListAlarmsRequest {
+                    chip_id: chip_id.to_owned(),
+                    include_acked,
+                    limit: limit.unwrap_or(100).min(1000),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .alarms;
+            Ok(json!({"alarms": alarms.iter().map(alarm_json).collect::<Vec<_>>()}))
+        }
+        "alarms.ack" => {
+            let AlarmAckParams { id } = params(p)?;
+            let a = inner
+                .events
+                .clone()
+                .ack_alarm(ev::AckAlarmRequest {
+                    chip_id: chip_id.to_owned(),
+                    id,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            Ok(alarm_json(&a))
         }
         "alarms.subscribe" => {
             let NoParams {} = params(p)?;

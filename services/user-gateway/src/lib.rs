@@ -15,6 +15,7 @@
 //! belong to admin, keys to key-vault, tickets to the ticket service.
 
 mod conn;
+mod events;
 mod registry;
 mod tls;
 
@@ -30,6 +31,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use chipsite_proto::{
     admin::v1::{self as ad, admin_service_client::AdminServiceClient},
+    events::v1::user_events_client::UserEventsClient,
     keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
     ticket::v1::tickets_client::TicketsClient,
 };
@@ -92,6 +94,7 @@ pub(crate) struct Inner {
     pub(crate) vault: KeyVaultClient<TracedChannel>,
     pub(crate) tickets: TicketsClient<TracedChannel>,
     pub(crate) admin: AdminServiceClient<TracedChannel>,
+    pub(crate) events: UserEventsClient<TracedChannel>,
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
     tls: ArcSwapOption<ServerConfig>,
@@ -118,7 +121,8 @@ impl UserGateway {
             inner: Arc::new(Inner {
                 vault: KeyVaultClient::new(traced(clients.key_vault)),
                 tickets: TicketsClient::new(traced(clients.tickets)),
-                admin: AdminServiceClient::new(traced(clients.admin)),
+                admin: AdminServiceClient::new(traced(clients.admin.clone())),
+                events: UserEventsClient::new(traced(clients.admin)),
                 registry: Registry::default(),
                 settings,
                 tls: ArcSwapOption::empty(),
@@ -217,6 +221,12 @@ impl UserGateway {
             }
         }
         let _renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
+        let (delivered, to_report) = tokio::sync::mpsc::channel(events::DELIVERED_QUEUE);
+        let _following = AbortOnDrop(tokio::spawn(events::follow(self.inner.clone(), delivered)));
+        let _reporting = AbortOnDrop(tokio::spawn(events::report_delivered(
+            self.inner.clone(),
+            to_report,
+        )));
         tracing::info!(addr = ?listener.local_addr().ok(), "user gateway certified by the site key; accepting apps");
         let handshakes = Arc::new(Semaphore::new(self.inner.settings.max_handshakes));
         loop {
