@@ -8,7 +8,10 @@ use std::{
     path::PathBuf,
 };
 
-use chipsite_proto::admin::v1::{self as pb, admin_service_client::AdminServiceClient};
+use chipsite_proto::{
+    admin::v1::{self as pb, admin_service_client::AdminServiceClient},
+    events::v1::{self as ev, user_events_client::UserEventsClient},
+};
 use chipsite_site::Endpoints;
 use chipsite_tls::{CertPaths, identity};
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +60,9 @@ pub enum Command {
     /// Site configuration defaults: show, set, reset.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Alarms for users: raise, list.
+    #[command(subcommand)]
+    Alarm(AlarmCmd),
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -64,6 +70,25 @@ pub enum Command {
         /// Only "admin" or "ticket" records.
         #[arg(long, default_value = "")]
         source: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AlarmCmd {
+    /// Raise an alarm for a user: pushed to the user's app if it is
+    /// connected, else sent by e-mail and/or text.
+    Raise {
+        chip_id: String,
+        text: String,
+        #[arg(long, default_value = "notice")]
+        kind: String,
+    },
+    /// A user's alarms, newest first.
+    List {
+        chip_id: String,
+        /// Acknowledged ones too.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -284,7 +309,7 @@ impl Secrets {
     }
 }
 
-fn connect(cli: &Cli) -> Result<(AdminServiceClient<Channel>, String), CliError> {
+fn connect(cli: &Cli) -> Result<(Channel, String), CliError> {
     if let Some(admin) = &cli.admin {
         let (Some(cert), Some(key), Some(ca)) = (&cli.cert, &cli.key, &cli.ca) else {
             return Err(CliError::Usage("--admin needs --cert, --key and --ca".into()));
@@ -294,16 +319,37 @@ fn connect(cli: &Cli) -> Result<(AdminServiceClient<Channel>, String), CliError>
             key: key.clone(),
             ca: ca.clone(),
         };
-        return Ok((chipsite_site::admin_client(admin, &certs)?, admin.clone()));
+        return Ok((chipsite_site::admin_channel(admin, &certs)?, admin.clone()));
     }
     let data_dir = cli
         .data_dir
         .clone()
         .unwrap_or_else(chipsite_site::config::default_data_dir);
     let endpoints = Endpoints::read(&data_dir)?;
-    let client =
-        chipsite_site::admin_client(&endpoints.admin, &endpoints.cert_paths(identity::ADMIN_CLIENT))?;
-    Ok((client, endpoints.admin))
+    let channel =
+        chipsite_site::admin_channel(&endpoints.admin, &endpoints.cert_paths(identity::ADMIN_CLIENT))?;
+    Ok((channel, endpoints.admin))
+}
+
+fn alarm_json(a: &ev::Alarm) -> Value {
+    json!({"id": a.id, "chip_id": a.chip_id, "kind": a.kind, "text": a.text,
+           "created_at_ms": a.created_at_ms, "acked_at_ms": a.acked_at_ms, "delivered_by": a.delivered_by})
+}
+
+fn alarm_text(a: &ev::Alarm) -> String {
+    format!(
+        "{:>6}  {}  {:<10} {:<10} {:<9} {}\n",
+        a.id,
+        ms(a.created_at_ms),
+        a.chip_id,
+        a.kind,
+        if a.delivered_by.is_empty() {
+            "pending"
+        } else {
+            &a.delivered_by
+        },
+        a.text
+    )
 }
 
 fn ms(t: i64) -> String {
@@ -427,7 +473,9 @@ async fn set_lockdown(
 
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
-    let (mut client, admin_addr) = connect(&cli)?;
+    let (channel, admin_addr) = connect(&cli)?;
+    let mut client = AdminServiceClient::new(channel.clone());
+    let mut events = UserEventsClient::new(channel);
     let err = rpc_error(&admin_addr);
     let mut secrets = Secrets::default();
     let json_mode = cli.json;
@@ -783,6 +831,34 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             .map_err(&err)?
             .into_inner();
             emit(out, config_json(&c), config_text(&c))
+        }
+        Command::Alarm(AlarmCmd::Raise { chip_id, text, kind }) => {
+            let r = events
+                .raise_alarms(ev::RaiseAlarmsRequest {
+                    alarms: vec![ev::NewAlarm { chip_id, kind, text }],
+                })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            let a = r.alarms.first().cloned().unwrap_or_default();
+            emit(
+                out,
+                alarm_json(&a),
+                format!("raised alarm {} for {}\n", a.id, a.chip_id),
+            )
+        }
+        Command::Alarm(AlarmCmd::List { chip_id, all }) => {
+            let r = events
+                .list_alarms(ev::ListAlarmsRequest {
+                    chip_id,
+                    include_acked: all,
+                    limit: 100,
+                })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            let v = json!({"alarms": r.alarms.iter().map(alarm_json).collect::<Vec<_>>()});
+            emit(out, v, r.alarms.iter().map(alarm_text).collect())
         }
         Command::Audit { limit, source } => {
             let r = client

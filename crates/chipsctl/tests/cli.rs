@@ -319,6 +319,26 @@ async fn every_admin_command_through_chipsctl() {
         );
         assert!(!audit.contains(pass.as_str()), "no pass phrase in the audit log");
 
+        // Alarms: raised for a user (who has no session: it waits for e-mail
+        // or text), listed; a user that does not exist is a clear line.
+        let raised = json(&ok(
+            d,
+            &["--json", "alarm", "raise", "alice", "Please call the office"],
+        ));
+        assert_eq!(raised["chip_id"], "alice");
+        let listed = ok(d, &["alarm", "list", "alice"]);
+        assert!(listed.contains("Please call the office"), "{listed}");
+        let listed = json(&ok(d, &["--json", "alarm", "list", "alice"]));
+        assert_eq!(listed["alarms"][0]["id"], raised["id"]);
+        fails(d, &["alarm", "raise", "nobody", "hi"], None, "not found");
+        fails(
+            d,
+            &["alarm", "raise", "alice", "hi", "--kind", "Bad Kind"],
+            None,
+            "kind",
+        );
+        assert!(ok(d, &["audit"]).contains("raise_alarms"));
+
         // The site is gone: a clear line, not a hang.
         site.finish().await;
         fails(d, &["user", "list"], None, "no dev site found");

@@ -95,10 +95,14 @@ impl Endpoints {
 
 /// A mutual-TLS AdminService client presenting `identity`'s certificate.
 pub fn admin_client(admin_addr: &str, certs: &CertPaths) -> Result<AdminServiceClient<Channel>, SiteError> {
+    Ok(AdminServiceClient::new(admin_channel(admin_addr, certs)?))
+}
+
+/// A mutual-TLS channel to the admin service (AdminService and UserEvents)
+/// presenting `identity`'s certificate.
+pub fn admin_channel(admin_addr: &str, certs: &CertPaths) -> Result<Channel, SiteError> {
     let tls = ReloadableTls::from_files(certs.clone())?;
-    let channel = chipsite_tls::connect_lazy(admin_addr, id::ADMIN, tls)
-        .map_err(|e| SiteError::Config(e.to_string()))?;
-    Ok(AdminServiceClient::new(channel))
+    chipsite_tls::connect_lazy(admin_addr, id::ADMIN, tls).map_err(|e| SiteError::Config(e.to_string()))
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, SiteError> {

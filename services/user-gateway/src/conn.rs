@@ -477,6 +477,10 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                 .into_inner();
             Ok(alarm_json(&a))
         }
+        "ping" => {
+            let NoParams {} = params(p)?;
+            Ok(json!({"pong": true}))
+        }
         "alarms.subscribe" => {
             let NoParams {} = params(p)?;
             inner.registry.subscribe(chip_id, session);
