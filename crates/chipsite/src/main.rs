@@ -7,6 +7,7 @@ use chipsite_site::{Config, Service, Site};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_gateway;
 
 #[derive(Parser)]
 #[command(name = "chipsite", version, about = "The chipsite site server")]
@@ -26,12 +27,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// One service (admin, key-vault or ticket), configured from file and environment.
+    /// One service (admin, key-vault, ticket or user-gateway), configured from file and environment.
     Serve { service: String },
     /// Print the effective configuration, secrets masked.
     Config,
     /// Ticket issue + redeem benchmark against PostgreSQL, beside pgbench.
     Bench(bench::Args),
+    /// User gateway benchmark: mutual-TLS setups beside a bare tokio-rustls
+    /// baseline, status latency, memory per idle session, alarm fan-out.
+    BenchGateway(bench_gateway::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,14 +59,16 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(dev(config))
         }
         Command::Serve { service } => {
-            let service = Service::parse(&service)
-                .with_context(|| format!("unknown service {service:?}: use admin, key-vault or ticket"))?;
+            let service = Service::parse(&service).with_context(|| {
+                format!("unknown service {service:?}: use admin, key-vault, ticket or user-gateway")
+            })?;
             let _telemetry =
                 chipsite_telemetry::init(service.identity(), &config.log, &config.otlp_endpoint)?;
             runtime.block_on(chipsite_site::serve_one(&config, service, shutdown_signal()))?;
             Ok(())
         }
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::BenchGateway(args) => runtime.block_on(bench_gateway::run(args)),
     }
 }
 

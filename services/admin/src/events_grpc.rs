@@ -134,15 +134,7 @@ impl UserEvents for UserEventsGrpc {
     async fn key_changed(&self, req: Request<pb::KeyChangedRequest>) -> R<pb::KeyChangedResponse> {
         let r = req.into_inner();
         crate::validate_chip_id(&r.chip_id)?;
-        self.admin
-            .hub()
-            .publish(vec![pb::UserEvent {
-                event: Some(Event::KeyChanged(pb::KeyChange {
-                    chip_id: r.chip_id,
-                    public_key: r.public_key,
-                })),
-            }])
-            .await?;
+        self.admin.publish_key_changed(&r.chip_id, r.public_key).await?;
         Ok(Response::new(pb::KeyChangedResponse {}))
     }
 }

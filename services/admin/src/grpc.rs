@@ -259,9 +259,13 @@ impl AdminService for AdminGrpc {
                     .clone()
                     .register_user_key(kv::RegisterUserKeyRequest {
                         chip_id: u.chip_id.clone(),
-                        public_key,
+                        public_key: public_key.clone(),
                     })
                     .await;
+                if registered.is_ok() {
+                    // Gateways that remember keys learn of it.
+                    self.admin.publish_key_changed(&u.chip_id, public_key).await?;
+                }
                 if let Err(s) = registered {
                     // Nothing half-written: take the user back out.
                     self.admin.unload_user(&u.chip_id).await?;

@@ -256,6 +256,19 @@ impl Admin {
         &self.hub
     }
 
+    /// Tell every gateway that a user's registered key is now `public_key`.
+    pub async fn publish_key_changed(&self, chip_id: &str, public_key: Vec<u8>) -> Result<(), AdminError> {
+        use chipsite_proto::events::v1::{KeyChange, UserEvent, user_event::Event};
+        self.hub
+            .publish(vec![UserEvent {
+                event: Some(Event::KeyChanged(KeyChange {
+                    chip_id: chip_id.to_owned(),
+                    public_key,
+                })),
+            }])
+            .await
+    }
+
     async fn publish_lockdown(&self, chip_id: &str, locked: bool) -> Result<(), AdminError> {
         use chipsite_proto::events::v1::{Lockdown, UserEvent, user_event::Event};
         self.hub

@@ -172,6 +172,7 @@ async fn enroll_request(
         .map_err(|_| "key-vault refused the key")?;
     // Sessions with the old key close here at once, and on every other
     // replica through admin's user events.
+    inner.cache.key_changed(&params.chip_id, &key);
     inner
         .registry
         .close_user(&params.chip_id, CloseReason::KeyReplaced, Some(&key));
@@ -210,34 +211,53 @@ fn rpc_error(status: &tonic::Status) -> RpcError {
 }
 
 /// Whether this certificate may open a session: its key is the one
-/// registered for its CHIP ID, and neither the user nor the site is locked down.
+/// registered for its CHIP ID, and neither the user nor the site is locked
+/// down. Answers come from the admission cache while the user-event stream
+/// is live, else from key-vault and admin.
 async fn admit(inner: &Inner, app: &AppCertificate) -> Result<(), RpcError> {
     let unauthorized = || RpcError::new(ErrorCode::Unauthorized, "unknown CHIP ID or key not registered");
-    let registered = match inner
-        .vault
-        .clone()
-        .get_user_key(kv::GetUserKeyRequest {
-            chip_id: app.chip_id.clone(),
-        })
-        .await
-    {
-        Ok(k) => k.into_inner().public_key,
-        Err(s) if s.code() == Code::NotFound => return Err(unauthorized()),
-        Err(s) => return Err(rpc_error(&s)),
+    let known = inner.cache.known(&app.chip_id);
+    let registered: std::sync::Arc<[u8]> = match known.key {
+        Some(k) => k,
+        None => match inner
+            .vault
+            .clone()
+            .get_user_key(kv::GetUserKeyRequest {
+                chip_id: app.chip_id.clone(),
+            })
+            .await
+        {
+            Ok(k) => {
+                let k = k.into_inner().public_key;
+                inner.cache.store_key(known.generation, &app.chip_id, &k);
+                k.into()
+            }
+            Err(s) if s.code() == Code::NotFound => return Err(unauthorized()),
+            Err(s) => return Err(rpc_error(&s)),
+        },
     };
     if !bool::from(registered.ct_eq(&app.spki)) {
         return Err(unauthorized());
     }
-    let lock = inner
-        .admin
-        .clone()
-        .get_lockdown(ad::GetLockdownRequest {
-            chip_id: app.chip_id.clone(),
-        })
-        .await
-        .map_err(|s| rpc_error(&s))?
-        .into_inner();
-    if lock.site_locked || lock.user_locked {
+    let (site_locked, user_locked) = match known.lockdown {
+        Some(l) => l,
+        None => {
+            let lock = inner
+                .admin
+                .clone()
+                .get_lockdown(ad::GetLockdownRequest {
+                    chip_id: app.chip_id.clone(),
+                })
+                .await
+                .map_err(|s| rpc_error(&s))?
+                .into_inner();
+            inner
+                .cache
+                .store_lockdown(known.generation, &app.chip_id, lock.site_locked, lock.user_locked);
+            (lock.site_locked, lock.user_locked)
+        }
+    };
+    if site_locked || user_locked {
         return Err(RpcError::new(ErrorCode::LockedDown, "locked down"));
     }
     Ok(())
@@ -371,28 +391,20 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
     match method {
         "status" => {
             let NoParams {} = params(p)?;
-            let user = inner
-                .admin
-                .clone()
-                .get_user(ad::GetUserRequest {
+            // The user and the pending alarms, asked at the same time.
+            let (mut admin, mut events) = (inner.admin.clone(), inner.events.clone());
+            let (user, alarms) = tokio::join!(
+                admin.get_user(ad::GetUserRequest {
                     chip_id: chip_id.to_owned(),
-                })
-                .await
-                .map_err(grpc)?
-                .into_inner();
-            let pending = inner
-                .events
-                .clone()
-                .list_alarms(ev::ListAlarmsRequest {
+                }),
+                events.list_alarms(ev::ListAlarmsRequest {
                     chip_id: chip_id.to_owned(),
                     include_acked: false,
                     limit: 1000,
                 })
-                .await
-                .map_err(grpc)?
-                .into_inner()
-                .alarms
-                .len();
+            );
+            let user = user.map_err(grpc)?.into_inner();
+            let pending = alarms.map_err(grpc)?.into_inner().alarms.len();
             Ok(json!({
                 "chip_id": user.chip_id,
                 "name": user.name,

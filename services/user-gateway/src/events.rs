@@ -40,6 +40,7 @@ pub(crate) async fn follow(inner: Arc<Inner>, delivered: mpsc::Sender<i64>) {
                 }
                 warned = false;
                 let mut stream = response.into_inner();
+                inner.cache.set_live(true);
                 resync(&inner).await;
                 loop {
                     match stream.message().await {
@@ -58,13 +59,16 @@ pub(crate) async fn follow(inner: Arc<Inner>, delivered: mpsc::Sender<i64>) {
             }
             Err(_) => {}
         }
+        inner.cache.set_live(false);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
 fn apply(inner: &Inner, e: ev::UserEvent, delivered: &mpsc::Sender<i64>) {
     match e.event {
-        Some(Event::Lockdown(l)) if l.locked => {
+        Some(Event::Lockdown(l)) if !l.locked => inner.cache.lockdown(&l.chip_id, false),
+        Some(Event::Lockdown(l)) => {
+            inner.cache.lockdown(&l.chip_id, true);
             let closed = if l.chip_id.is_empty() {
                 inner.registry.close_all(CloseReason::LockedDown)
             } else {
@@ -75,6 +79,7 @@ fn apply(inner: &Inner, e: ev::UserEvent, delivered: &mpsc::Sender<i64>) {
             tracing::info!(chip_id = l.chip_id, closed, "lockdown: sessions closed");
         }
         Some(Event::KeyChanged(k)) => {
+            inner.cache.key_changed(&k.chip_id, &k.public_key);
             inner
                 .registry
                 .close_user(&k.chip_id, CloseReason::KeyReplaced, Some(&k.public_key));

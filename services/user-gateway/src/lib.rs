@@ -14,6 +14,7 @@
 //! certified by the site key through key-vault; users, lockdown and alarms
 //! belong to admin, keys to key-vault, tickets to the ticket service.
 
+mod cache;
 mod conn;
 mod events;
 mod registry;
@@ -96,6 +97,7 @@ pub(crate) struct Inner {
     pub(crate) admin: AdminServiceClient<TracedChannel>,
     pub(crate) events: UserEventsClient<TracedChannel>,
     pub(crate) registry: Registry,
+    pub(crate) cache: cache::AdmissionCache,
     pub(crate) settings: Settings,
     tls: ArcSwapOption<ServerConfig>,
     not_after_ms: AtomicI64,
@@ -124,6 +126,7 @@ impl UserGateway {
                 admin: AdminServiceClient::new(traced(clients.admin.clone())),
                 events: UserEventsClient::new(traced(clients.admin)),
                 registry: Registry::default(),
+                cache: cache::AdmissionCache::default(),
                 settings,
                 tls: ArcSwapOption::empty(),
                 not_after_ms: AtomicI64::new(0),
