@@ -18,8 +18,8 @@ use std::{
 
 use chipsite_app::{AppKey, Session};
 use chipsite_proto::{
-    admin::v1::admin_service_client::AdminServiceClient, keyvault::v1::key_vault_client::KeyVaultClient,
-    ticket::v1::tickets_client::TicketsClient,
+    admin::v1::admin_service_client::AdminServiceClient, events::v1::user_events_client::UserEventsClient,
+    keyvault::v1::key_vault_client::KeyVaultClient, ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_site::{Config, Site, config::Addresses};
 use chipsite_ticket::render::PublishedTicket;
@@ -191,6 +191,25 @@ impl TestSite {
             .await
             .expect("enrollment");
         key
+    }
+
+    /// UserEvents (alarms) as the operator.
+    pub fn events(&self) -> UserEventsClient<Channel> {
+        UserEventsClient::new(self.channel(&self.site.endpoints.admin, id::ADMIN, id::ADMIN_CLIENT))
+    }
+
+    /// Raise one alarm for a user, as the operator.
+    pub async fn raise_alarm(&self, chip_id: &str, text: &str) {
+        self.events()
+            .raise_alarms(chipsite_proto::events::v1::RaiseAlarmsRequest {
+                alarms: vec![chipsite_proto::events::v1::NewAlarm {
+                    chip_id: chip_id.into(),
+                    kind: "notice".into(),
+                    text: text.into(),
+                }],
+            })
+            .await
+            .expect("raise an alarm");
     }
 
     /// The site public key (SPKI DER), as tickets carry it.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chipsite_app::{AppError, AppKey, Session, enroll};
 use chipsite_e2e::{SmtpSink, TestSite, WebhookSink, eventually, stores};
-use chipsite_proto::{admin::v1 as pb, events::v1 as ev, events::v1::user_events_client::UserEventsClient};
+use chipsite_proto::{admin::v1 as pb, events::v1 as ev};
 use chipsite_tls::identity as id;
 use serde_json::json;
 
@@ -92,11 +92,6 @@ async fn lockdown_closes_open_sessions_and_refuses_new_ones() {
     }
 }
 
-fn events(site: &TestSite) -> UserEventsClient<tonic::transport::Channel> {
-    let tls = site.tls(id::ADMIN_CLIENT);
-    UserEventsClient::new(chipsite_tls::connect_lazy(&site.site.endpoints.admin, id::ADMIN, tls).unwrap())
-}
-
 async fn contact(site: &TestSite, chip_id: &str, email: &str, phone: &str) {
     site.create_user(chip_id).await;
     site.admin()
@@ -153,7 +148,8 @@ async fn alarms_reach_sessions_or_email_and_text_once() {
         }
         works(&s3, "alice").await;
 
-        let raised = events(&site)
+        let raised = site
+            .events()
             .raise_alarms(ev::RaiseAlarmsRequest {
                 alarms: vec![
                     alarm("alice", &format!("a1-{tag}")),
@@ -211,7 +207,7 @@ async fn alarms_reach_sessions_or_email_and_text_once() {
         assert!(quiet.is_err(), "{quiet:?}");
 
         let how = |chip: &'static str| {
-            let mut ev = events(&site);
+            let mut ev = site.events();
             async move {
                 ev.list_alarms(ev::ListAlarmsRequest {
                     chip_id: chip.into(),
@@ -248,13 +244,100 @@ async fn alarms_reach_sessions_or_email_and_text_once() {
             .unwrap_err();
         assert_eq!(e.rpc_code(), Some(-32004));
         // Bad alarms are refused whole.
-        let e = events(&site)
+        let e = site
+            .events()
             .raise_alarms(ev::RaiseAlarmsRequest {
                 alarms: vec![alarm("alice", "ok"), alarm("nobody", "x")],
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
+        site.finish().await;
+    }
+}
+
+/// A second gateway replica in this process, and (on PostgreSQL) a second
+/// admin replica that it watches: events reach it either way.
+#[tokio::test]
+async fn events_reach_every_replica() {
+    use chipsite_user_gateway::{Clients, Settings, UserGateway};
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let endpoints = site.site.endpoints.clone();
+        let channel = |addr: &str, server: &str, me: &str| {
+            chipsite_tls::connect_lazy(addr, server, site.tls(me)).unwrap()
+        };
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        // On PostgreSQL, a second admin replica on the same database: the
+        // second gateway watches it, events raised on the first reach it
+        // through LISTEN/NOTIFY.
+        let mut admin_addr = endpoints.admin.clone();
+        if let chipsite_e2e::Store::Postgres { .. } = &store {
+            let url = store.url();
+            let db = chipsite_store::connect(&url).await.unwrap();
+            let hub = chipsite_admin::Hub::for_database(&url, &db).await.unwrap();
+            let admin2 = std::sync::Arc::new(chipsite_admin::Admin::open(db).await.unwrap().with_hub(hub));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            admin_addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(chipsite_site::services::serve_admin(
+                admin2,
+                channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
+                channel(&endpoints.ticket, id::TICKET, id::ADMIN),
+                listener,
+                site.tls(id::ADMIN),
+                stopped(stop.clone()),
+            ));
+        }
+        let gateway = UserGateway::new(
+            Clients {
+                key_vault: channel(&endpoints.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
+                tickets: channel(&endpoints.ticket, id::TICKET, id::USER_GATEWAY),
+                admin: channel(&admin_addr, id::ADMIN, id::USER_GATEWAY),
+            },
+            Settings::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(gateway.serve(listener, stopped(stop.clone())));
+
+        let alice = site.enrolled("alice").await;
+        let site_key = site.site_key().await;
+        let connect = || Session::connect("127.0.0.1", port, &site_key, "alice", &alice);
+        let s = loop {
+            match connect().await {
+                Ok(s) if s.call("ping", json!({})).await.is_ok() => break s,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        };
+        s.call("alarms.subscribe", json!({})).await.unwrap();
+        // Give the replica's event stream a moment to be watching.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        site.events()
+            .raise_alarms(ev::RaiseAlarmsRequest {
+                alarms: vec![alarm("alice", "to the other replica")],
+            })
+            .await
+            .unwrap();
+        let note = tokio::time::timeout(Duration::from_secs(5), s.next_notification())
+            .await
+            .expect("the alarm reaches the other replica")
+            .unwrap();
+        assert_eq!(note.params["text"], "to the other replica", "[{}]", store.label());
+        // A new key enrolled through the first gateway closes this session.
+        let renewed = site.enrolled("alice").await;
+        closed_with(&s, "closed", -32001).await;
+        // Lockdown through the first admin closes sessions on the second gateway.
+        let s = Session::connect("127.0.0.1", port, &site_key, "alice", &renewed)
+            .await
+            .unwrap();
+        works(&s, "alice").await;
+        lockdown(&site, "", true).await;
+        closed_with(&s, "closed", -32002).await;
+        let _ = stop_tx.send(true);
         site.finish().await;
     }
 }

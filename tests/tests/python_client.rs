@@ -8,8 +8,6 @@ use std::{path::Path, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chipsite_e2e::{TestSite, stores};
-use chipsite_proto::events::v1::{self as ev, user_events_client::UserEventsClient};
-use chipsite_tls::identity as id;
 use serde_json::Value;
 
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/app_client.py");
@@ -88,22 +86,9 @@ async fn the_python_client_enrolls_calls_and_follows() {
             &["follow", "--count", "1", "--timeout", "30"],
             &state,
         )));
-        let mut events = UserEventsClient::new(
-            chipsite_tls::connect_lazy(&site.site.endpoints.admin, id::ADMIN, site.tls(id::ADMIN_CLIENT))
-                .unwrap(),
-        );
         let mut tries = 0;
         while !follow.is_finished() && tries < 60 {
-            events
-                .raise_alarms(ev::RaiseAlarmsRequest {
-                    alarms: vec![ev::NewAlarm {
-                        chip_id: "alice".into(),
-                        kind: "notice".into(),
-                        text: "from the Rust side ✓".into(),
-                    }],
-                })
-                .await
-                .unwrap();
+            site.raise_alarm("alice", "from the Rust side ✓").await;
             tries += 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -38,13 +38,28 @@ pub struct Hub {
     tx: broadcast::Sender<HubMessage>,
     /// Set when events go through PostgreSQL.
     postgres: Option<DatabaseConnection>,
+    /// The LISTEN task, stopped when the last clone of the hub goes.
+    _listener: Option<Arc<StopOnDrop>>,
+}
+
+#[derive(Debug)]
+struct StopOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Hub {
     /// An in-process hub (SQLite, one process).
     pub fn local() -> Self {
         let (tx, _) = broadcast::channel(BACKLOG);
-        Self { tx, postgres: None }
+        Self {
+            tx,
+            postgres: None,
+            _listener: None,
+        }
     }
 
     /// The hub for a database: LISTEN/NOTIFY on PostgreSQL (listening before
@@ -61,10 +76,11 @@ impl Hub {
             .await
             .map_err(|e| AdminError::Unavailable(format!("event listener: {e}")))?;
         let (tx, _) = broadcast::channel(BACKLOG);
-        tokio::spawn(listen(listener, tx.clone()));
+        let task = tokio::spawn(listen(listener, tx.clone()));
         Ok(Self {
             tx,
             postgres: Some(db.clone()),
+            _listener: Some(Arc::new(StopOnDrop(task))),
         })
     }
 
