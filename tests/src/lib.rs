@@ -193,6 +193,29 @@ impl TestSite {
         key
     }
 
+    /// Another user-gateway replica in this process, watching the admin
+    /// service at `admin_addr`; it serves on the returned port until the
+    /// returned sender says stop.
+    pub async fn extra_gateway(&self, admin_addr: &str) -> (u16, tokio::sync::watch::Sender<bool>) {
+        use chipsite_user_gateway::{Clients, Settings, UserGateway};
+        let e = &self.site.endpoints;
+        let gateway = UserGateway::new(
+            Clients {
+                key_vault: self.channel(&e.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
+                tickets: self.channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
+                admin: self.channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
+            },
+            Settings::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(gateway.serve(listener, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        (port, stop)
+    }
+
     /// UserEvents (alarms) as the operator.
     pub fn events(&self) -> UserEventsClient<Channel> {
         UserEventsClient::new(self.channel(&self.site.endpoints.admin, id::ADMIN, id::ADMIN_CLIENT))

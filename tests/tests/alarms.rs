@@ -260,7 +260,6 @@ async fn alarms_reach_sessions_or_email_and_text_once() {
 /// admin replica that it watches: events reach it either way.
 #[tokio::test]
 async fn events_reach_every_replica() {
-    use chipsite_user_gateway::{Clients, Settings, UserGateway};
     for store in stores().await {
         let site = TestSite::start(&store).await;
         let endpoints = site.site.endpoints.clone();
@@ -292,17 +291,7 @@ async fn events_reach_every_replica() {
                 stopped(stop.clone()),
             ));
         }
-        let gateway = UserGateway::new(
-            Clients {
-                key_vault: channel(&endpoints.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
-                tickets: channel(&endpoints.ticket, id::TICKET, id::USER_GATEWAY),
-                admin: channel(&admin_addr, id::ADMIN, id::USER_GATEWAY),
-            },
-            Settings::default(),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(gateway.serve(listener, stopped(stop.clone())));
+        let (port, stop_gateway) = site.extra_gateway(&admin_addr).await;
 
         let alice = site.enrolled("alice").await;
         let site_key = site.site_key().await;
@@ -338,6 +327,7 @@ async fn events_reach_every_replica() {
         lockdown(&site, "", true).await;
         closed_with(&s, "closed", -32002).await;
         let _ = stop_tx.send(true);
+        let _ = stop_gateway.send(true);
         site.finish().await;
     }
 }

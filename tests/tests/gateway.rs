@@ -314,3 +314,49 @@ async fn a_flood_of_bad_tokens_is_throttled_per_source() {
         site.finish().await;
     }
 }
+
+#[tokio::test]
+async fn a_gateway_serves_only_once_key_vault_certified_it() {
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let alice = site.enrolled("alice").await;
+        let mut admin = site.admin();
+        admin
+            .seal_vault(chipsite_proto::admin::v1::SealVaultRequest {})
+            .await
+            .unwrap();
+        // A new replica cannot get a certificate from a sealed vault: it
+        // accepts nothing (the handshake never starts).
+        let (port, stop) = site.extra_gateway(&site.site.endpoints.admin).await;
+        let site_key = site.site_key().await;
+        let connect = || chipsite_app::Session::connect("127.0.0.1", port, &site_key, "alice", &alice);
+        let early = tokio::time::timeout(Duration::from_secs(2), connect()).await;
+        assert!(
+            !matches!(early, Ok(Ok(_))),
+            "[{}] served before it was certified",
+            store.label()
+        );
+        // Unsealed: it is certified and serves.
+        let passphrase =
+            std::fs::read_to_string(chipsite_site::dev::passphrase_path(&site.data_dir())).unwrap();
+        admin
+            .unseal_vault(chipsite_proto::admin::v1::UnsealVaultRequest {
+                passphrase: passphrase.trim().to_owned(),
+            })
+            .await
+            .unwrap();
+        let mut served = false;
+        for _ in 0..50 {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), connect()).await
+                && s.call("ping", json!({})).await.is_ok()
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(served, "served once unsealed");
+        let _ = stop.send(true);
+        site.finish().await;
+    }
+}
