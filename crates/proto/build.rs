@@ -7,7 +7,7 @@ use prost::Message;
 
 /// Messages holding a pass phrase or a ticket token (kept in step with the
 /// redacting `Debug` impls in src/lib.rs).
-const SECRET_MESSAGES: [&str; 11] = [
+const SECRET_MESSAGES: [&str; 12] = [
     ".chipsite.keyvault.v1.UnsealRequest",
     ".chipsite.keyvault.v1.CreateSiteKeyRequest",
     ".chipsite.keyvault.v1.ChangePassphraseRequest",
@@ -19,6 +19,7 @@ const SECRET_MESSAGES: [&str; 11] = [
     ".chipsite.admin.v1.ChangePassphraseRequest",
     ".chipsite.admin.v1.StartPeerServerRequest",
     ".chipsite.admin.v1.IssuedTicketView",
+    ".chipsite.admin.v1.ConsoleTicket",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

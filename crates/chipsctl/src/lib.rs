@@ -63,6 +63,9 @@ pub enum Command {
     /// Alarms for users: raise, list.
     #[command(subcommand)]
     Alarm(AlarmCmd),
+    /// The admin web console: a one-time sign-in link.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -70,6 +73,16 @@ pub enum Command {
         /// Only "admin" or "ticket" records.
         #[arg(long, default_value = "")]
         source: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsoleCmd {
+    /// Print a one-time sign-in link for the web console.
+    Link {
+        /// Seconds the link stays valid (at most 3600; default 600).
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
     },
 }
 
@@ -831,6 +844,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             .map_err(&err)?
             .into_inner();
             emit(out, config_json(&c), config_text(&c))
+        }
+        Command::Console(ConsoleCmd::Link { ttl }) => {
+            let t = client
+                .issue_console_ticket(pb::IssueConsoleTicketRequest { ttl_seconds: ttl })
+                .await
+                .map_err(&err)?
+                .into_inner();
+            emit(
+                out,
+                json!({"url": t.url, "ticket_id": t.ticket_id, "expires_at_ms": t.expires_at_ms}),
+                format!("{}\n(one sign-in, until {})\n", t.url, ms(t.expires_at_ms)),
+            )
         }
         Command::Alarm(AlarmCmd::Raise { chip_id, text, kind }) => {
             let r = events

@@ -83,6 +83,7 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         e.admin
     );
     println!("  key-vault  {}", e.key_vault);
+    println!("  console    {}  (admin web console)", e.console);
     println!("  ticket     {}", e.ticket);
     println!(
         "  apps       {}  (user gateway: JSON over TLS 1.3, see docs/protocol.md)",
@@ -119,6 +120,15 @@ async fn dev(config: Config) -> anyhow::Result<()> {
             "SEALED (chipsctl key unseal)"
         }
     );
+    // A one-time sign-in link for the web console (10 minutes).
+    match site
+        .admin_client()?
+        .issue_console_ticket(chipsite_proto::admin::v1::IssueConsoleTicketRequest { ttl_seconds: 0 })
+        .await
+    {
+        Ok(t) => println!("  console sign-in (one time, 10 min): {}", t.into_inner().url),
+        Err(e) => println!("  console sign-in link unavailable: {}", e.message()),
+    }
     println!();
     println!("Try:");
     println!("  chipsctl user create alice --name 'Alice Example' --email alice@example.com");
@@ -127,6 +137,7 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     println!("  chipapp status");
     println!("  chipsctl key status");
     println!("  chipsctl audit");
+    println!("  chipsctl console link                    # another console sign-in link");
     println!();
     println!("Ctrl-C stops the site.");
     shutdown_signal().await;

@@ -53,6 +53,7 @@ redacted_debug! {
     admin::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
     admin::v1::StartPeerServerRequest {} redacting [passphrase];
     admin::v1::IssuedTicketView { ticket_id, chip_id, expires_at_ms } redacting [json, uri];
+    admin::v1::ConsoleTicket { ticket_id, expires_at_ms } redacting [url];
 }
 
 #[cfg(test)]

@@ -17,14 +17,16 @@ pub enum Service {
     KeyVault,
     Ticket,
     UserGateway,
+    Console,
 }
 
 impl Service {
-    pub const ALL: [Service; 4] = [
+    pub const ALL: [Service; 5] = [
         Service::Admin,
         Service::KeyVault,
         Service::Ticket,
         Service::UserGateway,
+        Service::Console,
     ];
 
     /// The internal identity (certificate name) of the service.
@@ -34,6 +36,7 @@ impl Service {
             Self::KeyVault => chipsite_tls::identity::KEY_VAULT,
             Self::Ticket => chipsite_tls::identity::TICKET,
             Self::UserGateway => chipsite_tls::identity::USER_GATEWAY,
+            Self::Console => chipsite_tls::identity::CONSOLE,
         }
     }
 
@@ -50,6 +53,8 @@ pub struct Addresses {
     pub ticket: String,
     /// The user gateway's external port (apps connect here).
     pub user_gateway: String,
+    /// The admin web console (HTTP; loopback unless behind a TLS proxy).
+    pub console: String,
 }
 
 impl Default for Addresses {
@@ -59,6 +64,7 @@ impl Default for Addresses {
             key_vault: "127.0.0.1:44311".into(),
             ticket: "127.0.0.1:44312".into(),
             user_gateway: "127.0.0.1:44301".into(),
+            console: "127.0.0.1:44303".into(),
         }
     }
 }
@@ -72,6 +78,7 @@ impl Addresses {
             key_vault: any(),
             ticket: any(),
             user_gateway: any(),
+            console: any(),
         }
     }
 
@@ -81,6 +88,7 @@ impl Addresses {
             Service::KeyVault => &self.key_vault,
             Service::Ticket => &self.ticket,
             Service::UserGateway => &self.user_gateway,
+            Service::Console => &self.console,
         }
     }
 }

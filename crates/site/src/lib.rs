@@ -15,6 +15,7 @@ use std::{
 };
 
 use chipsite_admin::Admin;
+use chipsite_console::Console;
 use chipsite_key_vault::KeyVault;
 use chipsite_proto::admin::v1::admin_service_client::AdminServiceClient;
 use chipsite_ticket::Tickets;
@@ -64,6 +65,8 @@ pub struct Endpoints {
     pub ticket: String,
     /// The user gateway's external port (apps connect here).
     pub user_gateway: String,
+    /// The admin web console (`http://…`).
+    pub console: String,
     pub ca: PathBuf,
     pub admin_client_cert: PathBuf,
     pub admin_client_key: PathBuf,
@@ -159,26 +162,29 @@ impl Site {
             bind(&config.addresses.key_vault).await?,
             bind(&config.addresses.ticket).await?,
             bind(&config.addresses.user_gateway).await?,
+            bind(&config.addresses.console).await?,
         ];
         let addrs = listeners.iter().map(local_addr).collect::<Result<Vec<_>, _>>()?;
-        let [admin_l, vault_l, ticket_l, gateway_l] = listeners;
+        let [admin_l, vault_l, ticket_l, gateway_l, console_l] = listeners;
         let (admin_addr, vault_addr, ticket_addr, gateway_addr) = (
             addrs[0].to_string(),
             addrs[1].to_string(),
             addrs[2].to_string(),
             addrs[3],
         );
+        let console_url = format!("http://{}", addrs[4]);
 
         let tls = |identity: &str| -> Result<Arc<ReloadableTls>, SiteError> {
             let t = ReloadableTls::from_files(dev::cert_paths(data, identity))?;
             t.spawn_watcher(CERT_POLL);
             Ok(t)
         };
-        let (admin_tls, vault_tls, ticket_tls, gateway_tls) = (
+        let (admin_tls, vault_tls, ticket_tls, gateway_tls, console_tls) = (
             tls(id::ADMIN)?,
             tls(id::KEY_VAULT)?,
             tls(id::TICKET)?,
             tls(id::USER_GATEWAY)?,
+            tls(id::CONSOLE)?,
         );
 
         // First launch: tables, init scripts, site key.
@@ -197,6 +203,7 @@ impl Site {
                 &[
                     ("user_gateway.host".to_owned(), gateway_addr.ip().to_string()),
                     ("user_gateway.port".to_owned(), gateway_addr.port().to_string()),
+                    ("console.url".to_owned(), console_url.clone()),
                 ]
                 .into(),
                 &[],
@@ -260,6 +267,17 @@ impl Site {
                 "user-gateway",
                 tokio::spawn(serve_gateway(gateway, gateway_l, shutdown.clone().wait())),
             ),
+            (
+                "console",
+                tokio::spawn(serve_console(
+                    Console::new(
+                        channel(&admin_addr, id::ADMIN, &console_tls)?,
+                        channel(&ticket_addr, id::TICKET, &console_tls)?,
+                    ),
+                    console_l,
+                    shutdown.clone().wait(),
+                )),
+            ),
         ];
 
         let client = dev::cert_paths(data, id::ADMIN_CLIENT);
@@ -268,6 +286,7 @@ impl Site {
             key_vault: vault_addr,
             ticket: ticket_addr,
             user_gateway: gateway_addr.to_string(),
+            console: console_url,
             ca: client.ca.clone(),
             admin_client_cert: client.cert,
             admin_client_key: client.key,
@@ -337,6 +356,15 @@ pub async fn serve_one(
         Some(a) => a.to_string(),
         None => config.addresses.of(service).to_owned(),
     };
+    if service == Service::Console {
+        let console = Console::new(
+            channel(&config.addresses.admin, id::ADMIN, &tls)?,
+            channel(&config.addresses.ticket, id::TICKET, &tls)?,
+        );
+        let listener = bind(&listen).await?;
+        tracing::info!(service = service.identity(), addr = %listen, "serving");
+        return serve_console(console, listener, shutdown).await;
+    }
     if service == Service::UserGateway {
         let gateway = UserGateway::new(
             GatewayClients {
@@ -388,7 +416,7 @@ pub async fn serve_one(
             let tk = channel(&config.addresses.ticket, id::TICKET, &tls)?;
             services::serve_admin(admin, kv, tk, listener, tls, shutdown).await
         }
-        Service::UserGateway => Ok(()),
+        Service::UserGateway | Service::Console => Ok(()),
     }
 }
 
@@ -399,6 +427,16 @@ async fn open_admin(config: &Config) -> Result<Admin, SiteError> {
     let db = chipsite_store::connect(&url).await?;
     let hub = chipsite_admin::Hub::for_database(&url, &db).await?;
     Ok(Admin::open(db).await?.with_hub(hub))
+}
+
+async fn serve_console(
+    console: std::sync::Arc<Console>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), SiteError> {
+    chipsite_console::serve(console, listener, shutdown)
+        .await
+        .map_err(|e| SiteError::Serve(format!("console: {e}")))
 }
 
 async fn serve_gateway(

@@ -343,6 +343,49 @@ impl AdminService for AdminGrpc {
         .await
     }
 
+    async fn issue_console_ticket(
+        &self,
+        req: Request<pb::IssueConsoleTicketRequest>,
+    ) -> R<pb::ConsoleTicket> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.audited(&caller, "issue_console_ticket", "console", async {
+            let ttl = match r.ttl_seconds {
+                0 => 600,
+                t if t <= 3600 => t,
+                _ => return Err(Status::invalid_argument("a console ticket lives at most 3600 s")),
+            };
+            let base = self
+                .admin
+                .config()
+                .await?
+                .get("console.url")
+                .cloned()
+                .unwrap_or_default();
+            let (host, port) = crate::parse_http_url(&base)
+                .ok_or_else(|| Status::failed_precondition("console.url is not http(s)://host:port"))?;
+            let issued = self
+                .tickets
+                .clone()
+                .issue_ticket(tk::IssueTicketRequest {
+                    kind: tk::TicketKind::Console as i32,
+                    chip_id: crate::CONSOLE_TICKET_SUBJECT.to_owned(),
+                    ttl_seconds: ttl,
+                    host,
+                    port: u32::from(port),
+                })
+                .await?
+                .into_inner();
+            let info = issued.info.unwrap_or_default();
+            Ok(pb::ConsoleTicket {
+                ticket_id: info.id,
+                expires_at_ms: info.expires_at_ms,
+                url: format!("{}/signin?t={}", base.trim_end_matches('/'), issued.token),
+            })
+        })
+        .await
+    }
+
     async fn list_tickets(&self, req: Request<pb::ListTicketsRequest>) -> R<pb::ListTicketsResponse> {
         let r = req.into_inner();
         let list = self

@@ -27,6 +27,29 @@ pub use grpc::{AdminGrpc, policy};
 pub use notify::Notifier;
 use store::{audit, init_script, setting, user};
 
+/// The subject (CHIP ID field) of console sign-in tickets.
+pub const CONSOLE_TICKET_SUBJECT: &str = "console";
+
+/// `http(s)://host:port` (no path) → host, port.
+pub fn parse_http_url(url: &str) -> Option<(String, u16)> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?
+        .trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    let ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c));
+    ok.then(|| {
+        (
+            host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port,
+        )
+    })
+}
+
 pub const USER_STATUSES: &[&str] = &["active", "suspended", "closed"];
 /// The dump format name.
 pub const DUMP_FORMAT: &str = "chipsite.user.v1";
@@ -176,6 +199,7 @@ pub fn config_defaults() -> BTreeMap<&'static str, &'static str> {
         ("alarm.email_from", "chipsite@localhost"),
         ("alarm.sms_webhook", ""),
         ("alarm.smtp_url", ""),
+        ("console.url", "http://127.0.0.1:44303"),
     ])
 }
 
@@ -213,6 +237,9 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
         }
         "alarm.sms_webhook" if !(value.is_empty() || value.starts_with("http://")) => {
             bad("alarm.sms_webhook must be empty or an http:// URL".into())
+        }
+        "console.url" if parse_http_url(value).is_none() => {
+            bad("console.url must be http(s)://host:port".into())
         }
         "alarm.smtp_url" if !(value.is_empty() || notify::parse_smtp_url(value).is_some()) => {
             bad("alarm.smtp_url must be empty or smtp://host:port".into())

@@ -20,7 +20,7 @@ pub fn policy() -> Policy {
         .allow(&m("IssueTicket"), &[id::ADMIN, id::USER_GATEWAY, id::BENCH])
         .allow(
             &m("RedeemTicket"),
-            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::BENCH],
+            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE, id::BENCH],
         )
         .allow(&m("ListTickets"), &[id::ADMIN])
         .allow(&m("RevokeTicket"), &[id::ADMIN])
@@ -78,7 +78,8 @@ fn kind_of(k: i32) -> Result<Kind, Status> {
     match pb::TicketKind::try_from(k) {
         Ok(pb::TicketKind::User) => Ok(Kind::User),
         Ok(pb::TicketKind::Tally) => Ok(Kind::Tally),
-        _ => Err(Status::invalid_argument("kind must be USER or TALLY")),
+        Ok(pb::TicketKind::Console) => Ok(Kind::Console),
+        _ => Err(Status::invalid_argument("kind must be USER, TALLY or CONSOLE")),
     }
 }
 
@@ -86,6 +87,7 @@ fn kind_pb(k: &str) -> pb::TicketKind {
     match Kind::parse(k) {
         Some(Kind::User) => pb::TicketKind::User,
         Some(Kind::Tally) => pb::TicketKind::Tally,
+        Some(Kind::Console) => pb::TicketKind::Console,
         None => pb::TicketKind::Unspecified,
     }
 }
@@ -116,6 +118,7 @@ impl TicketsRpc for TicketsGrpc {
         let allowed: &[&str] = match kind {
             Kind::User => &[id::ADMIN, id::BENCH],
             Kind::Tally => &[id::ADMIN, id::USER_GATEWAY],
+            Kind::Console => &[id::ADMIN],
         };
         if !allowed.contains(&caller.as_str()) {
             return Err(Status::permission_denied(format!(
@@ -147,9 +150,23 @@ impl TicketsRpc for TicketsGrpc {
     }
 
     async fn redeem_ticket(&self, req: Request<pb::RedeemTicketRequest>) -> R<pb::RedeemTicketResponse> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         // A malformed kind is still an attempt: it burns the ticket it names.
         let kind = kind_of(req.kind).ok();
+        // Each redeemer redeems only its own kind: the console cannot spend a
+        // user's ticket, nor a gateway an operator's sign-in.
+        let redeemers: &[&str] = match kind {
+            Some(Kind::Console) => &[id::CONSOLE],
+            Some(Kind::User) => &[id::USER_GATEWAY, id::BENCH],
+            Some(Kind::Tally) => &[id::PEER_GATEWAY, id::USER_GATEWAY, id::BENCH],
+            None => &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE, id::BENCH],
+        };
+        if !redeemers.contains(&caller.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{caller} may not redeem this kind of ticket"
+            )));
+        }
         let t = self
             .tickets
             .redeem(kind, &req.token, &req.chip_id, &req.source)

@@ -77,6 +77,8 @@ impl From<TicketError> for tonic::Status {
 pub enum Kind {
     User,
     Tally,
+    /// An operator's one-time sign-in to the admin web console.
+    Console,
 }
 
 impl Kind {
@@ -84,12 +86,14 @@ impl Kind {
         match self {
             Self::User => "user",
             Self::Tally => "tally",
+            Self::Console => "console",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "user" => Some(Self::User),
             "tally" => Some(Self::Tally),
+            "console" => Some(Self::Console),
             _ => None,
         }
     }

@@ -114,12 +114,15 @@ impl PublishedTicket {
         let (kind, query) = rest.split_once('?').ok_or(ParseError::Scheme)?;
         let kind = Kind::parse(kind).ok_or(ParseError::Scheme)?;
         let field = |name: &'static str| -> Result<String, ParseError> {
-            query
+            let mut found = query
                 .split('&')
                 .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-                .ok_or(ParseError::Missing(name))
+                .filter(|(k, _)| *k == name);
+            let (_, v) = found.next().ok_or(ParseError::Missing(name))?;
+            if found.next().is_some() {
+                return Err(ParseError::Malformed(name));
+            }
+            Ok(v.to_owned())
         };
         let host = field("h")?;
         let port = field("p")?.parse().map_err(|_| ParseError::Malformed("port"))?;
@@ -135,6 +138,7 @@ impl PublishedTicket {
                 ),
             ),
             Kind::User => (None, None),
+            Kind::Console => return Err(ParseError::Scheme),
         };
         let spki = URL_SAFE_NO_PAD
             .decode(&site_key)
@@ -155,7 +159,9 @@ impl PublishedTicket {
 
     /// Check every field's shape, and that the pin matches the site key.
     pub fn validate(&self) -> Result<(), ParseError> {
-        let kind = Kind::parse(&self.kind).ok_or(ParseError::Malformed("kind"))?;
+        let kind = Kind::parse(&self.kind)
+            .filter(|k| *k != Kind::Console)
+            .ok_or(ParseError::Malformed("kind"))?;
         let hostlike = |s: &str| {
             !s.is_empty()
                 && s.len() <= 255
