@@ -156,6 +156,7 @@ fn start_site(dir: &Path) -> anyhow::Result<Child> {
         .env("CHIPSITE_ADDRESSES__KEY_VAULT", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__TICKET", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__USER_GATEWAY", "127.0.0.1:0")
+        .env("CHIPSITE_ADDRESSES__CONSOLE", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

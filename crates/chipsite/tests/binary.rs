@@ -17,6 +17,8 @@ fn start_dev(dir: &Path) -> Child {
         .env("CHIPSITE_ADDRESSES__ADMIN", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__KEY_VAULT", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__TICKET", "127.0.0.1:0")
+        .env("CHIPSITE_ADDRESSES__USER_GATEWAY", "127.0.0.1:0")
+        .env("CHIPSITE_ADDRESSES__CONSOLE", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -67,6 +67,8 @@ async fn dev_exports_rpc_spans_over_otlp_when_configured() {
         .env("CHIPSITE_ADDRESSES__ADMIN", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__KEY_VAULT", "127.0.0.1:0")
         .env("CHIPSITE_ADDRESSES__TICKET", "127.0.0.1:0")
+        .env("CHIPSITE_ADDRESSES__USER_GATEWAY", "127.0.0.1:0")
+        .env("CHIPSITE_ADDRESSES__CONSOLE", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
