@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn dev(config: Config) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
     let site = Site::start_dev(&config).await?;
     let e = &site.endpoints;
     let data = e.data_dir.display();
@@ -140,30 +141,36 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     println!("  chipsctl console link                    # another console sign-in link");
     println!();
     println!("Ctrl-C stops the site.");
-    shutdown_signal().await;
+    stop.await;
     println!("stopping…");
     site.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called (not when first polled), so a signal that arrives while the site
+/// is still starting is not lost, nor does it kill the process uncleanly.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+        async move {
+            match handlers {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {},
+                        _ = term.recv() => {},
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
