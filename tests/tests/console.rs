@@ -8,6 +8,27 @@ use chipsite_e2e::{TestSite, stores};
 use chipsite_proto::admin::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Pages that need a session.
+const GETS: [&str; 6] = [
+    "/",
+    "/?q=x",
+    "/users/alice",
+    "/users/alice/lockdown?locked=true",
+    "/lockdown?locked=true",
+    "/anything",
+];
+/// Forms that need a session and its CSRF token.
+const POSTS: [&str; 6] = [
+    "/users",
+    "/users/alice/edit",
+    "/users/alice/ticket",
+    "/users/alice/lockdown",
+    "/lockdown",
+    "/signout",
+];
+/// A form that would do something with the right CSRF token.
+const FORM: &str = "csrf=wrong&locked=true&chip_id=zed&name=Zed&status=active";
+
 struct Reply {
     status: u16,
     head: String,
@@ -98,13 +119,13 @@ async fn console_sessions_csrf_and_escaping() {
                 .unwrap()
                 .contains("default-src 'none'")
         );
-        for path in ["/?q=x", "/users", "/anything"] {
+        for path in GETS {
             assert_eq!(http(&site, "GET", path, None, None).await.status, 303, "{path}");
         }
-        assert_eq!(
-            http(&site, "POST", "/signout", None, Some("csrf=x")).await.status,
-            403
-        );
+        for path in POSTS {
+            let r = http(&site, "POST", path, None, Some(FORM)).await;
+            assert_eq!(r.status, 403, "{path}");
+        }
         let forged = http(&site, "GET", "/", Some("__Host-chipsite_console=forged"), None).await;
         assert_eq!(forged.status, 303);
 
@@ -146,6 +167,103 @@ async fn console_sessions_csrf_and_escaping() {
             .next()
             .unwrap()
             .to_owned();
+
+        // Every form refuses a wrong CSRF token, and nothing happens.
+        for path in POSTS {
+            let r = http(&site, "POST", path, Some(&cookie), Some(FORM)).await;
+            assert_eq!(r.status, 403, "{path}");
+        }
+        assert_eq!(
+            http(&site, "GET", "/users/zed", Some(&cookie), None).await.status,
+            404
+        );
+
+        // Create a user, issue a ticket (QR, URI, JSON), lock down and lift.
+        let f = |rest: &str| format!("csrf={csrf}&{rest}");
+        let r = http(
+            &site,
+            "POST",
+            "/users",
+            Some(&cookie),
+            Some(&f("chip_id=alice&name=Alice+Example&email=")),
+        )
+        .await;
+        assert_eq!(
+            (r.status, header(&r, "location")),
+            (303, Some("/users/alice")),
+            "{}",
+            r.body
+        );
+        let page = http(&site, "GET", "/users/alice", Some(&cookie), None).await;
+        assert!(page.body.contains("Alice Example"));
+        let t = http(&site, "POST", "/users/alice/ticket", Some(&cookie), Some(&f(""))).await;
+        assert_eq!(t.status, 200, "{}", t.body);
+        assert!(t.body.contains("data:image/svg+xml;base64,") && t.body.contains("chipsite:user?"));
+        let r = http(
+            &site,
+            "POST",
+            "/users",
+            Some(&cookie),
+            Some(&f("chip_id=alice&name=Again")),
+        )
+        .await;
+        assert_eq!(r.status, 422, "an existing CHIP ID is a clear refusal");
+        assert!(r.body.contains("already exists"), "{}", r.body);
+        let confirm = http(
+            &site,
+            "GET",
+            "/users/alice/lockdown?locked=true",
+            Some(&cookie),
+            None,
+        )
+        .await;
+        assert!(confirm.body.contains("Lock down user alice?"), "{}", confirm.body);
+        let r = http(
+            &site,
+            "POST",
+            "/users/alice/lockdown",
+            Some(&cookie),
+            Some(&f("locked=true")),
+        )
+        .await;
+        assert_eq!(r.status, 303);
+        assert!(
+            http(&site, "GET", "/users/alice", Some(&cookie), None)
+                .await
+                .body
+                .contains("LOCKED DOWN")
+        );
+        http(
+            &site,
+            "POST",
+            "/users/alice/lockdown",
+            Some(&cookie),
+            Some(&f("locked=false")),
+        )
+        .await;
+        let r = http(&site, "POST", "/lockdown", Some(&cookie), Some(&f("locked=true"))).await;
+        assert_eq!(r.status, 303);
+        for path in ["/", "/users/alice"] {
+            let p = http(&site, "GET", path, Some(&cookie), None).await;
+            assert!(
+                p.body.contains("The whole site is LOCKED DOWN"),
+                "{path}: the banner on every page"
+            );
+        }
+        http(
+            &site,
+            "POST",
+            "/lockdown",
+            Some(&cookie),
+            Some(&f("locked=false")),
+        )
+        .await;
+        assert!(
+            !http(&site, "GET", "/", Some(&cookie), None)
+                .await
+                .body
+                .contains("The whole site is LOCKED DOWN")
+        );
 
         // A POST without, or with a wrong, CSRF token is refused; the session stays.
         assert_eq!(

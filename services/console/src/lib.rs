@@ -11,6 +11,7 @@
 //! Every response carries a strict Content-Security-Policy.
 
 mod pages;
+mod users;
 
 use std::{
     collections::HashMap,
@@ -174,6 +175,18 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/signin", get(signin_page).post(signin))
         .route("/signout", post(signout))
         .route("/", get(home))
+        .route("/users", post(users::create))
+        .route("/users/{chip_id}", get(users::show))
+        .route("/users/{chip_id}/edit", post(users::edit))
+        .route("/users/{chip_id}/ticket", post(users::ticket))
+        .route(
+            "/users/{chip_id}/lockdown",
+            get(users::confirm_lockdown).post(users::set_lockdown),
+        )
+        .route(
+            "/lockdown",
+            get(users::confirm_lockdown).post(users::set_lockdown),
+        )
         .route("/style.css", get(pages::style))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secured))

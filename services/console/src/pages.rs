@@ -19,6 +19,18 @@ pub async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css")], CSS)
 }
 
+const SITE_LOCKED: &str = "The whole site is LOCKED DOWN: no app can connect.";
+
+fn signout(op: &Operator) -> Markup {
+    html! {
+        a href="/" { "Users" }
+        form method="post" action="/signout" {
+            input type="hidden" name="csrf" value=(op.csrf);
+            button type="submit" { "Sign out" }
+        }
+    }
+}
+
 fn page(title: &str, banner: Option<&str>, header_extra: Markup, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
@@ -100,7 +112,7 @@ pub fn home(
                     tbody {
                         @for u in &users.users {
                             tr {
-                                td { code { (u.chip_id) } }
+                                td { a href={ "/users/" (u.chip_id) } { code { (u.chip_id) } } }
                                 td { (u.name) }
                                 td { (u.status) }
                                 td { @if u.has_key { "enrolled" } @else { "—" } }
@@ -110,6 +122,115 @@ pub fn home(
                     }
                 }
                 @if users.users.is_empty() { p { "No users match." } }
+            }
+            div.card {
+                h2 { "New user" }
+                form method="post" action="/users" {
+                    input type="hidden" name="csrf" value=(op.csrf);
+                    label { "CHIP ID " input name="chip_id" required; } " "
+                    label { "Name " input name="name" required; } " "
+                    label { "E-mail " input name="email" type="email"; } " "
+                    button type="submit" { "Create" }
+                }
+            }
+        },
+    )
+}
+
+/// A page with one message (a refusal the site explained).
+pub fn message(title: &str, text: &str) -> Markup {
+    page(
+        title,
+        None,
+        html! { a href="/" { "Back" } },
+        html! { div.card { h2 { (title) } p.error { (text) } } },
+    )
+}
+
+/// A ticket just issued, to show once.
+pub struct IssuedTicket<'a> {
+    pub uri: &'a str,
+    pub json: &'a str,
+    /// A data: URI of the QR code (SVG).
+    pub qr: Option<&'a str>,
+    pub expires_at_ms: i64,
+}
+
+pub fn user(op: &Operator, u: &ad::User, site_locked: bool, ticket: Option<IssuedTicket<'_>>) -> Markup {
+    let contact = u.contact.clone().unwrap_or_default();
+    let path = format!("/users/{}", u.chip_id);
+    page(
+        &u.chip_id,
+        site_locked.then_some(SITE_LOCKED),
+        signout(op),
+        html! {
+            div.card {
+                h2 { code { (u.chip_id) } " — " (u.name) }
+                p {
+                    "Status " strong { (u.status) } " · key " strong { @if u.has_key { "enrolled" } @else { "none" } }
+                    " · " @if u.locked { strong { "LOCKED DOWN" } " " a href={ (path) "/lockdown?locked=false" } { "Lift…" } }
+                    @else { "open " a href={ (path) "/lockdown?locked=true" } { "Lock down…" } }
+                }
+            }
+            @if let Some(t) = ticket {
+                div.card {
+                    h2 { "Connection ticket" }
+                    p { "Show this once; it works once, until " (t.expires_at_ms / 1000) " (Unix time)." }
+                    @if let Some(qr) = t.qr { img src=(qr) alt="ticket QR code" width="320" height="320"; }
+                    p { "URI: " code { (t.uri) } }
+                    p { "JSON: " code { (t.json) } }
+                }
+            }
+            div.card {
+                h2 { "Connection ticket" }
+                form method="post" action={ (path) "/ticket" } {
+                    input type="hidden" name="csrf" value=(op.csrf);
+                    button type="submit" { "Issue a ticket" }
+                }
+            }
+            div.card {
+                h2 { "Edit" }
+                form method="post" action={ (path) "/edit" } {
+                    input type="hidden" name="csrf" value=(op.csrf);
+                    p { label { "Name " input name="name" value=(u.name) required; } }
+                    p { label { "Address " input name="address" value=(u.address); } }
+                    p { label { "E-mail " input name="email" type="email" value=(contact.email); } }
+                    p { label { "Phone " input name="phone" value=(contact.phone); } }
+                    p { label { "Status "
+                        select name="status" {
+                            @for s in ["active", "suspended", "closed"] {
+                                option value=(s) selected[s == u.status] { (s) }
+                            }
+                        }
+                    } }
+                    button type="submit" { "Save" }
+                }
+            }
+        },
+    )
+}
+
+/// Lockdown changes ask first (`chip_id` empty: the whole site).
+pub fn confirm_lockdown(op: &Operator, chip_id: &str, locked: bool) -> Markup {
+    let (what, action) = if chip_id.is_empty() {
+        ("the whole site".to_owned(), "/lockdown".to_owned())
+    } else {
+        (format!("user {chip_id}"), format!("/users/{chip_id}/lockdown"))
+    };
+    page(
+        "Confirm",
+        None,
+        signout(op),
+        html! {
+            div.card {
+                h2 { @if locked { "Lock down " (what) "?" } @else { "Lift the lockdown of " (what) "?" } }
+                @if locked { p { "Open sessions are closed at once and new ones refused until it is lifted." } }
+                form method="post" action=(action) {
+                    input type="hidden" name="csrf" value=(op.csrf);
+                    input type="hidden" name="locked" value=(locked);
+                    button type="submit" { @if locked { "Lock down" } @else { "Lift" } }
+                    " " a href="/" { "Cancel" }
+                }
             }
         },
     )
