@@ -82,6 +82,19 @@ impl Addresses {
         }
     }
 
+    /// The environment that puts every service of a `chipsite dev` child
+    /// process on a port the system picks (one entry per service, so a new
+    /// service is never left on its fixed default port).
+    pub fn ephemeral_env() -> Vec<(String, &'static str)> {
+        Service::ALL
+            .iter()
+            .map(|s| {
+                let name = s.identity().to_ascii_uppercase().replace('-', "_");
+                (format!("CHIPSITE_ADDRESSES__{name}"), "127.0.0.1:0")
+            })
+            .collect()
+    }
+
     pub fn of(&self, s: Service) -> &str {
         match s {
             Service::Admin => &self.admin,

@@ -369,7 +369,7 @@ impl AdminService for AdminGrpc {
                 .clone()
                 .issue_ticket(tk::IssueTicketRequest {
                     kind: tk::TicketKind::Console as i32,
-                    chip_id: crate::CONSOLE_TICKET_SUBJECT.to_owned(),
+                    chip_id: chipsite_ticket::CONSOLE_SUBJECT.to_owned(),
                     ttl_seconds: ttl,
                     host,
                     port: u32::from(port),

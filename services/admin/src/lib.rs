@@ -27,9 +27,6 @@ pub use grpc::{AdminGrpc, policy};
 pub use notify::Notifier;
 use store::{audit, init_script, setting, user};
 
-/// The subject (CHIP ID field) of console sign-in tickets.
-pub const CONSOLE_TICKET_SUBJECT: &str = "console";
-
 /// `http(s)://host:port` (no path) → host, port.
 pub fn parse_http_url(url: &str) -> Option<(String, u16)> {
     let rest = url

@@ -44,8 +44,6 @@ pub const COOKIE: &str = "__Host-chipsite_console";
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions held at most (the oldest go first).
 const MAX_SESSIONS: usize = 1000;
-/// The CHIP ID field of console tickets (admin issues them so).
-const TICKET_SUBJECT: &str = "console";
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
@@ -240,7 +238,7 @@ async fn signin(
         .redeem_ticket(tk::RedeemTicketRequest {
             kind: tk::TicketKind::Console as i32,
             token,
-            chip_id: TICKET_SUBJECT.to_owned(),
+            chip_id: chipsite_ticket::CONSOLE_SUBJECT.to_owned(),
             source: format!("console:{}", peer.ip()),
         })
         .await;

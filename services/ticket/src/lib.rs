@@ -73,6 +73,9 @@ impl From<TicketError> for tonic::Status {
     }
 }
 
+/// The CHIP ID field of console sign-in tickets (they name no user).
+pub const CONSOLE_SUBJECT: &str = "console";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     User,

@@ -134,11 +134,6 @@ impl UserGateway {
         }
     }
 
-    /// The open sessions of this replica.
-    pub fn registry(&self) -> &Registry {
-        &self.inner.registry
-    }
-
     /// Get a fresh certificate from key-vault for a new in-memory key, for
     /// the host name apps are told to connect to (`user_gateway.host` of the
     /// site configuration). Returns the certificate's expiry (Unix ms).
@@ -256,14 +251,6 @@ impl UserGateway {
         }
         self.inner.registry.close_all(CloseReason::ShuttingDown);
         Ok(())
-    }
-
-    /// Close every open session of a user, or of everyone.
-    pub fn close_sessions(&self, chip_id: Option<&str>, reason: CloseReason) -> usize {
-        match chip_id {
-            Some(c) => self.inner.registry.close_user(c, reason, None),
-            None => self.inner.registry.close_all(reason),
-        }
     }
 }
 
