@@ -382,6 +382,7 @@ async fn lockdown_peer_server_config_and_audit() {
             .list_audit(pb::ListAuditRequest {
                 limit: 100,
                 source: "admin".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -9,25 +9,42 @@ use chipsite_proto::admin::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Pages that need a session.
-const GETS: [&str; 6] = [
+const GETS: [&str; 12] = [
     "/",
     "/?q=x",
     "/users/alice",
     "/users/alice/lockdown?locked=true",
     "/lockdown?locked=true",
+    "/tickets",
+    "/key",
+    "/peer",
+    "/config",
+    "/audit?q=x",
+    "/health",
     "/anything",
 ];
 /// Forms that need a session and its CSRF token.
-const POSTS: [&str; 6] = [
+const POSTS: [&str; 16] = [
     "/users",
+    "/users/load",
     "/users/alice/edit",
     "/users/alice/ticket",
+    "/users/alice/dump",
     "/users/alice/lockdown",
     "/lockdown",
+    "/tickets/x/revoke",
+    "/key/unseal",
+    "/key/seal",
+    "/key/create",
+    "/key/passphrase",
+    "/peer/start",
+    "/peer/stop",
+    "/config",
     "/signout",
 ];
 /// A form that would do something with the right CSRF token.
-const FORM: &str = "csrf=wrong&locked=true&chip_id=zed&name=Zed&status=active";
+const FORM: &str = "csrf=wrong&locked=true&chip_id=zed&name=Zed&status=active&passphrase=p&old=p&new=q&confirm=q\
+                    &key=ticket.ttl_seconds&value=77";
 
 struct Reply {
     status: u16,
@@ -177,6 +194,25 @@ async fn console_sessions_csrf_and_escaping() {
             http(&site, "GET", "/users/zed", Some(&cookie), None).await.status,
             404
         );
+        let mut admin = site.admin();
+        let vault = admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(vault.has_key && !vault.sealed, "{vault:?}");
+        let config = admin
+            .get_site_config(pb::GetSiteConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(config.values["ticket.ttl_seconds"], "77", "nothing was changed");
+        let peer = admin
+            .get_peer_server(pb::GetPeerServerRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(peer.desired, "stopped");
 
         // Create a user, issue a ticket (QR, URI, JSON), lock down and lift.
         let f = |rest: &str| format!("csrf={csrf}&{rest}");
@@ -290,6 +326,391 @@ async fn console_sessions_csrf_and_escaping() {
         .await;
         assert_eq!(out.status, 303);
         assert_eq!(http(&site, "GET", "/", Some(&cookie), None).await.status, 303);
+        site.finish().await;
+    }
+}
+
+/// A signed-in session: (cookie, CSRF token).
+async fn sign_in(site: &TestSite) -> (String, String) {
+    let token = link(site).await;
+    let ok = http(site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let cookie = header(&ok, "set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let home = http(site, "GET", "/", Some(&cookie), None).await;
+    let csrf = home
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}
+
+/// A multipart/form-data upload of `file` with the CSRF token.
+async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply {
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+    let b = "XyZzyBoundary7";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"u.json\"\r\n\
+         Content-Type: application/json\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /users/load HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: {cookie}\r\n\
+         Content-Type: multipart/form-data; boundary={b}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    let mut out = vec![];
+    tcp.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Reply {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+async fn user_count(site: &TestSite) -> usize {
+    site.admin()
+        .list_users(pb::ListUsersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len()
+}
+
+/// Dump and load, tickets, the site key, the peer server, configuration,
+/// the audit log, health, paging, and the sign-in rate limit.
+#[tokio::test]
+async fn console_pages_do_what_they_say() {
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let label = store.label();
+        let (cookie, csrf) = sign_in(&site).await;
+        let c = Some(cookie.as_str());
+        let f = |rest: &str| format!("csrf={csrf}&{rest}");
+        let passphrase =
+            std::fs::read_to_string(chipsite_site::dev::passphrase_path(&site.data_dir())).unwrap();
+        let passphrase = passphrase.trim();
+
+        // Users: paging through 60.
+        for i in 0..60 {
+            site.create_user(&format!("u{i:02}")).await;
+        }
+        let first = http(&site, "GET", "/", c, None).await;
+        assert!(
+            first.body.contains("u00") && !first.body.contains("u55"),
+            "[{label}]"
+        );
+        let next = first
+            .body
+            .split("href=\"/?q=&amp;after=")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        let second = http(&site, "GET", &format!("/?q=&after={next}"), c, None).await;
+        assert!(
+            second.body.contains("u55") && !second.body.contains(">u00<"),
+            "{}",
+            second.body
+        );
+
+        // Dump (a download) and load (an upload); a bad file writes nothing.
+        let d = http(&site, "POST", "/users/u01/dump", c, Some(&f(""))).await;
+        assert_eq!(d.status, 200, "{}", d.body);
+        assert_eq!(
+            header(&d, "content-disposition"),
+            Some("attachment; filename=\"u01.json\"")
+        );
+        let dump: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(dump["chip_id"], "u01");
+        let users = user_count(&site).await;
+        for (bad, why) in [
+            (b"not json".to_vec(), "bad user dump"),
+            (vec![0xff, 0xfe, 0x00], "not UTF-8"),
+            (
+                d.body.replace("\"u01\"", "\"Bad Id!\"").into_bytes(),
+                "bad user dump",
+            ),
+            (d.body.as_bytes().to_vec(), "already exists"),
+            (vec![], "choose a user dump file"),
+        ] {
+            let r = upload(&site, &cookie, &csrf, &bad).await;
+            assert_eq!(r.status, 422, "{why}: {}", r.body);
+            assert!(r.body.contains(why), "{why}: {}", r.body);
+        }
+        assert_eq!(user_count(&site).await, users, "a bad file writes nothing");
+        let r = upload(
+            &site,
+            &cookie,
+            "wrong",
+            d.body.replace("\"u01\"", "\"copy\"").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 403, "an upload checks the CSRF token too");
+        let r = upload(
+            &site,
+            &cookie,
+            &csrf,
+            d.body.replace("\"u01\"", "\"copy\"").as_bytes(),
+        )
+        .await;
+        assert_eq!(
+            (r.status, header(&r, "location")),
+            (303, Some("/users/copy")),
+            "{}",
+            r.body
+        );
+
+        // Tickets: issue, list, revoke.
+        let t = http(&site, "POST", "/users/u01/ticket", c, Some(&f(""))).await;
+        assert_eq!(t.status, 200);
+        let list = http(&site, "GET", "/tickets", c, None).await;
+        let id = list
+            .body
+            .split("action=\"/tickets/")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(list.body.contains("u01"), "{}", list.body);
+        let r = http(&site, "POST", &format!("/tickets/{id}/revoke"), c, Some(&f(""))).await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains("revoked"), "{}", r.body);
+        assert!(
+            !r.body.contains(&format!("/tickets/{id}/revoke")),
+            "no longer outstanding"
+        );
+        let all = http(&site, "GET", "/tickets?chip_id=u01&all=true", c, None).await;
+        assert!(
+            all.body.contains(&id) && all.body.contains("revoked"),
+            "{}",
+            all.body
+        );
+
+        // The site key: seal, a wrong pass phrase (never shown back), unseal.
+        let r = http(&site, "POST", "/key/seal", c, Some(&f(""))).await;
+        assert!(r.body.contains("site key SEALED"), "{}", r.body);
+        let r = http(
+            &site,
+            "POST",
+            "/key/unseal",
+            c,
+            Some(&f("passphrase=Wrong-Phrase-xyzzy")),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{}", r.body);
+        assert!(
+            !r.body.contains("Wrong-Phrase-xyzzy"),
+            "a pass phrase never comes back"
+        );
+        let r = http(
+            &site,
+            "POST",
+            "/key/unseal",
+            c,
+            Some(&f(&format!("passphrase={passphrase}"))),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("site key unsealed") && !r.body.contains(passphrase));
+        // Change the pass phrase: a mismatch and a wrong old one change nothing.
+        let r = http(
+            &site,
+            "POST",
+            "/key/passphrase",
+            c,
+            Some(&f(&format!(
+                "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-2"
+            ))),
+        )
+        .await;
+        assert!(r.status == 422 && r.body.contains("differ"), "{}", r.body);
+        let r = http(
+            &site,
+            "POST",
+            "/key/passphrase",
+            c,
+            Some(&f(
+                "old=nope-nope-nope&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1",
+            )),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{}", r.body);
+        let r = http(
+            &site,
+            "POST",
+            "/key/passphrase",
+            c,
+            Some(&f(&format!(
+                "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1"
+            ))),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(!r.body.contains("aaaa-bbbb-cccc-1"));
+        let mut admin = site.admin();
+        admin.seal_vault(pb::SealVaultRequest {}).await.unwrap();
+        admin
+            .unseal_vault(pb::UnsealVaultRequest {
+                passphrase: "aaaa-bbbb-cccc-1".into(),
+            })
+            .await
+            .expect("the new pass phrase opens the key");
+
+        // The peer server: start asks for the pass phrase.
+        let r = http(
+            &site,
+            "POST",
+            "/peer/start",
+            c,
+            Some(&f("passphrase=nope-nope-nope")),
+        )
+        .await;
+        assert_eq!(r.status, 422, "{}", r.body);
+        let r = http(
+            &site,
+            "POST",
+            "/peer/start",
+            c,
+            Some(&f("passphrase=aaaa-bbbb-cccc-1")),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            http(&site, "GET", "/peer", c, None)
+                .await
+                .body
+                .contains("running")
+        );
+        let r = http(&site, "POST", "/peer/stop", c, Some(&f(""))).await;
+        assert!(r.body.contains("stopped"), "{}", r.body);
+
+        // Configuration: validated, saved, reset.
+        let r = http(
+            &site,
+            "POST",
+            "/config",
+            c,
+            Some(&f("key=ticket.ttl_seconds&value=abc")),
+        )
+        .await;
+        assert_eq!(r.status, 422);
+        assert!(r.body.contains("ticket.ttl_seconds must be"), "{}", r.body);
+        let r = http(
+            &site,
+            "POST",
+            "/config",
+            c,
+            Some(&f("key=ticket.ttl_seconds&value=600")),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("value=\"600\""));
+        let r = http(
+            &site,
+            "POST",
+            "/config",
+            c,
+            Some(&f("key=ticket.ttl_seconds&reset=true")),
+        )
+        .await;
+        assert!(r.body.contains("value=\"86400\""), "{}", r.body);
+        let r = http(&site, "POST", "/config", c, Some(&f("key=no.such.key&value=1"))).await;
+        assert_eq!(r.status, 422, "{}", r.body);
+
+        // The audit log: newest first, filtered.
+        let a = http(&site, "GET", "/audit?q=PASSPHRASE", c, None).await;
+        assert!(
+            a.body.contains("change_passphrase") && !a.body.contains("create_user"),
+            "{}",
+            a.body
+        );
+        assert!(!a.body.contains("aaaa-bbbb-cccc-1") && !a.body.contains(passphrase));
+        let a = http(&site, "GET", "/audit?source=ticket", c, None).await;
+        assert!(
+            a.body.contains("revoked") && !a.body.contains("create_user"),
+            "{}",
+            a.body
+        );
+        let a = http(&site, "GET", "/audit", c, None).await;
+        let (seal, create) = (
+            a.body.find("seal_vault").unwrap(),
+            a.body.find("create_user").unwrap(),
+        );
+        assert!(seal < create, "newest first");
+        assert!(
+            http(&site, "GET", "/audit?q=100%25_", c, None)
+                .await
+                .body
+                .contains("Nothing matches")
+        );
+
+        // Health: every service, where it listens.
+        let h = http(&site, "GET", "/health", c, None).await;
+        let e = &site.site.endpoints;
+        for (name, addr) in [
+            ("admin", e.admin.as_str()),
+            ("key-vault", e.key_vault.as_str()),
+            ("ticket", e.ticket.as_str()),
+            ("user-gateway", e.user_gateway.as_str()),
+        ] {
+            assert!(
+                h.body.contains(name) && h.body.contains(addr),
+                "{name}: {}",
+                h.body
+            );
+        }
+        assert_eq!(h.body.matches(">up<").count(), 5, "{}", h.body);
+        assert!(!h.body.contains("DOWN"));
+
+        // Sign-in attempts from one address are limited.
+        let mut codes = vec![];
+        for _ in 0..12 {
+            codes.push(
+                http(&site, "POST", "/signin", None, Some("t=bm9wZQ"))
+                    .await
+                    .status,
+            );
+        }
+        assert!(codes[0] == 403 && codes[11] == 429, "{codes:?}");
+        assert_eq!(
+            http(&site, "GET", "/", c, None).await.status,
+            200,
+            "a session is not affected"
+        );
         site.finish().await;
     }
 }

@@ -294,6 +294,7 @@ async fn a_flood_of_bad_tokens_is_throttled_per_source() {
             .list_audit(tk::ListAuditRequest {
                 ticket_id: String::new(),
                 limit: 100,
+                ..Default::default()
             })
             .await
             .unwrap()

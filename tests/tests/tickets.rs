@@ -69,6 +69,7 @@ async fn sixty_four_concurrent_redemptions_give_exactly_one_success() {
             .list_audit(tk::ListAuditRequest {
                 ticket_id: ticket_id.clone(),
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -158,6 +159,7 @@ async fn every_kind_of_failed_attempt_looks_the_same_and_burns_the_ticket() {
             .list_audit(tk::ListAuditRequest {
                 ticket_id: String::new(),
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -235,6 +237,7 @@ async fn failed_attempts_are_throttled_per_source() {
             .list_audit(tk::ListAuditRequest {
                 ticket_id: String::new(),
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -136,6 +136,7 @@ async fn sealed_vault_refuses_signing_and_wrong_pass_phrases_keep_it_sealed() {
             .list_audit(pb::ListAuditRequest {
                 limit: 100,
                 source: "admin".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

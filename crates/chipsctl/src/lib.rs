@@ -73,6 +73,9 @@ pub enum Command {
         /// Only "admin" or "ticket" records.
         #[arg(long, default_value = "")]
         source: String,
+        /// Only records with this text (any case) in a field.
+        #[arg(long, default_value = "")]
+        contains: String,
     },
 }
 
@@ -885,9 +888,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             let v = json!({"alarms": r.alarms.iter().map(alarm_json).collect::<Vec<_>>()});
             emit(out, v, r.alarms.iter().map(alarm_text).collect())
         }
-        Command::Audit { limit, source } => {
+        Command::Audit {
+            limit,
+            source,
+            contains,
+        } => {
             let r = client
-                .list_audit(pb::ListAuditRequest { limit, source })
+                .list_audit(pb::ListAuditRequest {
+                    limit,
+                    source,
+                    contains,
+                })
                 .await
                 .map_err(&err)?
                 .into_inner();

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::Channel;
 
-pub use config::{Config, Service};
+pub use config::{Addresses, Config, Service};
 
 /// How often certificate files are checked for replacement.
 const CERT_POLL: Duration = Duration::from_secs(5);
@@ -270,10 +270,16 @@ impl Site {
             (
                 "console",
                 tokio::spawn(serve_console(
-                    Console::new(
-                        channel(&admin_addr, id::ADMIN, &console_tls)?,
-                        channel(&ticket_addr, id::TICKET, &console_tls)?,
-                    ),
+                    console(
+                        &Addresses {
+                            admin: admin_addr.clone(),
+                            key_vault: vault_addr.clone(),
+                            ticket: ticket_addr.clone(),
+                            user_gateway: gateway_addr.to_string(),
+                            console: addrs[4].to_string(),
+                        },
+                        &console_tls,
+                    )?,
                     console_l,
                     shutdown.clone().wait(),
                 )),
@@ -357,10 +363,7 @@ pub async fn serve_one(
         None => config.addresses.of(service).to_owned(),
     };
     if service == Service::Console {
-        let console = Console::new(
-            channel(&config.addresses.admin, id::ADMIN, &tls)?,
-            channel(&config.addresses.ticket, id::TICKET, &tls)?,
-        );
+        let console = console(&config.addresses, &tls)?;
         let listener = bind(&listen).await?;
         tracing::info!(service = service.identity(), addr = %listen, "serving");
         return serve_console(console, listener, shutdown).await;
@@ -427,6 +430,38 @@ async fn open_admin(config: &Config) -> Result<Admin, SiteError> {
     let db = chipsite_store::connect(&url).await?;
     let hub = chipsite_admin::Hub::for_database(&url, &db).await?;
     Ok(Admin::open(db).await?.with_hub(hub))
+}
+
+/// The console, with the services its health page checks and where they listen.
+fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, SiteError> {
+    use chipsite_console::{Check, Probe};
+    let grpc = |name: &'static str, addr: &str, identity: &str| -> Result<Probe, SiteError> {
+        Ok(Probe {
+            name,
+            addr: addr.to_owned(),
+            check: Check::Grpc(channel(addr, identity, tls)?),
+        })
+    };
+    let probes = vec![
+        grpc("admin", &at.admin, id::ADMIN)?,
+        grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
+        grpc("ticket", &at.ticket, id::TICKET)?,
+        Probe {
+            name: "user-gateway",
+            addr: at.user_gateway.clone(),
+            check: Check::Accepts,
+        },
+        Probe {
+            name: "console",
+            addr: at.console.clone(),
+            check: Check::ThisConsole,
+        },
+    ];
+    Ok(Console::with_probes(
+        channel(&at.admin, id::ADMIN, tls)?,
+        channel(&at.ticket, id::TICKET, tls)?,
+        probes,
+    ))
 }
 
 async fn serve_console(

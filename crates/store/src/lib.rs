@@ -125,6 +125,26 @@ pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// Rows with `text` (any case, taken literally) in any of `columns`:
+/// `LOWER(col) LIKE '%text%'`, the same on SQLite and PostgreSQL.
+pub fn contains_any<C>(columns: &[C], text: &str) -> sea_orm::Condition
+where
+    C: sea_orm::ColumnTrait,
+{
+    use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
+    let mut escaped = String::with_capacity(text.len() + 2);
+    for ch in text.to_lowercase().chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(ch);
+    }
+    let pattern = format!("%{escaped}%");
+    columns.iter().fold(sea_orm::Condition::any(), |cond, col| {
+        cond.add(Expr::expr(Func::lower(Expr::col(*col))).like(LikeExpr::new(pattern.clone()).escape('\\')))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -637,7 +637,7 @@ impl AdminService for AdminGrpc {
         let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) };
         let mut entries = vec![];
         if r.source.is_empty() || r.source == "admin" {
-            for a in self.admin.audit_log(u64::from(limit)).await? {
+            for a in self.admin.audit_log(u64::from(limit), &r.contains).await? {
                 entries.push(pb::AuditEntry {
                     at_ms: a.at_ms,
                     source: "admin".into(),
@@ -655,6 +655,7 @@ impl AdminService for AdminGrpc {
                 .list_audit(tk::ListAuditRequest {
                     ticket_id: String::new(),
                     limit,
+                    contains: r.contains.clone(),
                 })
                 .await?
                 .into_inner()

@@ -661,9 +661,22 @@ impl Admin {
         Ok(())
     }
 
-    pub async fn audit_log(&self, limit: u64) -> Result<Vec<audit::Model>, AdminError> {
-        Ok(audit::Entity::find()
-            .order_by_desc(audit::Column::Id)
+    /// The newest `limit` records, those with `contains` (any case) in a
+    /// field when it is not empty.
+    pub async fn audit_log(&self, limit: u64, contains: &str) -> Result<Vec<audit::Model>, AdminError> {
+        let mut q = audit::Entity::find();
+        if !contains.is_empty() {
+            q = q.filter(chipsite_store::contains_any(
+                &[
+                    audit::Column::Actor,
+                    audit::Column::Action,
+                    audit::Column::Subject,
+                    audit::Column::Outcome,
+                ],
+                contains,
+            ));
+        }
+        Ok(q.order_by_desc(audit::Column::Id)
             .limit(limit.clamp(1, 10_000))
             .all(&self.db)
             .await?)

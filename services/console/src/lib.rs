@@ -11,11 +11,12 @@
 //! Every response carries a strict Content-Security-Policy.
 
 mod pages;
+mod site;
 mod users;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -37,6 +38,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// The session cookie. `__Host-`: only over a secure origin, no Domain, Path=/.
 pub const COOKIE: &str = "__Host-chipsite_console";
@@ -44,6 +48,12 @@ pub const COOKIE: &str = "__Host-chipsite_console";
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions held at most (the oldest go first).
 const MAX_SESSIONS: usize = 1000;
+/// Sign-in attempts one source address may make per [`SIGNIN_WINDOW`]
+/// before the console answers 429 without asking the ticket service.
+pub const SIGNIN_ATTEMPTS: u32 = 10;
+pub const SIGNIN_WINDOW: Duration = Duration::from_secs(60);
+/// Source addresses the sign-in limiter remembers at most.
+const MAX_SOURCES: usize = 10_000;
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
@@ -53,11 +63,31 @@ struct Session {
     expires: Instant,
 }
 
+/// How the health page checks one service.
+pub enum Check {
+    /// `grpc.health.v1.Health/Check` over internal mutual TLS.
+    Grpc(Channel),
+    /// A TCP connection (an external port: it only has to accept).
+    Accepts,
+    /// The console itself: it is answering.
+    ThisConsole,
+}
+
+/// One service on the health page: its name, where it listens, how to check it.
+pub struct Probe {
+    pub name: &'static str,
+    pub addr: String,
+    pub check: Check,
+}
+
 pub struct Console {
     admin: AdminServiceClient<TracedChannel>,
     tickets: TicketsClient<TracedChannel>,
     /// By SHA-256 of the cookie value.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
+    /// Sign-in attempts by source: (window start, attempts in it).
+    attempts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    probes: Vec<Probe>,
 }
 
 impl std::fmt::Debug for Console {
@@ -88,7 +118,76 @@ impl Console {
             admin: AdminServiceClient::new(traced(admin)),
             tickets: TicketsClient::new(traced(tickets)),
             sessions: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(HashMap::new()),
+            probes: vec![],
         })
+    }
+
+    /// The same console, with the services its health page checks.
+    pub fn with_probes(admin: Channel, tickets: Channel, probes: Vec<Probe>) -> Arc<Self> {
+        let mut c = Self::new(admin, tickets);
+        if let Some(me) = Arc::get_mut(&mut c) {
+            me.probes = probes;
+        }
+        c
+    }
+
+    /// Whether `ip` may try to sign in now (counts the attempt).
+    fn may_sign_in(&self, ip: IpAddr) -> bool {
+        let mut m = match self.attempts.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        if m.len() >= MAX_SOURCES {
+            m.retain(|_, (start, _)| now.duration_since(*start) < SIGNIN_WINDOW);
+        }
+        if m.len() >= MAX_SOURCES {
+            // Still full of live windows: a flood from many sources. Refuse
+            // new sources until windows expire rather than grow without bound.
+            return m.get(&ip).is_some_and(|(_, n)| *n < SIGNIN_ATTEMPTS);
+        }
+        let entry = m.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= SIGNIN_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= SIGNIN_ATTEMPTS
+    }
+
+    /// Each probed service's state, in order: (name, address, healthy, detail).
+    pub(crate) async fn health(&self) -> Vec<(&'static str, String, bool, String)> {
+        let checks = self.probes.iter().map(|p| async move {
+            let (ok, detail) = match &p.check {
+                Check::ThisConsole => (true, "serving (this page)".to_owned()),
+                Check::Accepts => match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(&p.addr),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => (true, "accepting connections".to_owned()),
+                    Ok(Err(e)) => (false, format!("not accepting: {e}")),
+                    Err(_) => (false, "no answer in 2 s".to_owned()),
+                },
+                Check::Grpc(ch) => {
+                    let mut client = HealthClient::new(ch.clone());
+                    let call = client.check(HealthCheckRequest {
+                        service: String::new(),
+                    });
+                    match tokio::time::timeout(Duration::from_secs(2), call).await {
+                        Ok(Ok(r)) => {
+                            let s = r.into_inner().status();
+                            (s == ServingStatus::Serving, s.as_str_name().to_lowercase())
+                        }
+                        Ok(Err(s)) => (false, format!("{:?}: {}", s.code(), s.message())),
+                        Err(_) => (false, "no answer in 2 s".to_owned()),
+                    }
+                }
+            };
+            (p.name, p.addr.clone(), ok, detail)
+        });
+        futures::future::join_all(checks).await
     }
 
     fn with_sessions<T>(&self, f: impl FnOnce(&mut HashMap<[u8; 32], Session>) -> T) -> T {
@@ -148,6 +247,29 @@ impl Console {
     pub(crate) fn admin(&self) -> AdminServiceClient<TracedChannel> {
         self.admin.clone()
     }
+
+    /// What every signed-in page shows: the site lockdown banner and the
+    /// site key's state (sealed or not) in the header.
+    pub(crate) async fn chrome(&self, op: Operator) -> Chrome {
+        let (mut a1, mut a2) = (self.admin(), self.admin());
+        let (lock, vault) = tokio::join!(
+            a1.get_lockdown(ad::GetLockdownRequest::default()),
+            a2.get_vault_status(ad::GetVaultStatusRequest {})
+        );
+        Chrome {
+            csrf: op.csrf,
+            site_locked: lock.is_ok_and(|l| l.into_inner().site_locked),
+            vault: vault.ok().map(tonic::Response::into_inner),
+        }
+    }
+}
+
+/// The frame of every signed-in page.
+pub(crate) struct Chrome {
+    pub csrf: String,
+    pub site_locked: bool,
+    /// None: the admin service did not answer.
+    pub vault: Option<ad::VaultStatusView>,
 }
 
 /// A page or a refusal, with the headers every response carries.
@@ -174,7 +296,9 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/signout", post(signout))
         .route("/", get(home))
         .route("/users", post(users::create))
+        .route("/users/load", post(users::load))
         .route("/users/{chip_id}", get(users::show))
+        .route("/users/{chip_id}/dump", post(users::dump))
         .route("/users/{chip_id}/edit", post(users::edit))
         .route("/users/{chip_id}/ticket", post(users::ticket))
         .route(
@@ -185,6 +309,19 @@ pub fn router(console: Arc<Console>) -> Router {
             "/lockdown",
             get(users::confirm_lockdown).post(users::set_lockdown),
         )
+        .route("/tickets", get(site::tickets))
+        .route("/tickets/{id}/revoke", post(site::revoke_ticket))
+        .route("/key", get(site::key))
+        .route("/key/unseal", post(site::unseal))
+        .route("/key/seal", post(site::seal))
+        .route("/key/create", post(site::create_key))
+        .route("/key/passphrase", post(site::change_passphrase))
+        .route("/peer", get(site::peer))
+        .route("/peer/start", post(site::start_peer))
+        .route("/peer/stop", post(site::stop_peer))
+        .route("/config", get(site::config).post(site::set_config))
+        .route("/audit", get(site::audit))
+        .route("/health", get(site::health))
         .route("/style.css", get(pages::style))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secured))
@@ -226,6 +363,18 @@ async fn signin(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Form(f): Form<SigninForm>,
 ) -> Response {
+    if !c.may_sign_in(peer.ip()) {
+        tracing::warn!(%peer, "console sign-in rate limited");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, SIGNIN_WINDOW.as_secs().to_string())],
+            pages::signin(
+                "",
+                Some("Too many sign-in attempts from this address: wait a minute and try again."),
+            ),
+        )
+            .into_response();
+    }
     // A whole link pasted in is fine too.
     let token =
         f.t.rsplit_once("t=")
@@ -328,34 +477,30 @@ async fn signout(State(c): App, headers: HeaderMap, Form(f): Form<CsrfForm>) -> 
 struct HomeQuery {
     #[serde(default)]
     q: String,
+    /// The last CHIP ID of the previous page.
+    #[serde(default)]
+    after: String,
 }
 
-async fn home(State(c): App, headers: HeaderMap, Query(q): Query<HomeQuery>) -> Response {
-    let op = match checked(&c, &headers, None) {
-        Ok(op) => op,
-        Err(r) => return r.into_response(),
-    };
-    let (mut a1, mut a2, mut a3) = (c.admin(), c.admin(), c.admin());
-    let (lock, vault, users) = tokio::join!(
-        a1.get_lockdown(ad::GetLockdownRequest::default()),
-        a2.get_vault_status(ad::GetVaultStatusRequest {}),
-        a3.list_users(ad::ListUsersRequest {
+async fn home(State(c): App, headers: HeaderMap, Query(q): Query<HomeQuery>) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    let mut admin = c.admin();
+    let (chrome, users) = tokio::join!(
+        c.chrome(op),
+        admin.list_users(ad::ListUsersRequest {
             query: q.q.clone(),
-            page_size: 50,
-            page_token: String::new(),
+            page_size: PAGE_SIZE,
+            page_token: q.after.clone(),
         })
     );
-    match (lock, vault, users) {
-        (Ok(l), Ok(v), Ok(u)) => {
-            pages::home(&op, &l.into_inner(), &v.into_inner(), &u.into_inner(), &q.q).into_response()
-        }
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the admin service did not answer; try again",
-        )
-            .into_response(),
-    }
+    Ok(match users {
+        Ok(u) => pages::home(&chrome, &u.into_inner(), &q.q, &q.after).into_response(),
+        Err(s) => users::failed(&s),
+    })
 }
+
+/// Users per page of the list.
+pub const PAGE_SIZE: u32 = 50;
 
 async fn not_found(State(c): App, headers: HeaderMap) -> Response {
     match checked(&c, &headers, None) {

@@ -1,37 +1,59 @@
 //! The pages. maud escapes every value it prints, so a user name of
-//! `<script>` shows as text.
+//! `<script>` shows as text. No page ever holds a pass phrase: pass-phrase
+//! inputs are `type=password` and never filled in.
 
 use axum::{http::header, response::IntoResponse};
 use chipsite_proto::admin::v1 as ad;
 use maud::{DOCTYPE, Markup, html};
 
-use crate::Operator;
+use crate::Chrome;
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#1b1b1b;background:#f6f7f9}\
-header{background:#12324a;color:#fff;padding:.8rem 1.5rem;display:flex;gap:1rem;align-items:center}\
-header h1{font-size:1.1rem;margin:0;flex:1}main{padding:1.5rem;max-width:70rem}\
+header{background:#12324a;color:#fff;padding:.6rem 1.5rem;display:flex;gap:1rem;align-items:center;flex-wrap:wrap}\
+header h1{font-size:1.1rem;margin:0 1rem 0 0}header nav{display:flex;gap:.9rem;flex:1;flex-wrap:wrap}\
+header a{color:#fff}header form{margin:0}.badge{padding:.15rem .5rem;border-radius:4px;font-size:.85rem;font-weight:600}\
+.ok{background:#1e7d32;color:#fff}.warn{background:#b00020;color:#fff}\
+main{padding:1.5rem;max-width:72rem}\
 .banner{background:#b00020;color:#fff;padding:.6rem 1.5rem;font-weight:600}\
-table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.4rem .6rem;border-bottom:1px solid #dde}\
+table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.4rem .6rem;border-bottom:1px solid #dde;vertical-align:top}\
 .card{background:#fff;border:1px solid #dde;border-radius:6px;padding:1rem;margin-bottom:1rem}\
-.error{color:#b00020}button,input{font:inherit;padding:.3rem .6rem}";
+.error{color:#b00020}.done{color:#1e7d32}button,input,select{font:inherit;padding:.3rem .6rem}\
+code{word-break:break-all}.qr{display:block;image-rendering:pixelated;background:#fff;padding:8px}\
+.row{display:flex;gap:1rem;flex-wrap:wrap}.row>.card{flex:1;min-width:18rem}";
 
 pub async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css")], CSS)
 }
 
-const SITE_LOCKED: &str = "The whole site is LOCKED DOWN: no app can connect.";
+pub(crate) const SITE_LOCKED: &str = "The whole site is LOCKED DOWN: no app can connect.";
 
-fn signout(op: &Operator) -> Markup {
+/// The header of a signed-in page: where to go, the site key at a glance,
+/// sign out.
+fn nav(chrome: &Chrome) -> Markup {
     html! {
-        a href="/" { "Users" }
+        nav {
+            a href="/" { "Users" }
+            a href="/tickets" { "Tickets" }
+            a href="/key" { "Site key" }
+            a href="/peer" { "Peer server" }
+            a href="/config" { "Config" }
+            a href="/audit" { "Audit" }
+            a href="/health" { "Health" }
+        }
+        @match &chrome.vault {
+            Some(v) if !v.has_key => span.badge.warn { "no site key" },
+            Some(v) if v.sealed => span.badge.warn { "site key SEALED" },
+            Some(_) => span.badge.ok { "site key unsealed" },
+            None => span.badge.warn { "admin not answering" },
+        }
         form method="post" action="/signout" {
-            input type="hidden" name="csrf" value=(op.csrf);
+            input type="hidden" name="csrf" value=(chrome.csrf);
             button type="submit" { "Sign out" }
         }
     }
 }
 
-fn page(title: &str, banner: Option<&str>, header_extra: Markup, body: Markup) -> Markup {
+fn layout(title: &str, banner: Option<&str>, header_extra: Markup, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -50,8 +72,33 @@ fn page(title: &str, banner: Option<&str>, header_extra: Markup, body: Markup) -
     }
 }
 
+/// A signed-in page: the header, the lockdown banner when the site is
+/// locked down, and an optional notice (a result or an error).
+pub(crate) fn page(chrome: &Chrome, title: &str, notice: Option<&Notice>, body: Markup) -> Markup {
+    layout(
+        title,
+        chrome.site_locked.then_some(SITE_LOCKED),
+        nav(chrome),
+        html! {
+            @if let Some(n) = notice {
+                @match n {
+                    Notice::Done(t) => div.card { p.done role="status" { (t) } },
+                    Notice::Error(t) => div.card { p.error role="alert" { (t) } },
+                }
+            }
+            (body)
+        },
+    )
+}
+
+/// A line above a page's content.
+pub(crate) enum Notice {
+    Done(String),
+    Error(String),
+}
+
 pub fn signin(token: &str, error: Option<&str>) -> Markup {
-    page(
+    layout(
         "Sign in",
         None,
         html! {},
@@ -74,33 +121,12 @@ pub fn signin(token: &str, error: Option<&str>) -> Markup {
     )
 }
 
-pub fn home(
-    op: &Operator,
-    lock: &ad::LockdownState,
-    vault: &ad::VaultStatusView,
-    users: &ad::ListUsersResponse,
-    query: &str,
-) -> Markup {
-    let banner = lock
-        .site_locked
-        .then_some("The whole site is LOCKED DOWN: no app can connect.");
+pub(crate) fn home(chrome: &Chrome, users: &ad::ListUsersResponse, query: &str, after: &str) -> Markup {
     page(
+        chrome,
         "Users",
-        banner,
+        None,
         html! {
-            form method="post" action="/signout" {
-                input type="hidden" name="csrf" value=(op.csrf);
-                button type="submit" { "Sign out" }
-            }
-        },
-        html! {
-            div.card {
-                strong { "Site key: " }
-                @if !vault.has_key { "none yet" }
-                @else if vault.sealed { "SEALED" }
-                @else { "unsealed" }
-                " · pin " code { (vault.site_key_pin) }
-            }
             div.card {
                 h2 { "Users" }
                 form method="get" action="/" {
@@ -122,28 +148,60 @@ pub fn home(
                     }
                 }
                 @if users.users.is_empty() { p { "No users match." } }
+                p {
+                    @if !after.is_empty() { a href={ "/?q=" (urlencode(query)) } { "First page" } " " }
+                    @if !users.next_page_token.is_empty() {
+                        a href={ "/?q=" (urlencode(query)) "&after=" (urlencode(&users.next_page_token)) } { "Next page" }
+                    }
+                }
+            }
+            div.row {
+                div.card {
+                    h2 { "New user" }
+                    form method="post" action="/users" {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        p { label { "CHIP ID " input name="chip_id" required; } }
+                        p { label { "Name " input name="name" required; } }
+                        p { label { "E-mail " input name="email" type="email"; } }
+                        button type="submit" { "Create" }
+                    }
+                }
+                div.card {
+                    h2 { "Load a user" }
+                    p { "A JSON file from “Download JSON” or " code { "chipsctl user dump" } ". Nothing is written unless all of it is valid." }
+                    form method="post" action="/users/load" enctype="multipart/form-data" {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        p { input name="file" type="file" accept="application/json,.json" required; }
+                        button type="submit" { "Load" }
+                    }
+                }
             }
             div.card {
-                h2 { "New user" }
-                form method="post" action="/users" {
-                    input type="hidden" name="csrf" value=(op.csrf);
-                    label { "CHIP ID " input name="chip_id" required; } " "
-                    label { "Name " input name="name" required; } " "
-                    label { "E-mail " input name="email" type="email"; } " "
-                    button type="submit" { "Create" }
-                }
+                strong { "Site lockdown: " }
+                @if chrome.site_locked { "LOCKED DOWN " a href="/lockdown?locked=false" { "Lift…" } }
+                @else { "open " a href="/lockdown?locked=true" { "Lock down the whole site…" } }
             }
         },
     )
 }
 
+/// The query-string form of `s`.
+pub(crate) fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A page with one message (a refusal the site explained).
 pub fn message(title: &str, text: &str) -> Markup {
-    page(
+    layout(
         title,
         None,
-        html! { a href="/" { "Back" } },
-        html! { div.card { h2 { (title) } p.error { (text) } } },
+        html! { nav { a href="/" { "Back" } } },
+        html! { div.card { h2 { (title) } p.error role="alert" { (text) } } },
     )
 }
 
@@ -156,13 +214,13 @@ pub struct IssuedTicket<'a> {
     pub expires_at_ms: i64,
 }
 
-pub fn user(op: &Operator, u: &ad::User, site_locked: bool, ticket: Option<IssuedTicket<'_>>) -> Markup {
+pub(crate) fn user(chrome: &Chrome, u: &ad::User, ticket: Option<IssuedTicket<'_>>) -> Markup {
     let contact = u.contact.clone().unwrap_or_default();
     let path = format!("/users/{}", u.chip_id);
     page(
+        chrome,
         &u.chip_id,
-        site_locked.then_some(SITE_LOCKED),
-        signout(op),
+        None,
         html! {
             div.card {
                 h2 { code { (u.chip_id) } " — " (u.name) }
@@ -171,27 +229,37 @@ pub fn user(op: &Operator, u: &ad::User, site_locked: bool, ticket: Option<Issue
                     " · " @if u.locked { strong { "LOCKED DOWN" } " " a href={ (path) "/lockdown?locked=false" } { "Lift…" } }
                     @else { "open " a href={ (path) "/lockdown?locked=true" } { "Lock down…" } }
                 }
+                p { a href={ "/tickets?chip_id=" (urlencode(&u.chip_id)) } { "Tickets of this user" } }
             }
             @if let Some(t) = ticket {
-                div.card {
+                div.card #ticket {
                     h2 { "Connection ticket" }
-                    p { "Show this once; it works once, until " (t.expires_at_ms / 1000) " (Unix time)." }
-                    @if let Some(qr) = t.qr { img src=(qr) alt="ticket QR code" width="320" height="320"; }
+                    p { "Show this once; it works once, until " (crate::site::when(t.expires_at_ms)) "." }
+                    @if let Some(qr) = t.qr { img.qr src=(qr) alt="ticket QR code" width="384" height="384"; }
                     p { "URI: " code { (t.uri) } }
                     p { "JSON: " code { (t.json) } }
                 }
             }
-            div.card {
-                h2 { "Connection ticket" }
-                form method="post" action={ (path) "/ticket" } {
-                    input type="hidden" name="csrf" value=(op.csrf);
-                    button type="submit" { "Issue a ticket" }
+            div.row {
+                div.card {
+                    h2 { "Connection ticket" }
+                    form method="post" action={ (path) "/ticket" } {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        button type="submit" { "Issue a ticket" }
+                    }
+                }
+                div.card {
+                    h2 { "Dump" }
+                    form method="post" action={ (path) "/dump" } {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        button type="submit" { "Download JSON" }
+                    }
                 }
             }
             div.card {
                 h2 { "Edit" }
                 form method="post" action={ (path) "/edit" } {
-                    input type="hidden" name="csrf" value=(op.csrf);
+                    input type="hidden" name="csrf" value=(chrome.csrf);
                     p { label { "Name " input name="name" value=(u.name) required; } }
                     p { label { "Address " input name="address" value=(u.address); } }
                     p { label { "E-mail " input name="email" type="email" value=(contact.email); } }
@@ -211,22 +279,22 @@ pub fn user(op: &Operator, u: &ad::User, site_locked: bool, ticket: Option<Issue
 }
 
 /// Lockdown changes ask first (`chip_id` empty: the whole site).
-pub fn confirm_lockdown(op: &Operator, chip_id: &str, locked: bool) -> Markup {
+pub(crate) fn confirm_lockdown(chrome: &Chrome, chip_id: &str, locked: bool) -> Markup {
     let (what, action) = if chip_id.is_empty() {
         ("the whole site".to_owned(), "/lockdown".to_owned())
     } else {
         (format!("user {chip_id}"), format!("/users/{chip_id}/lockdown"))
     };
     page(
+        chrome,
         "Confirm",
         None,
-        signout(op),
         html! {
             div.card {
                 h2 { @if locked { "Lock down " (what) "?" } @else { "Lift the lockdown of " (what) "?" } }
                 @if locked { p { "Open sessions are closed at once and new ones refused until it is lifted." } }
                 form method="post" action=(action) {
-                    input type="hidden" name="csrf" value=(op.csrf);
+                    input type="hidden" name="csrf" value=(chrome.csrf);
                     input type="hidden" name="locked" value=(locked);
                     button type="submit" { @if locked { "Lock down" } @else { "Lift" } }
                     " " a href="/" { "Cancel" }

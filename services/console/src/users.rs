@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use axum::{
     Form,
-    extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode},
+    extract::{Multipart, Path, Query, State, multipart::MultipartRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -15,12 +15,12 @@ use chipsite_proto::admin::v1 as ad;
 use chipsite_ticket::render::PublishedTicket;
 use serde::Deserialize;
 
-use crate::{Console, checked, pages};
+use crate::{Console, Refusal, checked, pages};
 
 type App = State<Arc<Console>>;
 
 /// A refused call, as a page with the site's message (already free of secrets).
-fn failed(status: &tonic::Status) -> Response {
+pub(crate) fn failed(status: &tonic::Status) -> Response {
     let code = match status.code() {
         tonic::Code::NotFound => StatusCode::NOT_FOUND,
         tonic::Code::InvalidArgument | tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
@@ -32,19 +32,13 @@ fn failed(status: &tonic::Status) -> Response {
     (code, pages::message("Not done", status.message())).into_response()
 }
 
-/// Whether the whole site is locked down (shown on every page).
-async fn site_locked(c: &Console) -> bool {
-    c.admin()
-        .get_lockdown(ad::GetLockdownRequest::default())
-        .await
-        .is_ok_and(|l| l.into_inner().site_locked)
-}
-
 #[derive(Deserialize)]
 pub(crate) struct CreateForm {
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
     chip_id: String,
+    #[serde(default)]
     name: String,
     #[serde(default)]
     email: String,
@@ -72,21 +66,128 @@ pub(crate) async fn create(State(c): App, headers: HeaderMap, Form(f): Form<Crea
     }
 }
 
-pub(crate) async fn show(State(c): App, headers: HeaderMap, Path(chip_id): Path<String>) -> Response {
-    let op = match checked(&c, &headers, None) {
-        Ok(op) => op,
-        Err(r) => return r.into_response(),
-    };
-    match c.admin().get_user(ad::GetUserRequest { chip_id }).await {
-        Ok(u) => pages::user(&op, &u.into_inner(), site_locked(&c).await, None).into_response(),
+pub(crate) async fn show(
+    State(c): App,
+    headers: HeaderMap,
+    Path(chip_id): Path<String>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    let mut admin = c.admin();
+    let (chrome, user) = tokio::join!(c.chrome(op), admin.get_user(ad::GetUserRequest { chip_id }));
+    Ok(match user {
+        Ok(u) => pages::user(&chrome, &u.into_inner(), None).into_response(),
         Err(s) => failed(&s),
+    })
+}
+
+/// The user's dump (the same JSON as `chipsctl user dump`), as a download.
+pub(crate) async fn dump(
+    State(c): App,
+    headers: HeaderMap,
+    Path(chip_id): Path<String>,
+    Form(f): Form<crate::CsrfForm>,
+) -> Result<Response, Refusal> {
+    checked(&c, &headers, Some(&f.csrf))?;
+    let json = match c
+        .admin()
+        .dump_user(ad::DumpUserRequest {
+            chip_id: chip_id.clone(),
+        })
+        .await
+    {
+        Ok(d) => d.into_inner().json,
+        Err(s) => return Ok(failed(&s)),
+    };
+    let mut r = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
+    // CHIP IDs are [a-z0-9._-]: safe in a quoted file name.
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{chip_id}.json\"")) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }
+    Ok(r)
+}
+
+/// Largest dump file the console takes (a dump is a few hundred bytes).
+const MAX_DUMP: usize = 256 * 1024;
+
+/// Load a user from an uploaded dump: admin checks all of it before it
+/// writes anything, and its refusal is shown as it is.
+pub(crate) async fn load(
+    State(c): App,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Response, Refusal> {
+    // No session: refuse before reading the upload.
+    if c.operator(&headers).is_none() {
+        return Err(Refusal::Forbidden("sign in first"));
+    }
+    // Not a file upload: it has no CSRF token either.
+    let Ok(mut form) = form else {
+        return Err(Refusal::Forbidden(
+            "the form is stale (CSRF check failed): reload the page",
+        ));
+    };
+    let (mut csrf, mut file) = (String::new(), None::<Vec<u8>>);
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return Ok((
+                    StatusCode::BAD_REQUEST,
+                    pages::message("Not loaded", &e.body_text()),
+                )
+                    .into_response());
+            }
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let bytes = match field.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok((
+                    StatusCode::BAD_REQUEST,
+                    pages::message("Not loaded", &e.body_text()),
+                )
+                    .into_response());
+            }
+        };
+        match name.as_str() {
+            "csrf" => csrf = String::from_utf8_lossy(&bytes).into_owned(),
+            "file" => file = Some(bytes.to_vec()),
+            _ => {}
+        }
+    }
+    checked(&c, &headers, Some(&csrf))?;
+    let refuse = |why: &str| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            pages::message("Not loaded", why),
+        )
+            .into_response()
+    };
+    let Some(file) = file.filter(|f| !f.is_empty()) else {
+        return Ok(refuse("choose a user dump file (JSON) to load"));
+    };
+    if file.len() > MAX_DUMP {
+        return Ok(refuse(
+            "bad user dump: the file is larger than 256 KiB; nothing was loaded",
+        ));
+    }
+    let Ok(json) = String::from_utf8(file) else {
+        return Ok(refuse(
+            "bad user dump: the file is not UTF-8 text; nothing was loaded",
+        ));
+    };
+    Ok(match c.admin().load_user(ad::LoadUserRequest { json }).await {
+        Ok(u) => Redirect::to(&format!("/users/{}", u.into_inner().chip_id)).into_response(),
+        Err(s) => failed(&s),
+    })
 }
 
 #[derive(Deserialize)]
 pub(crate) struct EditForm {
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
     name: String,
     #[serde(default)]
     address: String,
@@ -94,6 +195,7 @@ pub(crate) struct EditForm {
     email: String,
     #[serde(default)]
     phone: String,
+    #[serde(default)]
     status: String,
 }
 
@@ -133,6 +235,7 @@ pub(crate) async fn ticket(
         Ok(op) => op,
         Err(r) => return r.into_response(),
     };
+    let chrome = c.chrome(op).await;
     let mut admin = c.admin();
     let issued = match admin
         .issue_user_ticket(ad::IssueUserTicketRequest {
@@ -158,11 +261,12 @@ pub(crate) async fn ticket(
         qr: qr.as_deref(),
         expires_at_ms: issued.expires_at_ms,
     };
-    pages::user(&op, &user, site_locked(&c).await, Some(shown)).into_response()
+    pages::user(&chrome, &user, Some(shown)).into_response()
 }
 
 #[derive(Deserialize)]
 pub(crate) struct LockQuery {
+    #[serde(default)]
     locked: bool,
 }
 
@@ -178,13 +282,14 @@ pub(crate) async fn confirm_lockdown(
         Err(r) => return r.into_response(),
     };
     let chip_id = chip_id.map(|Path(c)| c).unwrap_or_default();
-    pages::confirm_lockdown(&op, &chip_id, q.locked).into_response()
+    pages::confirm_lockdown(&c.chrome(op).await, &chip_id, q.locked).into_response()
 }
 
 #[derive(Deserialize)]
 pub(crate) struct LockForm {
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
     locked: bool,
 }
 

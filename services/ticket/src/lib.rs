@@ -379,10 +379,21 @@ impl Tickets {
         &self,
         ticket_id: Option<&str>,
         limit: u64,
+        contains: &str,
     ) -> Result<Vec<audit::Model>, TicketError> {
         let mut q = audit::Entity::find().order_by_desc(audit::Column::Id);
         if let Some(t) = ticket_id {
             q = q.filter(audit::Column::TicketId.eq(t));
+        }
+        if !contains.is_empty() {
+            q = q.filter(chipsite_store::contains_any(
+                &[
+                    audit::Column::TicketId,
+                    audit::Column::Outcome,
+                    audit::Column::Source,
+                ],
+                contains,
+            ));
         }
         Ok(q.limit(limit.clamp(1, 10_000)).all(&self.db).await?)
     }

@@ -1,0 +1,590 @@
+//! Site pages: tickets (list, revoke), the site key (unseal, seal, create,
+//! change the pass phrase), the peer server (start, stop), configuration,
+//! the audit log and health. Every form carries the session's CSRF token;
+//! a pass phrase is read from a form, passed to admin and dropped: no page,
+//! log line or error holds it.
+
+use std::sync::Arc;
+
+use axum::{
+    Form,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use chipsite_proto::admin::v1 as ad;
+use maud::{Markup, html};
+use serde::Deserialize;
+use zeroize::Zeroize;
+
+use crate::{
+    Chrome, Console, CsrfForm, Refusal, checked,
+    pages::{Notice, page, urlencode},
+    users::failed,
+};
+
+type App = State<Arc<Console>>;
+
+/// A Unix time in milliseconds, as `2026-11-25 19:30:54 UTC`.
+pub(crate) fn when(ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
+        Ok(t) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// What a form did, as the notice of the page it returns to.
+fn outcome<T>(r: Result<tonic::Response<T>, tonic::Status>, done: &str) -> Notice {
+    match r {
+        Ok(_) => Notice::Done(done.to_owned()),
+        Err(s) => Notice::Error(s.message().to_owned()),
+    }
+}
+
+/// The status code of a page that shows a refusal.
+fn status_of(notice: Option<&Notice>) -> StatusCode {
+    match notice {
+        Some(Notice::Error(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::OK,
+    }
+}
+
+// ---- tickets ----
+
+#[derive(Deserialize)]
+pub(crate) struct TicketsQuery {
+    #[serde(default)]
+    chip_id: String,
+    #[serde(default)]
+    all: bool,
+}
+
+pub(crate) async fn tickets(
+    State(c): App,
+    headers: HeaderMap,
+    Query(q): Query<TicketsQuery>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(tickets_page(&c, c.chrome(op).await, &q, None).await)
+}
+
+async fn tickets_page(c: &Console, chrome: Chrome, q: &TicketsQuery, notice: Option<Notice>) -> Response {
+    let listed = c
+        .admin()
+        .list_tickets(ad::ListTicketsRequest {
+            chip_id: q.chip_id.trim().to_owned(),
+            include_closed: q.all,
+        })
+        .await;
+    let tickets = match listed {
+        Ok(t) => t.into_inner().tickets,
+        Err(s) => return failed(&s),
+    };
+    let body = html! {
+        div.card {
+            h2 { @if q.all { "All tickets" } @else { "Outstanding tickets" } }
+            form method="get" action="/tickets" {
+                label { "CHIP ID " input name="chip_id" type="search" value=(q.chip_id); } " "
+                label { input name="all" type="checkbox" value="true" checked[q.all]; " include used, expired and revoked" } " "
+                button type="submit" { "Show" }
+            }
+            table {
+                thead { tr { th { "Ticket" } th { "Kind" } th { "CHIP ID" } th { "Issued" } th { "Expires" } th { "State" } th {} } }
+                tbody {
+                    @for t in &tickets {
+                        tr {
+                            td { code { (t.id) } }
+                            td { (t.kind) }
+                            td { @if t.chip_id.is_empty() { "—" } @else { a href={ "/users/" (t.chip_id) } { (t.chip_id) } } }
+                            td { (when(t.created_at_ms)) }
+                            td { (when(t.expires_at_ms)) }
+                            td { (t.state) }
+                            td {
+                                @if t.state == "outstanding" {
+                                    form method="post" action={ "/tickets/" (t.id) "/revoke" } {
+                                        input type="hidden" name="csrf" value=(chrome.csrf);
+                                        button type="submit" { "Revoke" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if tickets.is_empty() { p { "No tickets." } }
+        }
+    };
+    let status = status_of(notice.as_ref());
+    (status, page(&chrome, "Tickets", notice.as_ref(), body)).into_response()
+}
+
+pub(crate) async fn revoke_ticket(
+    State(c): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c
+        .admin()
+        .revoke_ticket(ad::RevokeTicketRequest { id: id.clone() })
+        .await;
+    let notice = outcome(r, &format!("Ticket {id} revoked."));
+    let q = TicketsQuery {
+        chip_id: String::new(),
+        all: false,
+    };
+    Ok(tickets_page(&c, c.chrome(op).await, &q, Some(notice)).await)
+}
+
+// ---- site key ----
+
+pub(crate) async fn key(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(key_page(c.chrome(op).await, None))
+}
+
+/// A pass-phrase field: never filled in, never autocompleted into a page.
+fn secret(name: &str, label: &str) -> Markup {
+    html! { p { label { (label) " " input name=(name) type="password" autocomplete="off" required; } } }
+}
+
+fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
+    let body = html! {
+        @match &chrome.vault {
+            None => div.card { p.error { "The admin service did not answer; reload the page." } },
+            Some(v) => {
+                div.card {
+                    h2 { "Site key" }
+                    p {
+                        @if !v.has_key { span.badge.warn { "no site key" } " Create one below." }
+                        @else if v.sealed { span.badge.warn { "SEALED" } " Nothing can be signed until it is unsealed." }
+                        @else { span.badge.ok { "unsealed" } }
+                    }
+                    @if v.has_key {
+                        p { "Pin (what apps and peers pin): " code { (v.site_key_pin) } }
+                        p { "Created " (when(v.key_created_at_ms)) }
+                    }
+                }
+                div.row {
+                    @if v.has_key && v.sealed {
+                        div.card {
+                            h2 { "Unseal" }
+                            form method="post" action="/key/unseal" {
+                                input type="hidden" name="csrf" value=(chrome.csrf);
+                                (secret("passphrase", "Pass phrase"))
+                                button type="submit" { "Unseal" }
+                            }
+                        }
+                    }
+                    @if v.has_key && !v.sealed {
+                        div.card {
+                            h2 { "Seal" }
+                            p { "Forget the unsealed key until the pass phrase is given again." }
+                            form method="post" action="/key/seal" {
+                                input type="hidden" name="csrf" value=(chrome.csrf);
+                                button type="submit" { "Seal" }
+                            }
+                        }
+                    }
+                    @if v.has_key {
+                        div.card {
+                            h2 { "Change the pass phrase" }
+                            form method="post" action="/key/passphrase" {
+                                input type="hidden" name="csrf" value=(chrome.csrf);
+                                (secret("old", "Current pass phrase"))
+                                (secret("new", "New pass phrase"))
+                                (secret("confirm", "New pass phrase again"))
+                                button type="submit" { "Change" }
+                            }
+                        }
+                    }
+                    div.card {
+                        h2 { @if v.has_key { "Create a new site key" } @else { "Create the site key" } }
+                        @if v.has_key { p.error { "A new site key changes the pin: every app and peer must be told of it." } }
+                        form method="post" action="/key/create" {
+                            input type="hidden" name="csrf" value=(chrome.csrf);
+                            (secret("new", "Pass phrase"))
+                            (secret("confirm", "Pass phrase again"))
+                            button type="submit" { "Create" }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let status = status_of(notice.as_ref());
+    (status, page(&chrome, "Site key", notice.as_ref(), body)).into_response()
+}
+
+/// A form with pass phrases; they are wiped when it is dropped.
+#[derive(Deserialize)]
+pub(crate) struct SecretForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    passphrase: String,
+    #[serde(default)]
+    old: String,
+    #[serde(default)]
+    new: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+impl Drop for SecretForm {
+    fn drop(&mut self) {
+        self.passphrase.zeroize();
+        self.old.zeroize();
+        self.new.zeroize();
+        self.confirm.zeroize();
+    }
+}
+
+impl SecretForm {
+    /// The new pass phrase, if it was typed the same twice.
+    fn confirmed(&self) -> Result<String, Notice> {
+        if self.new.is_empty() {
+            return Err(Notice::Error("type a pass phrase".into()));
+        }
+        if self.new != self.confirm {
+            return Err(Notice::Error(
+                "the two new pass phrases differ; nothing was changed".into(),
+            ));
+        }
+        Ok(self.new.clone())
+    }
+}
+
+pub(crate) async fn unseal(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<SecretForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c
+        .admin()
+        .unseal_vault(ad::UnsealVaultRequest {
+            passphrase: f.passphrase.clone(),
+        })
+        .await;
+    let notice = outcome(r, "The site key is unsealed.");
+    Ok(key_page(c.chrome(op).await, Some(notice)))
+}
+
+pub(crate) async fn seal(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c.admin().seal_vault(ad::SealVaultRequest {}).await;
+    let notice = outcome(r, "The site key is sealed.");
+    Ok(key_page(c.chrome(op).await, Some(notice)))
+}
+
+pub(crate) async fn create_key(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<SecretForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let notice = match f.confirmed() {
+        Ok(passphrase) => {
+            let r = c
+                .admin()
+                .create_site_key(ad::CreateSiteKeyRequest { passphrase })
+                .await;
+            outcome(r, "A new site key was created; it is unsealed.")
+        }
+        Err(n) => n,
+    };
+    Ok(key_page(c.chrome(op).await, Some(notice)))
+}
+
+pub(crate) async fn change_passphrase(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<SecretForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let notice = match f.confirmed() {
+        Ok(new_passphrase) => {
+            let r = c
+                .admin()
+                .change_passphrase(ad::ChangePassphraseRequest {
+                    old_passphrase: f.old.clone(),
+                    new_passphrase,
+                })
+                .await;
+            outcome(r, "The pass phrase was changed.")
+        }
+        Err(n) => n,
+    };
+    Ok(key_page(c.chrome(op).await, Some(notice)))
+}
+
+// ---- peer server ----
+
+pub(crate) async fn peer(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(peer_page(&c, c.chrome(op).await, None).await)
+}
+
+async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Response {
+    let state = match c.admin().get_peer_server(ad::GetPeerServerRequest {}).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => return failed(&s),
+    };
+    let running = state.desired == "running";
+    let body = html! {
+        div.card {
+            h2 { "Peer server" }
+            p {
+                @if running { span.badge.ok { "running" } } @else { span.badge.warn { "stopped" } }
+                @if state.changed_at_ms > 0 { " since " (when(state.changed_at_ms)) }
+            }
+            p { "The peer server is what other sites connect to for tallies and lifts. Starting it needs the site key's pass phrase." }
+            @if running {
+                form method="post" action="/peer/stop" {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    button type="submit" { "Stop" }
+                }
+            } @else {
+                form method="post" action="/peer/start" {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    (secret("passphrase", "Pass phrase"))
+                    button type="submit" { "Start" }
+                }
+            }
+        }
+    };
+    let status = status_of(notice.as_ref());
+    (status, page(&chrome, "Peer server", notice.as_ref(), body)).into_response()
+}
+
+pub(crate) async fn start_peer(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<SecretForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c
+        .admin()
+        .start_peer_server(ad::StartPeerServerRequest {
+            passphrase: f.passphrase.clone(),
+        })
+        .await;
+    let notice = outcome(r, "The peer server is starting.");
+    Ok(peer_page(&c, c.chrome(op).await, Some(notice)).await)
+}
+
+pub(crate) async fn stop_peer(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c.admin().stop_peer_server(ad::StopPeerServerRequest {}).await;
+    let notice = outcome(r, "The peer server is stopping.");
+    Ok(peer_page(&c, c.chrome(op).await, Some(notice)).await)
+}
+
+// ---- configuration ----
+
+pub(crate) async fn config(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(config_page(&c, c.chrome(op).await, None).await)
+}
+
+async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Response {
+    let values = match c.admin().get_site_config(ad::GetSiteConfigRequest {}).await {
+        Ok(v) => {
+            let mut v: Vec<(String, String)> = v.into_inner().values.into_iter().collect();
+            v.sort();
+            v
+        }
+        Err(s) => return failed(&s),
+    };
+    let body = html! {
+        div.card {
+            h2 { "Site configuration" }
+            p { "Defaults for the whole site. Every value is checked before anything is saved; “Reset” goes back to the built-in default." }
+            table {
+                thead { tr { th { "Key" } th { "Value" } th {} } }
+                tbody {
+                    @for (k, v) in &values {
+                        tr {
+                            td { code { (k) } }
+                            td {
+                                form method="post" action="/config" {
+                                    input type="hidden" name="csrf" value=(chrome.csrf);
+                                    input type="hidden" name="key" value=(k);
+                                    input name="value" value=(v) aria-label=(k) size="40";
+                                    " " button type="submit" { "Save" }
+                                }
+                            }
+                            td {
+                                form method="post" action="/config" {
+                                    input type="hidden" name="csrf" value=(chrome.csrf);
+                                    input type="hidden" name="key" value=(k);
+                                    input type="hidden" name="reset" value="true";
+                                    button type="submit" { "Reset" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let status = status_of(notice.as_ref());
+    (status, page(&chrome, "Configuration", notice.as_ref(), body)).into_response()
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ConfigForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default)]
+    reset: bool,
+}
+
+pub(crate) async fn set_config(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<ConfigForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let req = if f.reset {
+        ad::UpdateSiteConfigRequest {
+            set: Default::default(),
+            reset: vec![f.key.clone()],
+        }
+    } else {
+        ad::UpdateSiteConfigRequest {
+            set: [(f.key.clone(), f.value.trim().to_owned())].into(),
+            reset: vec![],
+        }
+    };
+    let r = c.admin().update_site_config(req).await;
+    let done = if f.reset {
+        format!("{} is back to its default.", f.key)
+    } else {
+        format!("{} saved.", f.key)
+    };
+    let notice = outcome(r, &done);
+    Ok(config_page(&c, c.chrome(op).await, Some(notice)).await)
+}
+
+// ---- audit ----
+
+#[derive(Deserialize)]
+pub(crate) struct AuditQuery {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+pub(crate) async fn audit(
+    State(c): App,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    let limit = q.limit.unwrap_or(200).clamp(1, 2000);
+    let source = match q.source.as_str() {
+        "admin" | "ticket" => q.source.clone(),
+        _ => String::new(),
+    };
+    let mut admin = c.admin();
+    let (chrome, listed) = tokio::join!(
+        c.chrome(op),
+        admin.list_audit(ad::ListAuditRequest {
+            limit,
+            source: source.clone(),
+            contains: q.q.trim().to_owned(),
+        })
+    );
+    let entries = match listed {
+        Ok(l) => l.into_inner().entries,
+        Err(s) => return Ok(failed(&s)),
+    };
+    let body = html! {
+        div.card {
+            h2 { "Audit log" }
+            p { "Every admin action and every ticket attempt, newest first." }
+            form method="get" action="/audit" {
+                label { "Source "
+                    select name="source" {
+                        option value="" selected[source.is_empty()] { "all" }
+                        option value="admin" selected[source == "admin"] { "admin actions" }
+                        option value="ticket" selected[source == "ticket"] { "ticket attempts" }
+                    }
+                } " "
+                label { "Containing " input name="q" type="search" value=(q.q) placeholder="user, action, outcome, address"; } " "
+                label { "Show " input name="limit" type="number" min="1" max="2000" value=(limit); } " "
+                button type="submit" { "Filter" }
+            }
+            table {
+                thead { tr { th { "When" } th { "Source" } th { "Who" } th { "Action" } th { "Subject" } th { "Outcome" } } }
+                tbody {
+                    @for e in &entries {
+                        tr {
+                            td { (when(e.at_ms)) }
+                            td { (e.source) }
+                            td { (e.actor) }
+                            td { (e.action) }
+                            td { code { (e.subject) } }
+                            td { (e.outcome) }
+                        }
+                    }
+                }
+            }
+            @if entries.is_empty() { p { "Nothing matches." } }
+            p { a href={ "/audit?source=" (urlencode(&source)) "&q=" (urlencode(&q.q)) "&limit=" (limit.saturating_mul(2).min(2000)) } { "Show more" } }
+        }
+    };
+    Ok(page(&chrome, "Audit", None, body).into_response())
+}
+
+// ---- health ----
+
+pub(crate) async fn health(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    let (chrome, services) = tokio::join!(c.chrome(op), c.health());
+    let body = html! {
+        div.card {
+            h2 { "Health" }
+            table {
+                thead { tr { th { "Service" } th { "Listens on" } th { "State" } } }
+                tbody {
+                    @for (name, addr, ok, detail) in &services {
+                        tr {
+                            td { (name) }
+                            td { code { (addr) } }
+                            td { @if *ok { span.badge.ok { "up" } } @else { span.badge.warn { "DOWN" } } " " (detail) }
+                        }
+                    }
+                }
+            }
+            @if services.is_empty() { p { "This console was started without a list of services to check." } }
+        }
+    };
+    Ok(page(&chrome, "Health", None, body).into_response())
+}
