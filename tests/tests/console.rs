@@ -6,6 +6,8 @@
 
 use chipsite_e2e::{TestSite, stores};
 use chipsite_proto::admin::v1 as pb;
+use chipsite_tls::identity as id;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Pages that need a session.
@@ -693,7 +695,7 @@ async fn console_pages_do_what_they_say() {
                 h.body
             );
         }
-        assert_eq!(h.body.matches(">up<").count(), 5, "{}", h.body);
+        assert_eq!(h.body.matches(">up<").count(), 6, "{}", h.body);
         assert!(!h.body.contains("DOWN"));
 
         // Sign-in attempts from one address are limited.
@@ -711,6 +713,150 @@ async fn console_pages_do_what_they_say() {
             200,
             "a session is not affected"
         );
+        site.finish().await;
+    }
+}
+
+/// One HTTP/1.1 request over the console's HTTPS port, presenting the
+/// certificate of `identity` (None: no client certificate). None back when
+/// the connection gives no HTTP answer.
+async fn https(
+    site: &TestSite,
+    identity: Option<&str>,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+) -> Option<Reply> {
+    let addr = site
+        .site
+        .endpoints
+        .console_https
+        .trim_start_matches("https://")
+        .to_owned();
+    let mut config = match identity {
+        Some(i) => (*site.tls(i).client_config()).clone(),
+        None => {
+            let ca = site.site.endpoints.cert_paths(id::ADMIN_CLIENT).ca;
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(ca).unwrap();
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    // A plain HTTP/1.1 client (the port speaks h2 too, as browsers prefer).
+    config.alpn_protocols = vec![];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("console.chipsite.internal").unwrap();
+    let mut tls = connector.connect(name, tcp).await.ok()?;
+    let body = form.unwrap_or("");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if form.is_some() {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    tls.write_all(req.as_bytes()).await.ok()?;
+    let mut out = vec![];
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some(Reply {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// The admin client certificate signs in over the console's HTTPS port;
+/// another internal identity does not, and no certificate gets no answer.
+#[tokio::test]
+async fn the_admin_certificate_signs_in_over_https() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    for store in stores().await {
+        let site = TestSite::start(&store).await;
+        let label = store.label();
+        assert!(
+            site.site
+                .endpoints
+                .console_https
+                .starts_with("https://127.0.0.1:"),
+            "[{label}]"
+        );
+
+        let page = https(&site, Some(id::ADMIN_CLIENT), "GET", "/signin", None)
+            .await
+            .unwrap();
+        assert_eq!(page.status, 200, "[{label}] {}", page.body);
+        assert!(
+            page.body.contains("action=\"/signin/certificate\""),
+            "{}",
+            page.body
+        );
+        let ok = https(
+            &site,
+            Some(id::ADMIN_CLIENT),
+            "POST",
+            "/signin/certificate",
+            Some(""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (ok.status, header(&ok, "location")),
+            (303, Some("/")),
+            "{}",
+            ok.body
+        );
+        let cookie = header(&ok, "set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        // The session is the console's: it opens the plain port's pages too.
+        assert_eq!(http(&site, "GET", "/", Some(&cookie), None).await.status, 200);
+        // Pages are reachable without a session on neither port.
+        let r = https(&site, Some(id::ADMIN_CLIENT), "GET", "/", None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 303);
+
+        // Another internal identity: told so, and refused.
+        let page = https(&site, Some(id::USER_GATEWAY), "GET", "/signin", None)
+            .await
+            .unwrap();
+        assert!(page.body.contains("does not open the console"), "{}", page.body);
+        assert!(!page.body.contains("action=\"/signin/certificate\""));
+        let no = https(
+            &site,
+            Some(id::USER_GATEWAY),
+            "POST",
+            "/signin/certificate",
+            Some(""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(no.status, 403);
+        assert!(header(&no, "set-cookie").is_none());
+        // The plain port never signs in by certificate.
+        let plain = http(&site, "POST", "/signin/certificate", None, Some("")).await;
+        assert_eq!(plain.status, 403);
+        assert!(header(&plain, "set-cookie").is_none());
+
+        // No client certificate: the handshake is refused, nothing is served.
+        assert!(https(&site, None, "GET", "/signin", None).await.is_none());
         site.finish().await;
     }
 }

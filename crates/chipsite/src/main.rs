@@ -85,6 +85,12 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     );
     println!("  key-vault  {}", e.key_vault);
     println!("  console    {}  (admin web console)", e.console);
+    if !e.console_https.is_empty() {
+        println!(
+            "  console    {}  (HTTPS: sign in with the admin client certificate)",
+            e.console_https
+        );
+    }
     println!("  ticket     {}", e.ticket);
     println!(
         "  apps       {}  (user gateway: JSON over TLS 1.3, see docs/protocol.md)",

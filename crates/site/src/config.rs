@@ -55,6 +55,9 @@ pub struct Addresses {
     pub user_gateway: String,
     /// The admin web console (HTTP; loopback unless behind a TLS proxy).
     pub console: String,
+    /// The console's HTTPS port, which requires a client certificate of the
+    /// internal CA and signs in the admin client certificate. Empty: none.
+    pub console_https: String,
 }
 
 impl Default for Addresses {
@@ -65,6 +68,7 @@ impl Default for Addresses {
             ticket: "127.0.0.1:44312".into(),
             user_gateway: "127.0.0.1:44301".into(),
             console: "127.0.0.1:44303".into(),
+            console_https: "127.0.0.1:44304".into(),
         }
     }
 }
@@ -79,6 +83,7 @@ impl Addresses {
             ticket: any(),
             user_gateway: any(),
             console: any(),
+            console_https: any(),
         }
     }
 
@@ -88,8 +93,10 @@ impl Addresses {
     pub fn ephemeral_env() -> Vec<(String, &'static str)> {
         Service::ALL
             .iter()
-            .map(|s| {
-                let name = s.identity().to_ascii_uppercase().replace('-', "_");
+            .map(|s| s.identity())
+            .chain(["console-https"])
+            .map(|name| {
+                let name = name.to_ascii_uppercase().replace('-', "_");
                 (format!("CHIPSITE_ADDRESSES__{name}"), "127.0.0.1:0")
             })
             .collect()

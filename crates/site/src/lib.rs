@@ -67,6 +67,10 @@ pub struct Endpoints {
     pub user_gateway: String,
     /// The admin web console (`http://…`).
     pub console: String,
+    /// The console's HTTPS port for the admin client certificate
+    /// (`https://…`; empty when none).
+    #[serde(default)]
+    pub console_https: String,
     pub ca: PathBuf,
     pub admin_client_cert: PathBuf,
     pub admin_client_key: PathBuf,
@@ -164,6 +168,14 @@ impl Site {
             bind(&config.addresses.user_gateway).await?,
             bind(&config.addresses.console).await?,
         ];
+        let console_https_l = match config.addresses.console_https.as_str() {
+            "" => None,
+            a => Some(bind(a).await?),
+        };
+        let console_https = match &console_https_l {
+            Some(l) => format!("https://{}", local_addr(l)?),
+            None => String::new(),
+        };
         let addrs = listeners.iter().map(local_addr).collect::<Result<Vec<_>, _>>()?;
         let [admin_l, vault_l, ticket_l, gateway_l, console_l] = listeners;
         let (admin_addr, vault_addr, ticket_addr, gateway_addr) = (
@@ -277,10 +289,12 @@ impl Site {
                             ticket: ticket_addr.clone(),
                             user_gateway: gateway_addr.to_string(),
                             console: addrs[4].to_string(),
+                            console_https: console_https.trim_start_matches("https://").to_owned(),
                         },
                         &console_tls,
                     )?,
                     console_l,
+                    console_https_l.map(|l| (l, console_tls.clone())),
                     shutdown.clone().wait(),
                 )),
             ),
@@ -293,6 +307,7 @@ impl Site {
             ticket: ticket_addr,
             user_gateway: gateway_addr.to_string(),
             console: console_url,
+            console_https,
             ca: client.ca.clone(),
             admin_client_cert: client.cert,
             admin_client_key: client.key,
@@ -365,8 +380,12 @@ pub async fn serve_one(
     if service == Service::Console {
         let console = console(&config.addresses, &tls)?;
         let listener = bind(&listen).await?;
-        tracing::info!(service = service.identity(), addr = %listen, "serving");
-        return serve_console(console, listener, shutdown).await;
+        let https = match config.addresses.console_https.as_str() {
+            "" => None,
+            a => Some((bind(a).await?, tls.clone())),
+        };
+        tracing::info!(service = service.identity(), addr = %listen, https = %config.addresses.console_https, "serving");
+        return serve_console(console, listener, https, shutdown).await;
     }
     if service == Service::UserGateway {
         let gateway = UserGateway::new(
@@ -457,6 +476,14 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
             check: Check::ThisConsole,
         },
     ];
+    let mut probes = probes;
+    if !at.console_https.is_empty() {
+        probes.push(Probe {
+            name: "console (HTTPS, admin certificate)",
+            addr: at.console_https.clone(),
+            check: Check::Accepts,
+        });
+    }
     Ok(Console::with_probes(
         channel(&at.admin, id::ADMIN, tls)?,
         channel(&at.ticket, id::TICKET, tls)?,
@@ -464,13 +491,26 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
     ))
 }
 
+/// The console on its plain port and, when it has one, its HTTPS port
+/// (client certificates of the internal CA required; `tls` is the console's
+/// own internal certificate).
 async fn serve_console(
     console: std::sync::Arc<Console>,
     listener: TcpListener,
+    https: Option<(TcpListener, Arc<ReloadableTls>)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), SiteError> {
-    chipsite_console::serve(console, listener, shutdown)
-        .await
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
+    let plain = chipsite_console::serve(console.clone(), listener, shutdown.clone());
+    let secure = async {
+        match https {
+            Some((l, tls)) => chipsite_console::serve_https(console, l, tls, shutdown).await,
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(plain, secure)
+        .map(|_| ())
         .map_err(|e| SiteError::Serve(format!("console: {e}")))
 }
 

@@ -10,9 +10,12 @@
 //! its SHA-256, with a CSRF token every form carries and every POST checks.
 //! Every response carries a strict Content-Security-Policy.
 
+mod https;
 mod pages;
 mod site;
 mod users;
+
+pub use https::{CertListener, CertPeer, serve_https};
 
 use std::{
     collections::HashMap,
@@ -22,7 +25,7 @@ use std::{
 };
 
 use axum::{
-    Form, Router,
+    Extension, Form, Router,
     extract::{ConnectInfo, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
@@ -293,6 +296,7 @@ type App = State<Arc<Console>>;
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
         .route("/signin", get(signin_page).post(signin))
+        .route("/signin/certificate", post(signin_with_certificate))
         .route("/signout", post(signout))
         .route("/", get(home))
         .route("/users", post(users::create))
@@ -348,8 +352,73 @@ struct SigninQuery {
     t: String,
 }
 
-async fn signin_page(Query(q): Query<SigninQuery>) -> Response {
-    pages::signin(&q.t, None).into_response()
+async fn signin_page(
+    cert: Option<Extension<https::ClientIdentity>>,
+    Query(q): Query<SigninQuery>,
+) -> Response {
+    let cert = cert.map(|Extension(https::ClientIdentity(id))| id);
+    pages::signin(&q.t, cert.as_deref(), None).into_response()
+}
+
+/// Too many attempts from one address: 429, without asking anyone.
+fn rate_limited(peer: SocketAddr) -> Response {
+    tracing::warn!(%peer, "console sign-in rate limited");
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, SIGNIN_WINDOW.as_secs().to_string())],
+        pages::signin(
+            "",
+            None,
+            Some("Too many sign-in attempts from this address: wait a minute and try again."),
+        ),
+    )
+        .into_response()
+}
+
+/// A new session, as the redirect that sets its cookie.
+fn session_response(c: &Console) -> Response {
+    let Some(id) = c.open_session() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness").into_response();
+    };
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
+        SESSION_TTL.as_secs()
+    );
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// Sign in with the admin client certificate the HTTPS port's handshake
+/// verified (the plain port never has one).
+async fn signin_with_certificate(
+    State(c): App,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<Extension<https::ClientIdentity>>,
+) -> Response {
+    if !c.may_sign_in(peer.ip()) {
+        return rate_limited(peer);
+    }
+    match cert {
+        Some(Extension(https::ClientIdentity(id))) if id == chipsite_tls::identity::ADMIN_CLIENT => {
+            tracing::info!(%peer, "console sign-in with the admin client certificate");
+            session_response(&c)
+        }
+        other => {
+            tracing::info!(%peer, identity = ?other.map(|Extension(i)| i.0), "console certificate sign-in refused");
+            (
+                StatusCode::FORBIDDEN,
+                pages::signin(
+                    "",
+                    None,
+                    Some("Only the admin client certificate signs in here (over the console's HTTPS port)."),
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -364,16 +433,7 @@ async fn signin(
     Form(f): Form<SigninForm>,
 ) -> Response {
     if !c.may_sign_in(peer.ip()) {
-        tracing::warn!(%peer, "console sign-in rate limited");
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, SIGNIN_WINDOW.as_secs().to_string())],
-            pages::signin(
-                "",
-                Some("Too many sign-in attempts from this address: wait a minute and try again."),
-            ),
-        )
-            .into_response();
+        return rate_limited(peer);
     }
     // A whole link pasted in is fine too.
     let token =
@@ -397,24 +457,14 @@ async fn signin(
             StatusCode::FORBIDDEN,
             pages::signin(
                 "",
+                None,
                 Some("This sign-in link is not valid: it was used, it expired, or it never existed. Ask for a new one (chipsctl console link)."),
             ),
         )
             .into_response();
     }
-    let Some(id) = c.open_session() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness").into_response();
-    };
     tracing::info!(%peer, "console sign-in");
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
-        SESSION_TTL.as_secs()
-    );
-    let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+    session_response(&c)
 }
 
 #[derive(Deserialize)]

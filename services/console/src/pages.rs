@@ -97,7 +97,9 @@ pub(crate) enum Notice {
     Error(String),
 }
 
-pub fn signin(token: &str, error: Option<&str>) -> Markup {
+/// `cert`: the internal identity of the client certificate of this
+/// connection (the HTTPS port only).
+pub fn signin(token: &str, cert: Option<&str>, error: Option<&str>) -> Markup {
     layout(
         "Sign in",
         None,
@@ -115,6 +117,16 @@ pub fn signin(token: &str, error: Option<&str>) -> Markup {
                     }
                     " "
                     button type="submit" { "Sign in" }
+                }
+                @match cert {
+                    Some(chipsite_tls::identity::ADMIN_CLIENT) => {
+                        h3 { "Or with your certificate" }
+                        form method="post" action="/signin/certificate" {
+                            button type="submit" { "Sign in with the admin client certificate" }
+                        }
+                    }
+                    Some(other) => p { "This connection's certificate (" code { (other) } ") does not open the console." },
+                    None => {}
                 }
             }
         },
