@@ -414,6 +414,7 @@ async fn user_count(site: &TestSite) -> usize {
 #[tokio::test]
 async fn console_pages_do_what_they_say() {
     for store in stores().await {
+        chipsite_e2e::capture_logs();
         let site = TestSite::start(&store).await;
         let label = store.label();
         let (cookie, csrf) = sign_in(&site).await;
@@ -708,6 +709,17 @@ async fn console_pages_do_what_they_say() {
             );
         }
         assert!(codes[0] == 403 && codes[11] == 429, "{codes:?}");
+        // No pass phrase in any log line, at trace level.
+        let logs = chipsite_e2e::captured_logs();
+        assert!(logs.contains("console sign-in"), "the logs were captured");
+        for secret in [
+            passphrase,
+            "aaaa-bbbb-cccc-1",
+            "Wrong-Phrase-xyzzy",
+            "nope-nope-nope",
+        ] {
+            assert!(!logs.contains(secret), "a pass phrase in the logs");
+        }
         assert_eq!(
             http(&site, "GET", "/", c, None).await.status,
             200,

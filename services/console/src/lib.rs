@@ -142,13 +142,13 @@ impl Console {
             Err(p) => p.into_inner(),
         };
         let now = Instant::now();
-        if m.len() >= MAX_SOURCES {
+        if !m.contains_key(&ip) && m.len() >= MAX_SOURCES {
             m.retain(|_, (start, _)| now.duration_since(*start) < SIGNIN_WINDOW);
-        }
-        if m.len() >= MAX_SOURCES {
-            // Still full of live windows: a flood from many sources. Refuse
-            // new sources until windows expire rather than grow without bound.
-            return m.get(&ip).is_some_and(|(_, n)| *n < SIGNIN_ATTEMPTS);
+            if m.len() >= MAX_SOURCES {
+                // Still full of live windows: a flood from many sources.
+                // Refuse new sources until windows end rather than grow.
+                return false;
+            }
         }
         let entry = m.entry(ip).or_insert((now, 0));
         if now.duration_since(entry.0) >= SIGNIN_WINDOW {
