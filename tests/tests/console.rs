@@ -709,12 +709,36 @@ async fn console_pages_do_what_they_say() {
             );
         }
         assert!(codes[0] == 403 && codes[11] == 429, "{codes:?}");
+        // A new site key: a new pin.
+        let before = admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let r = http(
+            &site,
+            "POST",
+            "/key/create",
+            c,
+            Some(&f("new=zzzz-yyyy-xxxx-1&confirm=zzzz-yyyy-xxxx-1")),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("A new site key was created") && !r.body.contains("zzzz-yyyy-xxxx-1"));
+        let after = admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(before.site_key_pin, after.site_key_pin);
+        assert!(r.body.contains(&after.site_key_pin), "the page shows the new pin");
         // No pass phrase in any log line, at trace level.
         let logs = chipsite_e2e::captured_logs();
         assert!(logs.contains("console sign-in"), "the logs were captured");
         for secret in [
             passphrase,
             "aaaa-bbbb-cccc-1",
+            "zzzz-yyyy-xxxx-1",
             "Wrong-Phrase-xyzzy",
             "nope-nope-nope",
         ] {
