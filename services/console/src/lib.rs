@@ -8,7 +8,9 @@
 //! ticket: once, throttled per source. It opens a session: a random id in a
 //! `__Host-` cookie (HttpOnly, Secure, SameSite=Strict), kept here only as
 //! its SHA-256, with a CSRF token every form carries and every POST checks.
-//! Every response carries a strict Content-Security-Policy.
+//! Or the admin client certificate, on the HTTPS port ([`serve_https`]).
+//! Sign-in attempts are limited per source address. Every response carries
+//! a strict Content-Security-Policy.
 
 mod https;
 mod pages;
@@ -117,22 +119,18 @@ pub(crate) struct Operator {
 impl Console {
     /// `admin` and `tickets`: channels presenting the `console` identity.
     pub fn new(admin: Channel, tickets: Channel) -> Arc<Self> {
+        Self::with_probes(admin, tickets, vec![])
+    }
+
+    /// The same, with the services its health page checks.
+    pub fn with_probes(admin: Channel, tickets: Channel, probes: Vec<Probe>) -> Arc<Self> {
         Arc::new(Self {
             admin: AdminServiceClient::new(traced(admin)),
             tickets: TicketsClient::new(traced(tickets)),
             sessions: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
-            probes: vec![],
+            probes,
         })
-    }
-
-    /// The same console, with the services its health page checks.
-    pub fn with_probes(admin: Channel, tickets: Channel, probes: Vec<Probe>) -> Arc<Self> {
-        let mut c = Self::new(admin, tickets);
-        if let Some(me) = Arc::get_mut(&mut c) {
-            me.probes = probes;
-        }
-        c
     }
 
     /// Whether `ip` may try to sign in now (counts the attempt).

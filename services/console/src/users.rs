@@ -1,6 +1,7 @@
-//! User pages: create, view, edit, issue a connection ticket (QR, URI,
-//! JSON), lock down and lift (with a confirmation step); and the site-wide
-//! lockdown. Every form carries the session's CSRF token.
+//! User pages: create, view, edit, dump (a download), load (an upload),
+//! issue a connection ticket (QR, URI, JSON), lock down and lift (with a
+//! confirmation step); and the site-wide lockdown. Every form carries the
+//! session's CSRF token.
 
 use std::sync::Arc;
 
