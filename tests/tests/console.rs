@@ -54,15 +54,8 @@ struct Reply {
     body: String,
 }
 
-/// One HTTP/1.1 request on its own connection.
-async fn http(site: &TestSite, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> Reply {
-    let addr = site
-        .site
-        .endpoints
-        .console
-        .trim_start_matches("http://")
-        .to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+/// An HTTP/1.1 request that closes its connection; `form` url-encoded.
+fn request(addr: &str, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> String {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(c) = cookie {
         req.push_str(&format!("Cookie: {c}\r\n"));
@@ -76,21 +69,39 @@ async fn http(site: &TestSite, method: &str, path: &str, cookie: Option<&str>, f
     }
     req.push_str("\r\n");
     req.push_str(body);
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut out = vec![];
-    tcp.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    req
+}
+
+/// What came back on a connection (status 0 and no body when it was no HTTP answer).
+fn reply(out: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     Reply {
-        status,
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
         head: head.to_owned(),
         body: body.to_owned(),
     }
+}
+
+/// One HTTP/1.1 request on its own connection.
+async fn http(site: &TestSite, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> Reply {
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(request(&addr, method, path, cookie, form).as_bytes())
+        .await
+        .unwrap();
+    let mut out = vec![];
+    tcp.read_to_end(&mut out).await.unwrap();
+    reply(&out)
 }
 
 /// A header's value (names compare without case).
@@ -383,17 +394,7 @@ async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply
     tcp.write_all(&body).await.unwrap();
     let mut out = vec![];
     tcp.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Reply {
-        status: head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
+    reply(&out)
 }
 
 async fn user_count(site: &TestSite) -> usize {
@@ -789,30 +790,12 @@ async fn https(
     let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("console.chipsite.internal").unwrap();
     let mut tls = connector.connect(name, tcp).await.ok()?;
-    let body = form.unwrap_or("");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if form.is_some() {
-        req.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    tls.write_all(req.as_bytes()).await.ok()?;
+    tls.write_all(request(&addr, method, path, None, form).as_bytes())
+        .await
+        .ok()?;
     let mut out = vec![];
     let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some(Reply {
-        status: head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        head: head.to_owned(),
-        body: body.to_owned(),
-    })
+    Some(reply(&out)).filter(|r| r.status != 0)
 }
 
 /// The admin client certificate signs in over the console's HTTPS port;

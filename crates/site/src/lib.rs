@@ -461,7 +461,7 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
             check: Check::Grpc(channel(addr, identity, tls)?),
         })
     };
-    let probes = vec![
+    let mut probes = vec![
         grpc("admin", &at.admin, id::ADMIN)?,
         grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
         grpc("ticket", &at.ticket, id::TICKET)?,
@@ -476,7 +476,6 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
             check: Check::ThisConsole,
         },
     ];
-    let mut probes = probes;
     if !at.console_https.is_empty() {
         probes.push(Probe {
             name: "console (HTTPS, admin certificate)",

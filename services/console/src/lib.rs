@@ -373,17 +373,21 @@ fn rate_limited(peer: SocketAddr) -> Response {
         .into_response()
 }
 
+/// The session cookie's `Set-Cookie` value (`""` and zero: remove it).
+fn session_cookie(id: &str, max_age: Duration) -> String {
+    format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
+        max_age.as_secs()
+    )
+}
+
 /// A new session, as the redirect that sets its cookie.
 fn session_response(c: &Console) -> Response {
     let Some(id) = c.open_session() else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness").into_response();
     };
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age={}",
-        SESSION_TTL.as_secs()
-    );
     let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
+    if let Ok(v) = HeaderValue::from_str(&session_cookie(&id, SESSION_TTL)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
@@ -512,12 +516,9 @@ async fn signout(State(c): App, headers: HeaderMap, Form(f): Form<CsrfForm>) -> 
     }
     c.close_session(&headers);
     let mut r = Redirect::to("/signin").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "__Host-chipsite_console=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0",
-        ),
-    );
+    if let Ok(v) = HeaderValue::from_str(&session_cookie("", Duration::ZERO)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
     r
 }
 

@@ -49,12 +49,13 @@ fn outcome<T>(r: Result<tonic::Response<T>, tonic::Status>, done: &str) -> Notic
     }
 }
 
-/// The status code of a page that shows a refusal.
-fn status_of(notice: Option<&Notice>) -> StatusCode {
-    match notice {
+/// A page after a form: 422 when its notice is a refusal.
+fn with_notice(chrome: &Chrome, title: &str, notice: Option<Notice>, body: Markup) -> Response {
+    let status = match notice {
         Some(Notice::Error(_)) => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::OK,
-    }
+    };
+    (status, page(chrome, title, notice.as_ref(), body)).into_response()
 }
 
 // ---- tickets ----
@@ -122,8 +123,7 @@ async fn tickets_page(c: &Console, chrome: Chrome, q: &TicketsQuery, notice: Opt
             @if tickets.is_empty() { p { "No tickets." } }
         }
     };
-    let status = status_of(notice.as_ref());
-    (status, page(&chrome, "Tickets", notice.as_ref(), body)).into_response()
+    with_notice(&chrome, "Tickets", notice, body)
 }
 
 pub(crate) async fn revoke_ticket(
@@ -221,8 +221,7 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
             }
         }
     };
-    let status = status_of(notice.as_ref());
-    (status, page(&chrome, "Site key", notice.as_ref(), body)).into_response()
+    with_notice(&chrome, "Site key", notice, body)
 }
 
 /// A form with pass phrases; they are wiped when it is dropped.
@@ -367,8 +366,7 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
             }
         }
     };
-    let status = status_of(notice.as_ref());
-    (status, page(&chrome, "Peer server", notice.as_ref(), body)).into_response()
+    with_notice(&chrome, "Peer server", notice, body)
 }
 
 pub(crate) async fn start_peer(
@@ -446,8 +444,7 @@ async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Res
             }
         }
     };
-    let status = status_of(notice.as_ref());
-    (status, page(&chrome, "Configuration", notice.as_ref(), body)).into_response()
+    with_notice(&chrome, "Configuration", notice, body)
 }
 
 #[derive(Deserialize)]
