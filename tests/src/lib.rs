@@ -69,27 +69,105 @@ impl Store {
     }
 }
 
-/// The stores every store test runs on: SQLite, and a fresh PostgreSQL
-/// database when `CHIPSITE_TEST_POSTGRES_URL` is set (a failure to reach it
-/// fails the test).
-pub async fn stores() -> Vec<Store> {
-    let mut v = vec![Store::Sqlite];
-    if let Ok(server) = std::env::var(POSTGRES_ENV) {
-        let db = chipsite_store::connect(&server)
-            .await
-            .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {e}"));
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        let name = format!(
-            "chipsite_t_{}",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-        db.execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        v.push(Store::Postgres { server, name });
+/// Which store a store test runs on; [`store_test!`] makes one test of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// A store of `kind` for one test: SQLite, or a fresh PostgreSQL database
+/// when `CHIPSITE_TEST_POSTGRES_URL` is set (a failure to reach it fails the
+/// test). `None`: PostgreSQL was not asked for.
+pub async fn fresh_store(kind: StoreKind) -> Option<Store> {
+    match kind {
+        StoreKind::Sqlite => Some(Store::Sqlite),
+        StoreKind::Postgres => {
+            let server = std::env::var(POSTGRES_ENV).ok()?;
+            let db = chipsite_store::connect(&server)
+                .await
+                .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {e}"));
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).unwrap();
+            let name = format!(
+                "chipsite_t_{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            Some(Store::Postgres { server, name })
+        }
     }
-    v
+}
+
+impl Store {
+    /// Another fresh store of the same kind (a second site in one test).
+    pub async fn another(&self) -> Store {
+        let kind = match self {
+            Self::Sqlite => StoreKind::Sqlite,
+            Self::Postgres { .. } => StoreKind::Postgres,
+        };
+        fresh_store(kind).await.expect("a store of the same kind")
+    }
+}
+
+/// Run one store test on its own runtime, with its own log capture and a
+/// fresh store of `kind`; its PostgreSQL database is dropped afterwards.
+/// Without `CHIPSITE_TEST_POSTGRES_URL` the PostgreSQL case says so on
+/// stderr and passes (CI always sets it, and then a failure to reach
+/// PostgreSQL fails the test).
+pub fn run_store_test<F, Fut>(kind: StoreKind, test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    run_test(async move {
+        let Some(store) = fresh_store(kind).await else {
+            eprintln!("not run on PostgreSQL: set {POSTGRES_ENV} (CI does)");
+            return;
+        };
+        test(store.clone()).await;
+        store.drop_database().await;
+    });
+}
+
+/// Run a test on a runtime of its own (two workers) whose threads carry a
+/// test id, so that [`captured_logs`] holds this test's lines and no other's.
+pub fn run_test(test: impl std::future::Future<Output = ()>) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    capture_logs();
+    TEST_ID.with(|t| t.set(id));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || TEST_ID.with(|t| t.set(id)))
+        .build()
+        .expect("a test runtime");
+    runtime.block_on(test);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    log_buffers().lock().unwrap().remove(&id);
+    TEST_ID.with(|t| t.set(0));
+}
+
+/// `store_test!(name)` after `async fn name(store: Store)`: the tests
+/// `name::sqlite` and `name::postgres`, so a failure names its store and the
+/// two run in parallel.
+#[macro_export]
+macro_rules! store_test {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                $crate::run_store_test($crate::StoreKind::Sqlite, super::$name)
+            }
+            #[test]
+            fn postgres() {
+                $crate::run_store_test($crate::StoreKind::Postgres, super::$name)
+            }
+        }
+    };
 }
 
 /// A dev site in a temporary data directory, listening on loopback port 0.
@@ -313,16 +391,27 @@ impl TestSite {
     }
 }
 
-fn log_buffer() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    LOGS.get_or_init(|| Mutex::new(Vec::new()))
+thread_local! {
+    /// The test whose runtime this thread belongs to (0: none).
+    static TEST_ID: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Each test's log lines, by test id; lines from threads of no test's
+/// runtime (a database driver's own threads) are dropped.
+fn log_buffers() -> &'static Mutex<std::collections::HashMap<u64, Vec<u8>>> {
+    static LOGS: OnceLock<Mutex<std::collections::HashMap<u64, Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(Default::default)
 }
 
 struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        log_buffer().lock().unwrap().extend_from_slice(buf);
+        let id = TEST_ID.with(|t| t.get());
+        if id != 0 {
+            let mut logs = log_buffers().lock().unwrap_or_else(|p| p.into_inner());
+            logs.entry(id).or_default().extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -330,7 +419,8 @@ impl Write for LogWriter {
     }
 }
 
-/// Route every log line of this test process (at trace level) into a buffer.
+/// Route every log line of this test process (at trace level) into the
+/// buffer of the test whose runtime logged it.
 pub fn capture_logs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
@@ -342,9 +432,12 @@ pub fn capture_logs() {
     });
 }
 
-/// Everything logged so far.
+/// Everything this test (see [`run_test`]) has logged so far.
 pub fn captured_logs() -> String {
-    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+    let id = TEST_ID.with(|t| t.get());
+    assert_ne!(id, 0, "captured_logs is for tests run by run_test or store_test!");
+    let logs = log_buffers().lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(logs.get(&id).map(Vec::as_slice).unwrap_or_default()).into_owned()
 }
 
 /// Retry `f` until it returns true or `timeout` passes.

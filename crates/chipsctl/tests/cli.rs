@@ -5,7 +5,7 @@
 
 use std::{path::Path, process::Command};
 
-use chipsite_e2e::{TestSite, stores};
+use chipsite_e2e::{Store, TestSite, store_test};
 
 struct Run {
     ok: bool,
@@ -59,290 +59,288 @@ fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_admin_command_through_chipsctl() {
-    for store in stores().await {
-        let site = TestSite::start(&store).await;
-        let dir = site.data_dir();
-        let d = dir.as_path();
-        let pass = std::fs::read_to_string(chipsite_site::dev::passphrase_path(d)).unwrap();
-        let pass_file = d.join("pass.txt");
-        std::fs::write(&pass_file, &pass).unwrap();
-        let pass_arg = pass_file.to_str().unwrap();
+store_test!(every_admin_command_through_chipsctl);
+async fn every_admin_command_through_chipsctl(store: Store) {
+    let site = TestSite::start(&store).await;
+    let dir = site.data_dir();
+    let d = dir.as_path();
+    let pass = std::fs::read_to_string(chipsite_site::dev::passphrase_path(d)).unwrap();
+    let pass_file = d.join("pass.txt");
+    std::fs::write(&pass_file, &pass).unwrap();
+    let pass_arg = pass_file.to_str().unwrap();
 
-        // Users.
-        assert_eq!(
-            ok(
-                d,
-                &[
-                    "user",
-                    "create",
-                    "alice",
-                    "--name",
-                    "Alice",
-                    "--email",
-                    "alice@example.com"
-                ]
-            ),
-            "created user alice\n"
-        );
-        let u = json(&ok(d, &["--json", "user", "show", "alice"]));
-        assert_eq!(
-            (u["name"].as_str(), u["contact"]["email"].as_str()),
-            (Some("Alice"), Some("alice@example.com"))
-        );
-        assert!(ok(d, &["user", "show", "alice"]).contains("status   active"));
-        ok(d, &["user", "create", "bob", "--name", "Bob"]);
-        let list = json(&ok(d, &["--json", "user", "list"]));
-        assert_eq!(list["users"].as_array().unwrap().len(), 2);
-        assert!(ok(d, &["user", "list", "--query", "Bo"]).starts_with("bob"));
-        let edited = json(&ok(
+    // Users.
+    assert_eq!(
+        ok(
             d,
             &[
-                "--json",
                 "user",
-                "edit",
-                "bob",
-                "--phone",
-                "+1 555 0199",
-                "--status",
-                "suspended",
-            ],
-        ));
-        assert_eq!(edited["status"], "suspended");
-        fails(d, &["user", "show", "nobody"], None, "user \"nobody\" not found");
-        fails(
-            d,
-            &["user", "create", "Bad Id", "--name", "X"],
-            None,
-            "invalid CHIP ID",
-        );
-        fails(
-            d,
-            &["user", "create", "alice", "--name", "X"],
-            None,
-            "already exists",
-        );
-        fails(d, &["user", "create", "carol"], None, "needs --name");
-        fails(
-            d,
-            &["user", "edit", "bob", "--status", "gone"],
-            None,
-            "status must be one of",
-        );
+                "create",
+                "alice",
+                "--name",
+                "Alice",
+                "--email",
+                "alice@example.com"
+            ]
+        ),
+        "created user alice\n"
+    );
+    let u = json(&ok(d, &["--json", "user", "show", "alice"]));
+    assert_eq!(
+        (u["name"].as_str(), u["contact"]["email"].as_str()),
+        (Some("Alice"), Some("alice@example.com"))
+    );
+    assert!(ok(d, &["user", "show", "alice"]).contains("status   active"));
+    ok(d, &["user", "create", "bob", "--name", "Bob"]);
+    let list = json(&ok(d, &["--json", "user", "list"]));
+    assert_eq!(list["users"].as_array().unwrap().len(), 2);
+    assert!(ok(d, &["user", "list", "--query", "Bo"]).starts_with("bob"));
+    let edited = json(&ok(
+        d,
+        &[
+            "--json",
+            "user",
+            "edit",
+            "bob",
+            "--phone",
+            "+1 555 0199",
+            "--status",
+            "suspended",
+        ],
+    ));
+    assert_eq!(edited["status"], "suspended");
+    fails(d, &["user", "show", "nobody"], None, "user \"nobody\" not found");
+    fails(
+        d,
+        &["user", "create", "Bad Id", "--name", "X"],
+        None,
+        "invalid CHIP ID",
+    );
+    fails(
+        d,
+        &["user", "create", "alice", "--name", "X"],
+        None,
+        "already exists",
+    );
+    fails(d, &["user", "create", "carol"], None, "needs --name");
+    fails(
+        d,
+        &["user", "edit", "bob", "--status", "gone"],
+        None,
+        "status must be one of",
+    );
 
-        // Dump and load.
-        let dump_file = d.join("alice.json");
-        ok(d, &["user", "dump", "alice", "-o", dump_file.to_str().unwrap()]);
-        let dumped = std::fs::read_to_string(&dump_file).unwrap();
-        assert_eq!(json(&dumped)["format"], "chipsite.user.v1");
-        fails(
-            d,
-            &["user", "load", dump_file.to_str().unwrap()],
-            None,
-            "already exists",
-        );
-        let bad = d.join("bad.json");
-        std::fs::write(&bad, "{\"format\": \"chipsite.user.v1\", \"chip_id\": 7}").unwrap();
-        fails(d, &["user", "load", bad.to_str().unwrap()], None, "bad user dump");
-        fails(
-            d,
-            &["user", "load", d.join("missing.json").to_str().unwrap()],
-            None,
-            "missing.json",
-        );
-        let moved = dumped.replace("\"alice\"", "\"alice2\"");
-        let r = chipsctl(d, &["user", "load", "-"], Some(&moved));
-        assert!(r.ok, "{}", r.stderr);
-        assert_eq!(r.stdout, "loaded user alice2\n");
+    // Dump and load.
+    let dump_file = d.join("alice.json");
+    ok(d, &["user", "dump", "alice", "-o", dump_file.to_str().unwrap()]);
+    let dumped = std::fs::read_to_string(&dump_file).unwrap();
+    assert_eq!(json(&dumped)["format"], "chipsite.user.v1");
+    fails(
+        d,
+        &["user", "load", dump_file.to_str().unwrap()],
+        None,
+        "already exists",
+    );
+    let bad = d.join("bad.json");
+    std::fs::write(&bad, "{\"format\": \"chipsite.user.v1\", \"chip_id\": 7}").unwrap();
+    fails(d, &["user", "load", bad.to_str().unwrap()], None, "bad user dump");
+    fails(
+        d,
+        &["user", "load", d.join("missing.json").to_str().unwrap()],
+        None,
+        "missing.json",
+    );
+    let moved = dumped.replace("\"alice\"", "\"alice2\"");
+    let r = chipsctl(d, &["user", "load", "-"], Some(&moved));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout, "loaded user alice2\n");
 
-        // Lockdown of a user and of the site.
-        assert!(ok(d, &["user", "lock", "alice"]).contains("user alice LOCKED DOWN"));
-        assert!(
-            json(&ok(d, &["--json", "user", "show", "alice"]))["locked"]
-                .as_bool()
-                .unwrap()
-        );
-        fails(d, &["ticket", "issue", "alice"], None, "locked down");
-        assert!(ok(d, &["user", "unlock", "alice"]).contains("user alice open"));
-        assert_eq!(ok(d, &["site", "lock"]), "site LOCKED DOWN\n");
-        assert_eq!(ok(d, &["site", "status"]), "site LOCKED DOWN\n");
-        assert_eq!(ok(d, &["site", "unlock"]), "site open\n");
-        fails(d, &["user", "lock", "nobody"], None, "not found");
-
-        // Tickets.
-        let svg = d.join("qr.svg");
-        let t = ok(
-            d,
-            &["ticket", "issue", "alice", "--qr", "--svg", svg.to_str().unwrap()],
-        );
-        assert!(t.contains("chipsite:user?") && t.contains('█'), "{t}");
-        assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
-        let t = json(&ok(d, &["--json", "ticket", "issue", "alice", "--ttl", "600"]));
-        let id = t["ticket_id"].as_str().unwrap().to_owned();
-        assert!(t["ticket"]["token"].as_str().unwrap().len() >= 43);
-        assert!(t["ticket"].get("chip_id").is_none() && t["ticket"].get("expires").is_none());
-        let listed = json(&ok(d, &["--json", "ticket", "list", "--user", "alice"]));
-        assert_eq!(listed["tickets"].as_array().unwrap().len(), 2);
-        assert_eq!(ok(d, &["ticket", "revoke", &id]), format!("revoked {id}\n"));
-        fails(d, &["ticket", "revoke", &id], None, "already revoked");
-        fails(d, &["ticket", "revoke", "tkt_nope"], None, "not found");
-        fails(d, &["ticket", "issue", "bob"], None, "suspended");
-        assert!(ok(d, &["ticket", "list", "--all"]).contains("revoked"));
-
-        // Site key.
-        assert!(ok(d, &["key", "status"]).starts_with("site key unsealed"));
-        let exported = d.join("site-key.pem");
-        ok(d, &["key", "export", "-o", exported.to_str().unwrap()]);
-        assert!(
-            std::fs::read_to_string(&exported)
-                .unwrap()
-                .starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-        );
-        assert!(ok(d, &["key", "seal"]).starts_with("site key SEALED"));
-        fails(
-            d,
-            &["key", "unseal"],
-            Some("wrong pass phrase\n"),
-            "wrong pass phrase",
-        );
-        assert!(ok(d, &["key", "unseal", "--passphrase-file", pass_arg]).starts_with("site key unsealed"));
-        let r = chipsctl(
-            d,
-            &["key", "passphrase"],
-            Some(&format!("{pass}\nnew pass phrase 123\n")),
-        );
-        assert!(r.ok, "{}", r.stderr);
-        fails(
-            d,
-            &["key", "passphrase", "--passphrase-file", pass_arg],
-            Some("whatever it is\n"),
-            "wrong pass phrase",
-        );
-        let before = json(&ok(d, &["--json", "key", "status"]))["site_key_pin"]
-            .as_str()
+    // Lockdown of a user and of the site.
+    assert!(ok(d, &["user", "lock", "alice"]).contains("user alice LOCKED DOWN"));
+    assert!(
+        json(&ok(d, &["--json", "user", "show", "alice"]))["locked"]
+            .as_bool()
             .unwrap()
-            .to_owned();
-        let r = chipsctl(d, &["--json", "key", "create"], Some("a brand new pass phrase\n"));
-        assert!(r.ok, "{}", r.stderr);
-        assert_ne!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
-        fails(d, &["key", "create"], Some("short\n"), "at least 8 characters");
-        fails(d, &["key", "unseal"], Some(""), "no pass phrase");
-        // The exported (old) key comes back under its own pass phrase.
-        fails(
-            d,
-            &["key", "import", exported.to_str().unwrap()],
-            Some("not the pass phrase\n"),
-            "cannot open the key",
-        );
-        let r = chipsctl(
-            d,
-            &["--json", "key", "import", exported.to_str().unwrap()],
-            Some(&format!("{pass}\n")),
-        );
-        assert!(r.ok, "{}", r.stderr);
-        assert_eq!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
+    );
+    fails(d, &["ticket", "issue", "alice"], None, "locked down");
+    assert!(ok(d, &["user", "unlock", "alice"]).contains("user alice open"));
+    assert_eq!(ok(d, &["site", "lock"]), "site LOCKED DOWN\n");
+    assert_eq!(ok(d, &["site", "status"]), "site LOCKED DOWN\n");
+    assert_eq!(ok(d, &["site", "unlock"]), "site open\n");
+    fails(d, &["user", "lock", "nobody"], None, "not found");
 
-        // Peer server.
-        assert!(ok(d, &["peer", "status"]).starts_with("peer server stopped"));
-        fails(
-            d,
-            &["peer", "start"],
-            Some("not it at all\n"),
-            "wrong pass phrase",
-        );
-        let r = chipsctl(d, &["peer", "start"], Some(&format!("{pass}\n")));
-        assert!(
-            r.ok && r.stdout.starts_with("peer server running"),
-            "{}",
-            r.stderr
-        );
-        assert!(ok(d, &["peer", "stop"]).starts_with("peer server stopped"));
+    // Tickets.
+    let svg = d.join("qr.svg");
+    let t = ok(
+        d,
+        &["ticket", "issue", "alice", "--qr", "--svg", svg.to_str().unwrap()],
+    );
+    assert!(t.contains("chipsite:user?") && t.contains('█'), "{t}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    let t = json(&ok(d, &["--json", "ticket", "issue", "alice", "--ttl", "600"]));
+    let id = t["ticket_id"].as_str().unwrap().to_owned();
+    assert!(t["ticket"]["token"].as_str().unwrap().len() >= 43);
+    assert!(t["ticket"].get("chip_id").is_none() && t["ticket"].get("expires").is_none());
+    let listed = json(&ok(d, &["--json", "ticket", "list", "--user", "alice"]));
+    assert_eq!(listed["tickets"].as_array().unwrap().len(), 2);
+    assert_eq!(ok(d, &["ticket", "revoke", &id]), format!("revoked {id}\n"));
+    fails(d, &["ticket", "revoke", &id], None, "already revoked");
+    fails(d, &["ticket", "revoke", "tkt_nope"], None, "not found");
+    fails(d, &["ticket", "issue", "bob"], None, "suspended");
+    assert!(ok(d, &["ticket", "list", "--all"]).contains("revoked"));
 
-        // Configuration.
-        assert!(ok(d, &["config", "show"]).contains("ticket.ttl_seconds = 86400"));
-        let c = json(&ok(
-            d,
-            &[
-                "--json",
-                "config",
-                "set",
-                "ticket.ttl_seconds=3600",
-                "site.name=Example",
-            ],
-        ));
-        assert_eq!(c["site.name"], "Example");
-        fails(
-            d,
-            &["config", "set", "ticket.ttl_seconds=1"],
-            None,
-            "from 60 to 2592000",
-        );
-        fails(d, &["config", "set", "nonsense"], None, "is not key=value");
-        fails(
-            d,
-            &["config", "set", "no.such=1"],
-            None,
-            "unknown configuration key",
-        );
-        assert!(ok(d, &["config", "reset", "site.name"]).contains("site.name = chipsite"));
+    // Site key.
+    assert!(ok(d, &["key", "status"]).starts_with("site key unsealed"));
+    let exported = d.join("site-key.pem");
+    ok(d, &["key", "export", "-o", exported.to_str().unwrap()]);
+    assert!(
+        std::fs::read_to_string(&exported)
+            .unwrap()
+            .starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    );
+    assert!(ok(d, &["key", "seal"]).starts_with("site key SEALED"));
+    fails(
+        d,
+        &["key", "unseal"],
+        Some("wrong pass phrase\n"),
+        "wrong pass phrase",
+    );
+    assert!(ok(d, &["key", "unseal", "--passphrase-file", pass_arg]).starts_with("site key unsealed"));
+    let r = chipsctl(
+        d,
+        &["key", "passphrase"],
+        Some(&format!("{pass}\nnew pass phrase 123\n")),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    fails(
+        d,
+        &["key", "passphrase", "--passphrase-file", pass_arg],
+        Some("whatever it is\n"),
+        "wrong pass phrase",
+    );
+    let before = json(&ok(d, &["--json", "key", "status"]))["site_key_pin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = chipsctl(d, &["--json", "key", "create"], Some("a brand new pass phrase\n"));
+    assert!(r.ok, "{}", r.stderr);
+    assert_ne!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
+    fails(d, &["key", "create"], Some("short\n"), "at least 8 characters");
+    fails(d, &["key", "unseal"], Some(""), "no pass phrase");
+    // The exported (old) key comes back under its own pass phrase.
+    fails(
+        d,
+        &["key", "import", exported.to_str().unwrap()],
+        Some("not the pass phrase\n"),
+        "cannot open the key",
+    );
+    let r = chipsctl(
+        d,
+        &["--json", "key", "import", exported.to_str().unwrap()],
+        Some(&format!("{pass}\n")),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
 
-        // Audit.
-        let audit = ok(d, &["audit", "--limit", "500"]);
-        for action in [
-            "create_user",
-            "load_user",
-            "lockdown",
-            "issue_user_ticket",
-            "revoke_ticket",
-            "seal_vault",
-            "unseal_vault",
-            "change_passphrase",
-            "create_site_key",
-            "export_site_key",
-            "import_site_key",
-            "start_peer_server",
-            "stop_peer_server",
-            "update_site_config",
-            "dump_user",
-            "update_user",
-        ] {
-            assert!(audit.contains(action), "{action} missing from the audit log");
-        }
-        let entries = json(&ok(d, &["--json", "audit", "--source", "ticket"]));
-        assert!(
-            entries["entries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e["outcome"] == "revoked")
-        );
-        assert!(!audit.contains(pass.as_str()), "no pass phrase in the audit log");
+    // Peer server.
+    assert!(ok(d, &["peer", "status"]).starts_with("peer server stopped"));
+    fails(
+        d,
+        &["peer", "start"],
+        Some("not it at all\n"),
+        "wrong pass phrase",
+    );
+    let r = chipsctl(d, &["peer", "start"], Some(&format!("{pass}\n")));
+    assert!(
+        r.ok && r.stdout.starts_with("peer server running"),
+        "{}",
+        r.stderr
+    );
+    assert!(ok(d, &["peer", "stop"]).starts_with("peer server stopped"));
 
-        // Alarms: raised for a user (who has no session: it waits for e-mail
-        // or text), listed; a user that does not exist is a clear line.
-        let raised = json(&ok(
-            d,
-            &["--json", "alarm", "raise", "alice", "Please call the office"],
-        ));
-        assert_eq!(raised["chip_id"], "alice");
-        let listed = ok(d, &["alarm", "list", "alice"]);
-        assert!(listed.contains("Please call the office"), "{listed}");
-        let listed = json(&ok(d, &["--json", "alarm", "list", "alice"]));
-        assert_eq!(listed["alarms"][0]["id"], raised["id"]);
-        fails(d, &["alarm", "raise", "nobody", "hi"], None, "not found");
-        fails(
-            d,
-            &["alarm", "raise", "alice", "hi", "--kind", "Bad Kind"],
-            None,
-            "kind",
-        );
-        assert!(ok(d, &["audit"]).contains("raise_alarms"));
+    // Configuration.
+    assert!(ok(d, &["config", "show"]).contains("ticket.ttl_seconds = 86400"));
+    let c = json(&ok(
+        d,
+        &[
+            "--json",
+            "config",
+            "set",
+            "ticket.ttl_seconds=3600",
+            "site.name=Example",
+        ],
+    ));
+    assert_eq!(c["site.name"], "Example");
+    fails(
+        d,
+        &["config", "set", "ticket.ttl_seconds=1"],
+        None,
+        "from 60 to 2592000",
+    );
+    fails(d, &["config", "set", "nonsense"], None, "is not key=value");
+    fails(
+        d,
+        &["config", "set", "no.such=1"],
+        None,
+        "unknown configuration key",
+    );
+    assert!(ok(d, &["config", "reset", "site.name"]).contains("site.name = chipsite"));
 
-        // The site is gone: a clear line, not a hang.
-        site.finish().await;
-        fails(d, &["user", "list"], None, "no dev site found");
+    // Audit.
+    let audit = ok(d, &["audit", "--limit", "500"]);
+    for action in [
+        "create_user",
+        "load_user",
+        "lockdown",
+        "issue_user_ticket",
+        "revoke_ticket",
+        "seal_vault",
+        "unseal_vault",
+        "change_passphrase",
+        "create_site_key",
+        "export_site_key",
+        "import_site_key",
+        "start_peer_server",
+        "stop_peer_server",
+        "update_site_config",
+        "dump_user",
+        "update_user",
+    ] {
+        assert!(audit.contains(action), "{action} missing from the audit log");
     }
+    let entries = json(&ok(d, &["--json", "audit", "--source", "ticket"]));
+    assert!(
+        entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["outcome"] == "revoked")
+    );
+    assert!(!audit.contains(pass.as_str()), "no pass phrase in the audit log");
+
+    // Alarms: raised for a user (who has no session: it waits for e-mail
+    // or text), listed; a user that does not exist is a clear line.
+    let raised = json(&ok(
+        d,
+        &["--json", "alarm", "raise", "alice", "Please call the office"],
+    ));
+    assert_eq!(raised["chip_id"], "alice");
+    let listed = ok(d, &["alarm", "list", "alice"]);
+    assert!(listed.contains("Please call the office"), "{listed}");
+    let listed = json(&ok(d, &["--json", "alarm", "list", "alice"]));
+    assert_eq!(listed["alarms"][0]["id"], raised["id"]);
+    fails(d, &["alarm", "raise", "nobody", "hi"], None, "not found");
+    fails(
+        d,
+        &["alarm", "raise", "alice", "hi", "--kind", "Bad Kind"],
+        None,
+        "kind",
+    );
+    assert!(ok(d, &["audit"]).contains("raise_alarms"));
+
+    // The site is gone: a clear line, not a hang.
+    site.finish().await;
+    fails(d, &["user", "list"], None, "no dev site found");
 }
 
 #[test]

@@ -27,8 +27,12 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// One service (admin, key-vault, ticket or user-gateway), configured from file and environment.
-    Serve { service: String },
+    /// One service of the site, configured from file and environment (for
+    /// containers). Exits non-zero if the service stops by itself.
+    Serve {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(Service::names()))]
+        service: String,
+    },
     /// Print the effective configuration, secrets masked.
     Config,
     /// Ticket issue + redeem benchmark against PostgreSQL, beside pgbench.
@@ -60,7 +64,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve { service } => {
             let service = Service::parse(&service).with_context(|| {
-                format!("unknown service {service:?}: use admin, key-vault, ticket or user-gateway")
+                format!(
+                    "unknown service {service:?}: use one of {}",
+                    Service::names().join(", ")
+                )
             })?;
             let _telemetry =
                 chipsite_telemetry::init(service.identity(), &config.log, &config.otlp_endpoint)?;
@@ -147,9 +154,12 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     println!("  chipsctl console link                    # another console sign-in link");
     println!();
     println!("Ctrl-C stops the site.");
-    stop.await;
-    println!("stopping…");
-    site.shutdown(Duration::from_secs(10)).await?;
+    let stop = async {
+        stop.await;
+        println!("stopping…");
+    };
+    // A service that ends by itself stops the site with an error (non-zero exit).
+    site.run_until(stop, Duration::from_secs(10)).await?;
     Ok(())
 }
 

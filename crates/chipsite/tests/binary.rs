@@ -130,7 +130,22 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown service"));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(said.contains("invalid value 'nonsense'"), "{said}");
+    // `serve --help`, the refusal and `Service::parse` name the same services.
+    let help = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for name in chipsite_site::Service::names() {
+        assert!(said.contains(name), "{name}: {said}");
+        assert!(help.contains(name), "{name}: {help}");
+        assert_eq!(
+            chipsite_site::Service::parse(name).map(|s| s.identity()),
+            Some(name)
+        );
+    }
 }
 
 /// `chipsite serve key-vault` with the pass phrase in its environment: the

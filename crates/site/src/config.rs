@@ -9,8 +9,9 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The services a site is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The services a site is made of: `chipsite dev` runs them all in one
+/// process, `chipsite serve <service>` one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Service {
     Admin,
@@ -42,6 +43,23 @@ impl Service {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|x| x.identity() == s)
+    }
+
+    /// Every service's name, as `chipsite serve` takes it.
+    pub fn names() -> [&'static str; 5] {
+        Self::ALL.map(Self::identity)
+    }
+
+    /// The service's listeners, by name; the first is its main port, and
+    /// each name is also its key under `addresses` (`-` for `_`).
+    pub fn listeners(self) -> &'static [&'static str] {
+        match self {
+            Self::Admin => &["admin"],
+            Self::KeyVault => &["key-vault"],
+            Self::Ticket => &["ticket"],
+            Self::UserGateway => &["user-gateway"],
+            Self::Console => &["console", "console-https"],
+        }
     }
 }
 
@@ -93,13 +111,37 @@ impl Addresses {
     pub fn ephemeral_env() -> Vec<(String, &'static str)> {
         Service::ALL
             .iter()
-            .map(|s| s.identity())
-            .chain(["console-https"])
+            .flat_map(|s| s.listeners().iter().copied())
             .map(|name| {
                 let name = name.to_ascii_uppercase().replace('-', "_");
                 (format!("CHIPSITE_ADDRESSES__{name}"), "127.0.0.1:0")
             })
             .collect()
+    }
+
+    /// The address of a listener named by [`Service::listeners`] (empty
+    /// for an unknown name).
+    pub fn named(&self, listener: &str) -> &str {
+        match listener {
+            "admin" => &self.admin,
+            "key-vault" => &self.key_vault,
+            "ticket" => &self.ticket,
+            "user-gateway" => &self.user_gateway,
+            "console" => &self.console,
+            "console-https" => &self.console_https,
+            _ => "",
+        }
+    }
+
+    pub(crate) fn named_mut(&mut self, listener: &str) -> &mut String {
+        match listener {
+            "admin" => &mut self.admin,
+            "key-vault" => &mut self.key_vault,
+            "ticket" => &mut self.ticket,
+            "user-gateway" => &mut self.user_gateway,
+            "console" => &mut self.console,
+            _ => &mut self.console_https,
+        }
     }
 
     pub fn of(&self, s: Service) -> &str {

@@ -8,6 +8,8 @@ pub mod dev;
 pub mod services;
 
 use std::{
+    collections::HashMap,
+    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,15 +17,16 @@ use std::{
 };
 
 use chipsite_admin::Admin;
-use chipsite_console::Console;
-use chipsite_key_vault::KeyVault;
 use chipsite_proto::admin::v1::admin_service_client::AdminServiceClient;
-use chipsite_ticket::Tickets;
 use chipsite_tls::{CertPaths, ReloadableTls, identity as id};
-use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};
 use serde::{Deserialize, Serialize};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    task::{JoinHandle, JoinSet},
+};
 use tonic::transport::Channel;
+use zeroize::Zeroizing;
 
 pub use config::{Addresses, Config, Service};
 
@@ -54,6 +57,8 @@ pub enum SiteError {
     Config(String),
     #[error("no dev site found: {0}")]
     NoSite(String),
+    #[error("{task} ended: {why}")]
+    Ended { task: String, why: String },
 }
 
 /// Where a running dev site listens and how to reach it; written to
@@ -112,7 +117,7 @@ pub fn admin_channel(admin_addr: &str, certs: &CertPaths) -> Result<Channel, Sit
     chipsite_tls::connect_lazy(admin_addr, id::ADMIN, tls).map_err(|e| SiteError::Config(e.to_string()))
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, SiteError> {
+pub(crate) async fn bind(addr: &str) -> Result<TcpListener, SiteError> {
     TcpListener::bind(addr).await.map_err(|e| SiteError::Bind {
         addr: addr.to_owned(),
         message: e.to_string(),
@@ -123,22 +128,219 @@ fn local_addr(l: &TcpListener) -> Result<SocketAddr, SiteError> {
     l.local_addr().map_err(|e| SiteError::Io(e.to_string()))
 }
 
-fn channel(addr: &str, identity: &str, tls: &Arc<ReloadableTls>) -> Result<Channel, SiteError> {
+pub(crate) fn channel(addr: &str, identity: &str, tls: &Arc<ReloadableTls>) -> Result<Channel, SiteError> {
     chipsite_tls::connect_lazy(addr, identity, tls.clone()).map_err(|e| SiteError::Config(e.to_string()))
 }
 
 /// A shutdown signal shared by every server of a site.
 #[derive(Debug, Clone)]
-struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(watch::Receiver<bool>);
 
 impl Shutdown {
-    async fn wait(mut self) {
+    pub async fn wait(mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
 }
 
-/// A running site (every service in this process).
+/// Where a service serves: a listener already bound (dev and tests bind
+/// every port first, so that port 0 is resolved before any service is told
+/// where the others are), or an address the service binds when it is ready
+/// (`serve`: the user gateway binds only once key-vault has certified it).
 #[derive(Debug)]
+pub enum Listen {
+    Bound(TcpListener),
+    At(String),
+}
+
+impl Listen {
+    pub async fn bind(self) -> Result<TcpListener, SiteError> {
+        match self {
+            Self::Bound(l) => Ok(l),
+            Self::At(addr) => bind(&addr).await,
+        }
+    }
+}
+
+/// What every service starts with, the same shape for each: the site's
+/// configuration (with `addresses` saying where every service is reached),
+/// its own TLS material, its named listeners ([`Service::listeners`]), the
+/// shutdown signal, and the few facts of how the site was launched.
+pub struct Ctx {
+    pub config: Config,
+    pub tls: Arc<ReloadableTls>,
+    listeners: HashMap<&'static str, Listen>,
+    pub shutdown: Shutdown,
+    /// The site key pass phrase, when the site was given one (dev's file,
+    /// or `CHIPSITE_SITE_KEY_PASSPHRASE` / `CHIPSITE_SITE_KEY_PASSPHRASE_FILE`
+    /// for `serve key-vault`): key-vault creates the key on first launch and
+    /// unseals with it.
+    pub passphrase: Option<Zeroizing<String>>,
+    /// Dev mode: admin records where the user gateway and console listen, so
+    /// that tickets and sign-in links name them; a pass phrase that does not
+    /// open the site key leaves the vault sealed (`serve` refuses to start).
+    pub dev: bool,
+    /// The site's clock (the system's; tests move it to expire tickets).
+    pub clock: chipsite_store::Clock,
+}
+
+impl Ctx {
+    /// The listener named `name` (one of [`Service::listeners`]); `None` for
+    /// an optional one that is switched off (an empty address).
+    pub fn listener(&mut self, name: &'static str) -> Option<Listen> {
+        self.listeners.remove(name)
+    }
+
+    /// A mutual-TLS channel to another service of the site, as this one.
+    pub fn channel_to(&self, to: Service) -> Result<Channel, SiteError> {
+        channel(self.config.addresses.of(to), to.identity(), &self.tls)
+    }
+}
+
+/// What starting a service found out (first-launch facts for `chipsite dev`).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub created_site_key: bool,
+    pub unsealed: Option<bool>,
+    pub init_scripts_ran: Vec<String>,
+}
+
+/// A started service: its report, and the future that serves it (with its
+/// background tasks) until the shutdown signal.
+pub struct Started {
+    pub report: Report,
+    pub serving: futures::future::BoxFuture<'static, Result<(), SiteError>>,
+}
+
+impl Service {
+    /// Start this service: open its store, run its first-launch work, and
+    /// return the future that serves it. Adding a service is one variant of
+    /// [`Service`] (its identity, its listeners) and one arm here.
+    pub async fn start(self, ctx: Ctx) -> Result<Started, SiteError> {
+        match self {
+            Service::KeyVault => services::start_key_vault(ctx).await,
+            Service::Ticket => services::start_ticket(ctx).await,
+            Service::Admin => services::start_admin(ctx).await,
+            Service::UserGateway => services::start_user_gateway(ctx).await,
+            Service::Console => services::start_console(ctx).await,
+        }
+    }
+}
+
+/// Runs a site's services and background tasks, and notices at once when
+/// one of them ends before the site is asked to stop.
+#[derive(Default)]
+struct Supervisor {
+    tasks: JoinSet<Result<(), SiteError>>,
+    names: HashMap<tokio::task::Id, String>,
+}
+
+impl Supervisor {
+    fn spawn(&mut self, name: String, task: impl Future<Output = Result<(), SiteError>> + Send + 'static) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// A background task that never ends by itself.
+    fn watch(&mut self, name: String, task: Option<JoinHandle<()>>) {
+        if let Some(task) = task {
+            self.spawn(name, async move {
+                task.await.map_err(|e| SiteError::Serve(e.to_string()))
+            });
+        }
+    }
+
+    /// Wait for the first task to end (each should run until shutdown):
+    /// which one, and why.
+    async fn first_end(&mut self) -> (String, String) {
+        let Some(ended) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, why) = match ended {
+            Ok((id, Ok(()))) => (id, "it stopped by itself".to_owned()),
+            Ok((id, Err(e))) => (id, e.to_string()),
+            Err(e) => (e.id(), format!("it failed: {e}")),
+        };
+        (self.names.remove(&id).unwrap_or_default(), why)
+    }
+
+    /// Let every task finish for up to `grace` after the stop signal.
+    async fn drain(mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
+                Ok(None) => return,
+                Ok(Some(Ok((_, Ok(()))))) => {}
+                Ok(Some(Ok((id, Err(e))))) => {
+                    let service = self.names.get(&id).cloned().unwrap_or_default();
+                    tracing::warn!(%service, error = %e, "service ended with an error");
+                }
+                Ok(Some(Err(e))) if e.is_cancelled() => {}
+                Ok(Some(Err(e))) => {
+                    let service = self.names.get(&e.id()).cloned().unwrap_or_default();
+                    tracing::warn!(%service, error = %e, "service task failed");
+                }
+                Err(_) => {
+                    let left: Vec<_> = self.names.values().cloned().collect();
+                    tracing::warn!(?left, "not every service stopped within the grace period");
+                    self.tasks.abort_all();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How a site is launched: which services run in this process, where each
+/// of their listeners is, and the site key pass phrase if any.
+struct Launch {
+    services: Vec<Service>,
+    config: Config,
+    listeners: HashMap<&'static str, Listen>,
+    tls: HashMap<Service, Arc<ReloadableTls>>,
+    passphrase: Option<Zeroizing<String>>,
+    dev: bool,
+    clock: chipsite_store::Clock,
+}
+
+/// Start `launch`'s services in order, each under supervision.
+async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), SiteError> {
+    let (stop, stop_rx) = watch::channel(false);
+    let mut supervisor = Supervisor::default();
+    let mut report = Report::default();
+    let mut listeners = l.listeners;
+    for service in l.services {
+        let tls = l
+            .tls
+            .get(&service)
+            .cloned()
+            .ok_or_else(|| SiteError::Config(format!("no certificate for {}", service.identity())))?;
+        supervisor.watch(
+            format!("{} certificate watcher", service.identity()),
+            tls.spawn_watcher(CERT_POLL),
+        );
+        let ctx = Ctx {
+            config: l.config.clone(),
+            tls,
+            listeners: service
+                .listeners()
+                .iter()
+                .filter_map(|name| Some((*name, listeners.remove(name)?)))
+                .collect(),
+            shutdown: Shutdown(stop_rx.clone()),
+            passphrase: l.passphrase.clone(),
+            dev: l.dev,
+            clock: l.clock.clone(),
+        };
+        let started = service.start(ctx).await?;
+        report.created_site_key |= started.report.created_site_key;
+        report.unsealed = report.unsealed.or(started.report.unsealed);
+        report.init_scripts_ran.extend(started.report.init_scripts_ran);
+        supervisor.spawn(service.identity().to_owned(), started.serving);
+    }
+    Ok((supervisor, stop, report))
+}
+
+/// A running site (every service in this process).
 pub struct Site {
     pub endpoints: Endpoints,
     /// Whether this start created the site key (first launch).
@@ -147,8 +349,19 @@ pub struct Site {
     pub init_scripts_ran: Vec<String>,
     /// Whether the vault is unsealed (dev unseals with its pass phrase file).
     pub unsealed: bool,
+    /// The clock every service of this site judges time by: the system's,
+    /// unless a test moves it forward.
+    pub clock: chipsite_store::Clock,
     stop: watch::Sender<bool>,
-    tasks: Vec<(&'static str, JoinHandle<Result<(), SiteError>>)>,
+    supervisor: Supervisor,
+}
+
+impl std::fmt::Debug for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Site")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Site {
@@ -161,153 +374,49 @@ impl Site {
         dev::ensure_pki(data, "dev")?;
         let passphrase = dev::ensure_passphrase(data)?;
 
-        let listeners = [
-            bind(&config.addresses.admin).await?,
-            bind(&config.addresses.key_vault).await?,
-            bind(&config.addresses.ticket).await?,
-            bind(&config.addresses.user_gateway).await?,
-            bind(&config.addresses.console).await?,
-        ];
-        let console_https_l = match config.addresses.console_https.as_str() {
-            "" => None,
-            a => Some(bind(a).await?),
-        };
-        let console_https = match &console_https_l {
-            Some(l) => format!("https://{}", local_addr(l)?),
-            None => String::new(),
-        };
-        let addrs = listeners.iter().map(local_addr).collect::<Result<Vec<_>, _>>()?;
-        let [admin_l, vault_l, ticket_l, gateway_l, console_l] = listeners;
-        let (admin_addr, vault_addr, ticket_addr, gateway_addr) = (
-            addrs[0].to_string(),
-            addrs[1].to_string(),
-            addrs[2].to_string(),
-            addrs[3],
-        );
-        let console_url = format!("http://{}", addrs[4]);
-
-        let tls = |identity: &str| -> Result<Arc<ReloadableTls>, SiteError> {
-            let t = ReloadableTls::from_files(dev::cert_paths(data, identity))?;
-            t.spawn_watcher(CERT_POLL);
-            Ok(t)
-        };
-        let (admin_tls, vault_tls, ticket_tls, gateway_tls, console_tls) = (
-            tls(id::ADMIN)?,
-            tls(id::KEY_VAULT)?,
-            tls(id::TICKET)?,
-            tls(id::USER_GATEWAY)?,
-            tls(id::CONSOLE)?,
-        );
-
-        // First launch: tables, init scripts, site key.
-        let vault = Arc::new(
-            KeyVault::open(chipsite_store::connect(&config.database_url_for(Service::KeyVault)).await?)
-                .await?,
-        );
-        let tickets = Arc::new(
-            Tickets::open(chipsite_store::connect(&config.database_url_for(Service::Ticket)).await?).await?,
-        );
-        let admin = Arc::new(open_admin(config).await?);
-        let init_scripts_ran = admin.run_init_scripts(&config.init_dir()).await?;
-        // A dev site knows where its user gateway listens: tickets name it.
-        admin
-            .update_config(
-                &[
-                    ("user_gateway.host".to_owned(), gateway_addr.ip().to_string()),
-                    ("user_gateway.port".to_owned(), gateway_addr.port().to_string()),
-                    ("console.url".to_owned(), console_url.clone()),
-                ]
-                .into(),
-                &[],
-            )
-            .await?;
-        let created_site_key = vault.ensure_site_key(&passphrase).await?;
-        let unsealed = created_site_key
-            || match vault.unseal(&passphrase).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the dev pass phrase file does not open the site key; the vault stays sealed (unseal it with chipsctl)");
-                    false
+        // Every listener first, so that each service is told where the
+        // others really listen (port 0 resolved).
+        let mut config = config.clone();
+        let mut listeners = HashMap::new();
+        for service in Service::ALL {
+            for name in service.listeners() {
+                let addr = config.addresses.named(name).to_owned();
+                if addr.is_empty() {
+                    continue;
                 }
-            };
+                let l = bind(&addr).await?;
+                *config.addresses.named_mut(name) = local_addr(&l)?.to_string();
+                listeners.insert(*name, Listen::Bound(l));
+            }
+        }
+        let tls = Service::ALL
+            .into_iter()
+            .map(|s| Ok((s, ReloadableTls::from_files(dev::cert_paths(data, s.identity()))?)))
+            .collect::<Result<HashMap<_, _>, SiteError>>()?;
+        let clock = chipsite_store::Clock::default();
+        let (supervisor, stop, report) = launch(Launch {
+            services: START_ORDER.to_vec(),
+            config: config.clone(),
+            listeners,
+            tls,
+            passphrase: Some(Zeroizing::new(passphrase)),
+            dev: true,
+            clock: clock.clone(),
+        })
+        .await?;
 
-        let (stop, stop_rx) = watch::channel(false);
-        let shutdown = Shutdown(stop_rx);
-        let ticket_to_vault = channel(&vault_addr, id::KEY_VAULT, &ticket_tls)?;
-        let admin_to_vault = channel(&vault_addr, id::KEY_VAULT, &admin_tls)?;
-        let admin_to_ticket = channel(&ticket_addr, id::TICKET, &admin_tls)?;
-        let gateway = UserGateway::new(
-            GatewayClients {
-                key_vault: channel(&vault_addr, id::KEY_VAULT, &gateway_tls)?,
-                tickets: channel(&ticket_addr, id::TICKET, &gateway_tls)?,
-                admin: channel(&admin_addr, id::ADMIN, &gateway_tls)?,
-            },
-            GatewaySettings::default(),
-        );
-        let tasks: Vec<(&'static str, JoinHandle<Result<(), SiteError>>)> = vec![
-            (
-                "key-vault",
-                tokio::spawn(services::serve_key_vault(
-                    vault,
-                    vault_l,
-                    vault_tls,
-                    shutdown.clone().wait(),
-                )),
-            ),
-            (
-                "ticket",
-                tokio::spawn(services::serve_ticket(
-                    tickets,
-                    ticket_to_vault,
-                    ticket_l,
-                    ticket_tls,
-                    shutdown.clone().wait(),
-                )),
-            ),
-            (
-                "admin",
-                tokio::spawn(services::serve_admin(
-                    admin,
-                    admin_to_vault,
-                    admin_to_ticket,
-                    admin_l,
-                    admin_tls,
-                    shutdown.clone().wait(),
-                )),
-            ),
-            (
-                "user-gateway",
-                tokio::spawn(serve_gateway(gateway, gateway_l, shutdown.clone().wait())),
-            ),
-            (
-                "console",
-                tokio::spawn(serve_console(
-                    console(
-                        &Addresses {
-                            admin: admin_addr.clone(),
-                            key_vault: vault_addr.clone(),
-                            ticket: ticket_addr.clone(),
-                            user_gateway: gateway_addr.to_string(),
-                            console: addrs[4].to_string(),
-                            console_https: console_https.trim_start_matches("https://").to_owned(),
-                        },
-                        &console_tls,
-                    )?,
-                    console_l,
-                    console_https_l.map(|l| (l, console_tls.clone())),
-                    shutdown.clone().wait(),
-                )),
-            ),
-        ];
-
+        let a = &config.addresses;
         let client = dev::cert_paths(data, id::ADMIN_CLIENT);
         let endpoints = Endpoints {
-            admin: admin_addr,
-            key_vault: vault_addr,
-            ticket: ticket_addr,
-            user_gateway: gateway_addr.to_string(),
-            console: console_url,
-            console_https,
+            admin: a.admin.clone(),
+            key_vault: a.key_vault.clone(),
+            ticket: a.ticket.clone(),
+            user_gateway: a.user_gateway.clone(),
+            console: format!("http://{}", a.console),
+            console_https: match a.console_https.as_str() {
+                "" => String::new(),
+                https => format!("https://{https}"),
+            },
             ca: client.ca.clone(),
             admin_client_cert: client.cert,
             admin_client_key: client.key,
@@ -321,11 +430,12 @@ impl Site {
         std::fs::rename(&tmp, Endpoints::path(data)).map_err(|e| SiteError::Io(e.to_string()))?;
         Ok(Site {
             endpoints,
-            created_site_key,
-            init_scripts_ran,
-            unsealed,
+            created_site_key: report.created_site_key,
+            init_scripts_ran: report.init_scripts_ran,
+            unsealed: report.unsealed.unwrap_or(false),
+            clock,
             stop,
-            tasks,
+            supervisor,
         })
     }
 
@@ -337,28 +447,50 @@ impl Site {
         )
     }
 
+    /// Serve until `stop` resolves, then stop cleanly; or, if a service or a
+    /// background task ends first, log it at once, stop the rest and return
+    /// the error (so `chipsite dev` exits non-zero).
+    pub async fn run_until(
+        mut self,
+        stop: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> Result<(), SiteError> {
+        tokio::select! {
+            () = stop => self.shutdown(grace).await,
+            (task, why) = self.supervisor.first_end() => {
+                tracing::error!(%task, error = %why, "a service of the site ended; stopping the site");
+                self.shutdown(grace).await?;
+                Err(SiteError::Ended { task, why })
+            }
+        }
+    }
+
     /// Stop every server, letting in-flight calls finish for up to `grace`.
     pub async fn shutdown(self, grace: Duration) -> Result<(), SiteError> {
         let _ = self.stop.send(true);
         let _ = std::fs::remove_file(Endpoints::path(&self.endpoints.data_dir));
-        for (name, task) in self.tasks {
-            match tokio::time::timeout(grace, task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(service = name, error = %e, "service ended with an error"),
-                Ok(Err(e)) => tracing::warn!(service = name, error = %e, "service task failed"),
-                Err(_) => tracing::warn!(service = name, "service did not stop within the grace period"),
-            }
-        }
+        self.supervisor.drain(grace).await;
         Ok(())
     }
 }
 
+/// The order services start in: key-vault first (the others ask it for
+/// keys and certificates), admin before the gateway and console.
+const START_ORDER: [Service; 5] = [
+    Service::KeyVault,
+    Service::Ticket,
+    Service::Admin,
+    Service::UserGateway,
+    Service::Console,
+];
+
 /// `chipsite serve <service>`: one service, configured from file and
-/// environment, until `shutdown` resolves.
+/// environment, until `shutdown` resolves; an error if the service (or one of
+/// its background tasks) ends before that.
 pub async fn serve_one(
     config: &Config,
     service: Service,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SiteError> {
     chipsite_tls::install_crypto_provider();
     let files = config.tls.clone().ok_or_else(|| {
@@ -372,74 +504,60 @@ pub async fn serve_one(
         key: files.key,
         ca: files.ca,
     })?;
-    tls.spawn_watcher(CERT_POLL);
-    let listen = match config.listen {
-        Some(a) => a.to_string(),
-        None => config.addresses.of(service).to_owned(),
-    };
-    if service == Service::Console {
-        let console = console(&config.addresses, &tls)?;
-        let listener = bind(&listen).await?;
-        let https = match config.addresses.console_https.as_str() {
-            "" => None,
-            a => Some((bind(a).await?, tls.clone())),
+    let mut listeners = HashMap::new();
+    for (i, name) in service.listeners().iter().enumerate() {
+        let addr = match (i, config.listen) {
+            (0, Some(a)) => a.to_string(),
+            _ => config.addresses.named(name).to_owned(),
         };
-        tracing::info!(service = service.identity(), addr = %listen, https = %config.addresses.console_https, "serving");
-        return serve_console(console, listener, https, shutdown).await;
+        if !addr.is_empty() {
+            listeners.insert(*name, Listen::At(addr));
+        }
     }
-    if service == Service::UserGateway {
-        let gateway = UserGateway::new(
-            GatewayClients {
-                key_vault: channel(&config.addresses.key_vault, id::KEY_VAULT, &tls)?,
-                tickets: channel(&config.addresses.ticket, id::TICKET, &tls)?,
-                admin: channel(&config.addresses.admin, id::ADMIN, &tls)?,
-            },
-            GatewaySettings::default(),
-        );
-        // Nothing listens before key-vault has certified the gateway.
-        let shutdown = Box::pin(shutdown);
-        let mut shutdown = shutdown;
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = gateway.certify_first() => {}
+    let (mut supervisor, stop, _) = launch(Launch {
+        services: vec![service],
+        config: config.clone(),
+        listeners,
+        tls: [(service, tls)].into(),
+        passphrase: passphrase_from_env()?,
+        dev: false,
+        clock: chipsite_store::Clock::default(),
+    })
+    .await?;
+    tokio::select! {
+        () = shutdown => {
+            let _ = stop.send(true);
+            supervisor.drain(Duration::from_secs(15)).await;
+            Ok(())
         }
-        let listener = bind(&listen).await?;
-        tracing::info!(service = service.identity(), addr = %listen, "serving");
-        return serve_gateway(gateway, listener, shutdown).await;
+        (task, why) = supervisor.first_end() => {
+            tracing::error!(%task, error = %why, "the service ended; stopping");
+            let _ = stop.send(true);
+            supervisor.drain(Duration::from_secs(15)).await;
+            Err(SiteError::Ended { task, why })
+        }
     }
-    let listener = bind(&listen).await?;
-    tracing::info!(service = service.identity(), addr = %listen, "serving");
-    let db = chipsite_store::connect(&config.database_url_for(service)).await?;
-    match service {
-        Service::KeyVault => {
-            let vault = Arc::new(KeyVault::open(db).await?);
-            // Operator-supplied pass phrase (for example a mounted secret):
-            // create the key on first launch, unseal on every start. It is
-            // read from the environment and never written anywhere.
-            if let Ok(p) = std::env::var("CHIPSITE_SITE_KEY_PASSPHRASE") {
-                if !vault.ensure_site_key(&p).await? {
-                    vault.unseal(&p).await?;
-                }
-            } else if !vault.status().await?.has_key {
-                tracing::warn!("no site key yet: create one with `chipsctl key create`");
-            }
-            services::serve_key_vault(vault, listener, tls, shutdown).await
-        }
-        Service::Ticket => {
-            let tickets = Arc::new(Tickets::open(db).await?);
-            let kv = channel(&config.addresses.key_vault, id::KEY_VAULT, &tls)?;
-            services::serve_ticket(tickets, kv, listener, tls, shutdown).await
-        }
-        Service::Admin => {
-            drop(db);
-            let admin = Arc::new(open_admin(config).await?);
-            admin.run_init_scripts(&config.init_dir()).await?;
-            let kv = channel(&config.addresses.key_vault, id::KEY_VAULT, &tls)?;
-            let tk = channel(&config.addresses.ticket, id::TICKET, &tls)?;
-            services::serve_admin(admin, kv, tk, listener, tls, shutdown).await
-        }
-        Service::UserGateway | Service::Console => Ok(()),
+}
+
+/// The operator's site key pass phrase for `serve`: from
+/// `CHIPSITE_SITE_KEY_PASSPHRASE_FILE` (a mounted secret) or
+/// `CHIPSITE_SITE_KEY_PASSPHRASE`; never from a flag, never written anywhere.
+fn passphrase_from_env() -> Result<Option<Zeroizing<String>>, SiteError> {
+    if let Some(path) = std::env::var_os("CHIPSITE_SITE_KEY_PASSPHRASE_FILE") {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            SiteError::Config(format!(
+                "CHIPSITE_SITE_KEY_PASSPHRASE_FILE {}: {e}",
+                Path::new(&path).display()
+            ))
+        })?;
+        let text = Zeroizing::new(text);
+        return Ok(Some(Zeroizing::new(
+            text.trim_end_matches(['\r', '\n']).to_owned(),
+        )));
     }
+    Ok(std::env::var("CHIPSITE_SITE_KEY_PASSPHRASE")
+        .ok()
+        .map(Zeroizing::new))
 }
 
 /// Admin's store, with its user events on PostgreSQL LISTEN/NOTIFY when
@@ -451,72 +569,44 @@ async fn open_admin(config: &Config) -> Result<Admin, SiteError> {
     Ok(Admin::open(db).await?.with_hub(hub))
 }
 
-/// The console, with the services its health page checks and where they listen.
-fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, SiteError> {
-    use chipsite_console::{Check, Probe};
-    let grpc = |name: &'static str, addr: &str, identity: &str| -> Result<Probe, SiteError> {
-        Ok(Probe {
-            name,
-            addr: addr.to_owned(),
-            check: Check::Grpc(channel(addr, identity, tls)?),
-        })
-    };
-    let mut probes = vec![
-        grpc("admin", &at.admin, id::ADMIN)?,
-        grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
-        grpc("ticket", &at.ticket, id::TICKET)?,
-        Probe {
-            name: "user-gateway",
-            addr: at.user_gateway.clone(),
-            check: Check::Accepts,
-        },
-        Probe {
-            name: "console",
-            addr: at.console.clone(),
-            check: Check::ThisConsole,
-        },
-    ];
-    if !at.console_https.is_empty() {
-        probes.push(Probe {
-            name: "console (HTTPS, admin certificate)",
-            addr: at.console_https.clone(),
-            check: Check::Accepts,
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The first task to end is named at once, whether it returned an error,
+    /// returned at all, or panicked; the rest are stopped within the grace.
+    #[tokio::test]
+    async fn the_supervisor_names_the_first_task_to_end() {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let mut s = Supervisor::default();
+        s.spawn("forever".into(), std::future::pending());
+        s.spawn("broken".into(), async move {
+            let _ = released.await;
+            Err(SiteError::Serve("the port went away".into()))
         });
+        s.spawn("stopping".into(), async { Ok(()) });
+        let (task, why) = s.first_end().await;
+        assert_eq!(
+            (task.as_str(), why.as_str()),
+            ("stopping", "it stopped by itself")
+        );
+        let _ = release.send(());
+        let (task, why) = s.first_end().await;
+        assert_eq!(
+            (task.as_str(), why.as_str()),
+            ("broken", "server: the port went away")
+        );
+        s.watch(
+            "sweeper".into(),
+            Some(tokio::spawn(async { panic!("a bug in a background task") })),
+        );
+        let (task, why) = s.first_end().await;
+        assert_eq!(task, "sweeper");
+        assert!(why.contains("panicked"), "{why}");
+        // `forever` never ends by itself: drain gives up after the grace.
+        tokio::time::timeout(Duration::from_secs(5), s.drain(Duration::from_millis(50)))
+            .await
+            .unwrap();
     }
-    Ok(Console::with_probes(
-        channel(&at.admin, id::ADMIN, tls)?,
-        channel(&at.ticket, id::TICKET, tls)?,
-        probes,
-    ))
-}
-
-/// The console on its plain port and, when it has one, its HTTPS port
-/// (client certificates of the internal CA required; `tls` is the console's
-/// own internal certificate).
-async fn serve_console(
-    console: std::sync::Arc<Console>,
-    listener: TcpListener,
-    https: Option<(TcpListener, Arc<ReloadableTls>)>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), SiteError> {
-    use futures::FutureExt;
-    let shutdown = shutdown.shared();
-    let plain = chipsite_console::serve(console.clone(), listener, shutdown.clone());
-    let secure = async {
-        match https {
-            Some((l, tls)) => chipsite_console::serve_https(console, l, tls, shutdown).await,
-            None => Ok(()),
-        }
-    };
-    tokio::try_join!(plain, secure)
-        .map(|_| ())
-        .map_err(|e| SiteError::Serve(format!("console: {e}")))
-}
-
-async fn serve_gateway(
-    gateway: UserGateway,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), SiteError> {
-    Ok(gateway.serve(listener, shutdown).await?)
 }

@@ -207,17 +207,223 @@ pub async fn serve_admin(
     type S = AdminServiceServer<AdminGrpc>;
     type E = UserEventsServer<UserEventsGrpc>;
     let notifier = Notifier::new(admin.clone(), chipsite_admin::notify::DELIVERY_WINDOW);
-    let sweeper = notifier.spawn_sweeper();
+    let mut sweeper = notifier.spawn_sweeper();
     let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
     let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
-    let served = serve_with!(
-        [svc => S, events => E],
-        chipsite_admin::policy(),
-        true,
-        listener,
-        tls,
-        shutdown
-    );
+    let served = async {
+        serve_with!(
+            [svc => S, events => E],
+            chipsite_admin::policy(),
+            true,
+            listener,
+            tls,
+            shutdown
+        )
+    };
+    // The alarm sweeper never ends by itself: if it does, admin stops
+    // rather than leave alarms undelivered unnoticed.
+    let result = tokio::select! {
+        served = served => served,
+        ended = &mut sweeper => Err(SiteError::Serve(format!("admin: the alarm sweeper ended: {ended:?}"))),
+    };
     sweeper.abort();
-    served
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Starting each service from its `Ctx`: the one shape every service has.
+
+use chipsite_console::Console;
+use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};
+use futures::FutureExt;
+
+use crate::{Ctx, Report, Service, Started, config::Addresses};
+
+fn main_listener(ctx: &mut Ctx, service: Service) -> Result<crate::Listen, SiteError> {
+    let name = service.listeners()[0];
+    ctx.listener(name)
+        .ok_or_else(|| SiteError::Config(format!("{}: no address to listen on", service.identity())))
+}
+
+pub(crate) async fn start_key_vault(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listener = main_listener(&mut ctx, Service::KeyVault)?.bind().await?;
+    let db = chipsite_store::connect(&ctx.config.database_url_for(Service::KeyVault)).await?;
+    let vault = Arc::new(KeyVault::open(db).await?);
+    let mut report = Report::default();
+    // The pass phrase, when the site has one (dev's file; an operator's
+    // mounted secret for `serve`): create the key on first launch, unseal
+    // on every start. A wrong one leaves the vault sealed, not the site down.
+    match &ctx.passphrase {
+        Some(p) => {
+            report.created_site_key = vault.ensure_site_key(p).await?;
+            report.unsealed = Some(
+                report.created_site_key
+                    || match vault.unseal(p).await {
+                        Ok(_) => true,
+                        Err(e) if !ctx.dev => return Err(e.into()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the pass phrase given does not open the site key; the vault stays sealed (unseal it with chipsctl)");
+                            false
+                        }
+                    },
+            );
+        }
+        None if !vault.status().await?.has_key => {
+            tracing::warn!("no site key yet: create one with `chipsctl key create`");
+        }
+        None => {}
+    }
+    tracing::info!(service = "key-vault", addr = ?listener.local_addr().ok(), "serving");
+    Ok(Started {
+        report,
+        serving: serve_key_vault(vault, listener, ctx.tls, ctx.shutdown.wait()).boxed(),
+    })
+}
+
+pub(crate) async fn start_ticket(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listener = main_listener(&mut ctx, Service::Ticket)?.bind().await?;
+    let db = chipsite_store::connect(&ctx.config.database_url_for(Service::Ticket)).await?;
+    let tickets = Arc::new(Tickets::open(db).await?.with_clock(ctx.clock.clone()));
+    let key_vault = ctx.channel_to(Service::KeyVault)?;
+    tracing::info!(service = "ticket", addr = ?listener.local_addr().ok(), "serving");
+    Ok(Started {
+        report: Report::default(),
+        serving: serve_ticket(tickets, key_vault, listener, ctx.tls, ctx.shutdown.wait()).boxed(),
+    })
+}
+
+pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listener = main_listener(&mut ctx, Service::Admin)?.bind().await?;
+    let admin = Arc::new(crate::open_admin(&ctx.config).await?);
+    let init_scripts_ran = admin.run_init_scripts(&ctx.config.init_dir()).await?;
+    if ctx.dev {
+        // A dev site knows where its user gateway and console listen:
+        // tickets and sign-in links name them.
+        let a = &ctx.config.addresses;
+        let gateway: std::net::SocketAddr = a
+            .user_gateway
+            .parse()
+            .map_err(|e| SiteError::Config(format!("addresses.user_gateway {:?}: {e}", a.user_gateway)))?;
+        admin
+            .update_config(
+                &[
+                    ("user_gateway.host".to_owned(), gateway.ip().to_string()),
+                    ("user_gateway.port".to_owned(), gateway.port().to_string()),
+                    ("console.url".to_owned(), format!("http://{}", a.console)),
+                ]
+                .into(),
+                &[],
+            )
+            .await?;
+    }
+    let key_vault = ctx.channel_to(Service::KeyVault)?;
+    let tickets = ctx.channel_to(Service::Ticket)?;
+    tracing::info!(service = "admin", addr = ?listener.local_addr().ok(), "serving");
+    Ok(Started {
+        report: Report {
+            init_scripts_ran,
+            ..Report::default()
+        },
+        serving: serve_admin(admin, key_vault, tickets, listener, ctx.tls, ctx.shutdown.wait()).boxed(),
+    })
+}
+
+pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listen = main_listener(&mut ctx, Service::UserGateway)?;
+    let gateway = UserGateway::new(
+        GatewayClients {
+            key_vault: ctx.channel_to(Service::KeyVault)?,
+            tickets: ctx.channel_to(Service::Ticket)?,
+            admin: ctx.channel_to(Service::Admin)?,
+        },
+        GatewaySettings::default(),
+    );
+    let shutdown = ctx.shutdown;
+    let serving = async move {
+        // An address not yet bound is bound only once key-vault has
+        // certified the gateway: nothing listens before it can serve.
+        let listener = match listen {
+            crate::Listen::Bound(l) => l,
+            crate::Listen::At(addr) => {
+                tokio::select! {
+                    () = shutdown.clone().wait() => return Ok(()),
+                    () = gateway.certify_first() => {}
+                }
+                crate::bind(&addr).await?
+            }
+        };
+        tracing::info!(service = "user-gateway", addr = ?listener.local_addr().ok(), "serving");
+        Ok(gateway.serve(listener, shutdown.wait()).await?)
+    };
+    Ok(Started {
+        report: Report::default(),
+        serving: serving.boxed(),
+    })
+}
+
+pub(crate) async fn start_console(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listener = main_listener(&mut ctx, Service::Console)?.bind().await?;
+    let https = match ctx.listener("console-https") {
+        Some(l) => Some(l.bind().await?),
+        None => None,
+    };
+    let console = console(&ctx.config.addresses, &ctx.tls)?;
+    tracing::info!(service = "console", addr = ?listener.local_addr().ok(), https = ?https.as_ref().and_then(|l| l.local_addr().ok()), "serving");
+    let shutdown = ctx.shutdown.wait().shared();
+    let tls = ctx.tls;
+    let serving = async move {
+        let plain = chipsite_console::serve(console.clone(), listener, shutdown.clone());
+        let secure = async {
+            match https {
+                Some(l) => chipsite_console::serve_https(console, l, tls, shutdown).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(plain, secure)
+            .map(|_| ())
+            .map_err(|e| SiteError::Serve(format!("console: {e}")))
+    };
+    Ok(Started {
+        report: Report::default(),
+        serving: serving.boxed(),
+    })
+}
+
+/// The console, with the services its health page checks and where they listen.
+fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, SiteError> {
+    use chipsite_console::{Check, Probe};
+    let grpc = |name: &'static str, addr: &str, identity: &str| -> Result<Probe, SiteError> {
+        Ok(Probe {
+            name,
+            addr: addr.to_owned(),
+            check: Check::Grpc(crate::channel(addr, identity, tls)?),
+        })
+    };
+    let mut probes = vec![
+        grpc("admin", &at.admin, id::ADMIN)?,
+        grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
+        grpc("ticket", &at.ticket, id::TICKET)?,
+        Probe {
+            name: "user-gateway",
+            addr: at.user_gateway.clone(),
+            check: Check::Accepts,
+        },
+        Probe {
+            name: "console",
+            addr: at.console.clone(),
+            check: Check::ThisConsole,
+        },
+    ];
+    if !at.console_https.is_empty() {
+        probes.push(Probe {
+            name: "console (HTTPS, admin certificate)",
+            addr: at.console_https.clone(),
+            check: Check::Accepts,
+        });
+    }
+    Ok(Console::with_probes(
+        crate::channel(&at.admin, id::ADMIN, tls)?,
+        crate::channel(&at.ticket, id::TICKET, tls)?,
+        probes,
+    ))
 }

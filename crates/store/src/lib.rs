@@ -120,6 +120,25 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The time as a service sees it: the system clock, plus an offset that only
+/// a test moves ([`Clock::advance`]), so that expiry is tested without
+/// waiting. Clones share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl Clock {
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        now_ms().saturating_add(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Move this clock (and its clones) forward.
+    pub fn advance(&self, by: std::time::Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether a database error is a uniqueness violation (both engines).
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use chipsite_wire::{FrameError, FrameReader, Limits, rpc};
+use chipsite_wire::{FrameError, FrameReader, Limits, rpc, rpc::ErrorCode};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -100,12 +100,25 @@ proptest! {
 
     #[test]
     fn any_text_is_a_message_or_an_error_response(s in "\\PC{0,200}") {
-        if let Err(response) = rpc::parse(&s) {
-            let echoed: serde_json::Value = serde_json::from_str(&response.to_frame()).unwrap();
-            prop_assert_eq!(&echoed["jsonrpc"], "2.0");
-            prop_assert!(echoed["error"]["code"].is_i64());
+        let is_json = serde_json::from_str::<serde_json::Value>(&s).is_ok();
+        match rpc::parse(&s) {
+            Ok(rpc::Incoming::Request(r)) => {
+                prop_assert!(is_json);
+                prop_assert_eq!(rpc::parse(&r.to_frame()).unwrap(), rpc::Incoming::Request(r));
+            }
+            Ok(rpc::Incoming::Notification(_)) => prop_assert!(is_json),
+            Err(response) => {
+                let echoed: serde_json::Value = serde_json::from_str(&response.to_frame()).unwrap();
+                prop_assert_eq!(&echoed["jsonrpc"], "2.0");
+                // Not JSON: a parse error; JSON but not a request: an invalid request.
+                let expected = if is_json { ErrorCode::InvalidRequest } else { ErrorCode::ParseError };
+                prop_assert_eq!(echoed["error"]["code"].as_i64(), Some(expected.code()));
+            }
         }
-        let _ = rpc::parse_from_server(&s);
+        match rpc::parse_from_server(&s) {
+            Ok(_) => prop_assert!(is_json),
+            Err(e) => prop_assert_eq!(e.code, ErrorCode::ParseError.code()),
+        }
     }
 
     #[test]
@@ -115,9 +128,21 @@ proptest! {
         Just(serde_json::Value::Null)],
         key in "[a-z]{1,8}", val in prop_oneof![any::<i64>().prop_map(serde_json::Value::from), "\\PC{0,20}".prop_map(serde_json::Value::from), Just(serde_json::Value::Bool(true))]) {
         let mut v = v;
+        let is_object = v.is_object();
+        let known = ["jsonrpc", "id", "method", "params"].contains(&key.as_str());
         if let Some(m) = v.as_object_mut() { m.insert(key, val); }
         let frame = v.to_string();
-        let _ = rpc::parse(&frame);
-        let _ = rpc::parse_from_server(&frame);
+        match rpc::parse(&frame) {
+            // Only a request object whose added member is one of its own can still be valid.
+            Ok(_) => prop_assert!(is_object && known, "{frame}"),
+            Err(response) => prop_assert_eq!(
+                response.outcome.map_err(|e| e.code),
+                Err(ErrorCode::InvalidRequest.code()),
+                "{}", frame
+            ),
+        }
+        if let Err(e) = rpc::parse_from_server(&frame) {
+            prop_assert_eq!(e.code, ErrorCode::ParseError.code());
+        }
     }
 }

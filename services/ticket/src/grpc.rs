@@ -92,7 +92,7 @@ fn kind_pb(k: &str) -> pb::TicketKind {
     }
 }
 
-pub(crate) fn info_pb(t: &store::ticket::Model) -> pb::TicketInfo {
+pub(crate) fn info_pb(t: &store::ticket::Model, now_ms: i64) -> pb::TicketInfo {
     pb::TicketInfo {
         id: t.id.clone(),
         kind: kind_pb(&t.kind) as i32,
@@ -101,7 +101,7 @@ pub(crate) fn info_pb(t: &store::ticket::Model) -> pb::TicketInfo {
         port: u32::try_from(t.port).unwrap_or(0),
         created_at_ms: t.created_at_ms,
         expires_at_ms: t.expires_at_ms,
-        state: visible_state(t, chipsite_store::now_ms()).to_owned(),
+        state: visible_state(t, now_ms).to_owned(),
     }
 }
 
@@ -142,7 +142,7 @@ impl TicketsRpc for TicketsGrpc {
             )
             .await?;
         Ok(Response::new(pb::IssuedTicket {
-            info: Some(info_pb(&issued.ticket)),
+            info: Some(info_pb(&issued.ticket, self.tickets.now_ms())),
             token: issued.token,
             site_public_key: vault.site_public_key,
             site_key_pin: vault.site_key_pin,
@@ -183,14 +183,13 @@ impl TicketsRpc for TicketsGrpc {
         let limit = if req.limit == 0 { 100 } else { u64::from(req.limit) };
         let list = self.tickets.list(chip, req.include_closed, limit).await?;
         Ok(Response::new(pb::ListTicketsResponse {
-            tickets: list.iter().map(info_pb).collect(),
+            tickets: list.iter().map(|t| info_pb(t, self.tickets.now_ms())).collect(),
         }))
     }
 
     async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::TicketInfo> {
-        Ok(Response::new(info_pb(
-            &self.tickets.revoke(&req.into_inner().id).await?,
-        )))
+        let revoked = self.tickets.revoke(&req.into_inner().id).await?;
+        Ok(Response::new(info_pb(&revoked, self.tickets.now_ms())))
     }
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {

@@ -26,7 +26,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use sha2::{Digest, Sha256};
 
-use chipsite_store::now_ms;
+use chipsite_store::Clock;
 pub use grpc::{TicketsGrpc, policy};
 use store::{audit, ticket};
 pub use throttle::Throttle;
@@ -130,6 +130,7 @@ pub fn visible_state(t: &ticket::Model, now: i64) -> &str {
 pub struct Tickets {
     db: DatabaseConnection,
     throttle: Throttle,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Tickets {
@@ -154,7 +155,19 @@ impl Tickets {
         Ok(Self {
             db,
             throttle: Throttle::default(),
+            clock: Clock::default(),
         })
+    }
+
+    /// Judge issue and expiry times by `clock` (tests move it forward).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by this service's clock (Unix milliseconds).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     pub async fn issue(
@@ -187,7 +200,7 @@ impl Tickets {
         }
         let token = URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
         let id = format!("tkt_{}", hex(&random_bytes::<10>()?));
-        let now = now_ms();
+        let now = self.clock.now_ms();
         // The row is the record of issuance; attempts are what the audit log counts.
         let row = ticket::ActiveModel {
             id: Set(id),
@@ -228,7 +241,7 @@ impl Tickets {
         let attempt = Attempt {
             allowed,
             kind: kind.map_or("", Kind::as_str),
-            now: now_ms(),
+            now: self.clock.now_ms(),
             chip_id,
             hash: &hash,
             source: &source,
@@ -322,7 +335,7 @@ impl Tickets {
             ticket_id: Set(ticket_id.map(str::to_owned)),
             outcome: Set(outcome.to_owned()),
             source: Set(source.to_owned()),
-            at_ms: Set(now_ms()),
+            at_ms: Set(self.clock.now_ms()),
             ..Default::default()
         }
         .insert(db)
@@ -343,14 +356,14 @@ impl Tickets {
         if !include_closed {
             q = q
                 .filter(ticket::Column::ClosedAtMs.is_null())
-                .filter(ticket::Column::ExpiresAtMs.gt(now_ms()));
+                .filter(ticket::Column::ExpiresAtMs.gt(self.clock.now_ms()));
         }
         Ok(q.limit(limit.clamp(1, 1000)).all(&self.db).await?)
     }
 
     /// Revoke an outstanding ticket. Revoking a closed ticket is an error.
     pub async fn revoke(&self, id: &str) -> Result<ticket::Model, TicketError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let txn = self.db.begin().await?;
         let closed = ticket::Entity::update_many()
             .col_expr(ticket::Column::State, Expr::value("revoked"))

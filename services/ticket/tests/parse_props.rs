@@ -4,7 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use chipsite_ticket::{Kind, render::PublishedTicket};
+use chipsite_ticket::{
+    Kind,
+    render::{ParseError, PublishedTicket},
+};
 use proptest::prelude::*;
 
 fn ticket() -> impl Strategy<Value = PublishedTicket> {
@@ -37,8 +40,22 @@ proptest! {
 
     #[test]
     fn any_string_is_a_ticket_or_an_error(s in "\\PC{0,300}") {
-        let _ = PublishedTicket::from_uri(&s);
-        let _ = PublishedTicket::from_json(&s);
+        // Whatever parses is a whole, consistent ticket that reads back as
+        // itself; anything else is refused with the reason's kind.
+        match PublishedTicket::from_uri(&s) {
+            Ok(t) => {
+                prop_assert!(t.validate().is_ok());
+                prop_assert_eq!(PublishedTicket::from_uri(&t.to_uri()).unwrap(), t);
+            }
+            Err(e) => prop_assert!(!matches!(e, ParseError::Json(_)), "a URI is never judged as JSON: {e}"),
+        }
+        match PublishedTicket::from_json(&s) {
+            Ok(t) => {
+                prop_assert!(t.validate().is_ok());
+                prop_assert_eq!(PublishedTicket::from_json(&t.to_json()).unwrap(), t);
+            }
+            Err(e) => prop_assert!(!matches!(e, ParseError::Scheme), "JSON has no scheme: {e}"),
+        }
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub enum GatewayError {
     Tls(#[from] rustls::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// One of the gateway's own background tasks ended, which it never
+    /// does by itself: the gateway stops rather than serve half-working.
+    #[error("the gateway's {0} task ended unexpectedly")]
+    TaskEnded(&'static str),
 }
 
 /// Limits and lifetimes; the defaults are what `docs/protocol.md` states.
@@ -218,22 +222,33 @@ impl UserGateway {
                 _ = self.certify_first() => {}
             }
         }
-        let _renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
+        let mut renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
         let (delivered, to_report) = tokio::sync::mpsc::channel(events::DELIVERED_QUEUE);
-        let _following = AbortOnDrop(tokio::spawn(events::follow(self.inner.clone(), delivered)));
-        let _reporting = AbortOnDrop(tokio::spawn(events::report_delivered(
+        let mut following = AbortOnDrop(tokio::spawn(events::follow(self.inner.clone(), delivered)));
+        let mut reporting = AbortOnDrop(tokio::spawn(events::report_delivered(
             self.inner.clone(),
             to_report,
         )));
+        // None of them ends by itself; if one does (a panic), say so and stop.
+        let ended = async {
+            tokio::select! {
+                _ = &mut renewing.0 => "certificate renewal",
+                _ = &mut following.0 => "user events",
+                _ = &mut reporting.0 => "delivery reports",
+            }
+        };
+        tokio::pin!(ended);
         tracing::info!(addr = ?listener.local_addr().ok(), "user gateway certified by the site key; accepting apps");
         let handshakes = Arc::new(Semaphore::new(self.inner.settings.max_handshakes));
         loop {
             let permit = tokio::select! {
                 _ = &mut shutdown => break,
+                task = &mut ended => return self.task_ended(task),
                 p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
+                task = &mut ended => return self.task_ended(task),
                 a = listener.accept() => a,
             };
             let (tcp, peer) = match accepted {
@@ -251,6 +266,17 @@ impl UserGateway {
         }
         self.inner.registry.close_all(CloseReason::ShuttingDown);
         Ok(())
+    }
+}
+
+impl UserGateway {
+    fn task_ended(&self, task: &'static str) -> Result<(), GatewayError> {
+        tracing::error!(
+            task,
+            "a user gateway task ended unexpectedly; closing every session"
+        );
+        self.inner.registry.close_all(CloseReason::ShuttingDown);
+        Err(GatewayError::TaskEnded(task))
     }
 }
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use chipsite_e2e::{TestSite, stores};
+use chipsite_e2e::{Store, TestSite, store_test};
 use serde_json::Value;
 
 /// The ```sh blocks of the transcript section, in order.
@@ -57,48 +57,46 @@ fn lines(s: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_openssl_transcript_replays() {
+store_test!(the_openssl_transcript_replays);
+async fn the_openssl_transcript_replays(store: Store) {
     let blocks = transcript_blocks();
     assert_eq!(blocks.len(), 3, "three shell blocks in section 11");
-    for store in stores().await {
-        let site = TestSite::start(&store).await;
-        site.create_user("alice").await;
-        let ticket = site.user_ticket("alice", 0).await;
-        let dir = tempfile::tempdir().unwrap();
-        let env = [
-            ("HOST", ticket.host.clone()),
-            ("PORT", ticket.port.to_string()),
-            ("TOKEN", ticket.token.clone()),
-            ("KEY", ticket.site_key.clone()),
-        ];
+    let site = TestSite::start(&store).await;
+    site.create_user("alice").await;
+    let ticket = site.user_ticket("alice", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("HOST", ticket.host.clone()),
+        ("PORT", ticket.port.to_string()),
+        ("TOKEN", ticket.token.clone()),
+        ("KEY", ticket.site_key.clone()),
+    ];
 
-        // 1. The site certificate's key is the ticket's.
-        let key = sh_ok(dir.path(), &env, &blocks[0]).await;
-        assert_eq!(key.trim(), ticket.site_key, "[{}]", store.label());
+    // 1. The site certificate's key is the ticket's.
+    let key = sh_ok(dir.path(), &env, &blocks[0]).await;
+    assert_eq!(key.trim(), ticket.site_key, "[{}]", store.label());
 
-        // 2. Enrollment answers once; the spent token gets silence.
-        let enrolled = lines(&sh_ok(dir.path(), &env, &blocks[1]).await);
-        assert_eq!(enrolled.len(), 1, "{enrolled:?}");
-        assert_eq!(enrolled[0]["id"], 1);
-        assert_eq!(enrolled[0]["result"]["enrolled"], true);
-        assert_eq!(enrolled[0]["result"]["chip_id"], "alice");
-        // (openssl then reports the connection closed without close_notify.)
-        // (In a directory of its own: the block makes a new app key.)
-        let again = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join("site.pem"), again.path().join("site.pem")).unwrap();
-        let (ok, out) = sh(again.path(), &env, &blocks[1]).await;
-        assert!(!ok && out.trim().is_empty(), "{out}");
+    // 2. Enrollment answers once; the spent token gets silence.
+    let enrolled = lines(&sh_ok(dir.path(), &env, &blocks[1]).await);
+    assert_eq!(enrolled.len(), 1, "{enrolled:?}");
+    assert_eq!(enrolled[0]["id"], 1);
+    assert_eq!(enrolled[0]["result"]["enrolled"], true);
+    assert_eq!(enrolled[0]["result"]["chip_id"], "alice");
+    // (openssl then reports the connection closed without close_notify.)
+    // (In a directory of its own: the block makes a new app key.)
+    let again = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("site.pem"), again.path().join("site.pem")).unwrap();
+    let (ok, out) = sh(again.path(), &env, &blocks[1]).await;
+    assert!(!ok && out.trim().is_empty(), "{out}");
 
-        // 3. A session: status, subscribe, an unknown method, bad JSON.
-        let answers = lines(&sh_ok(dir.path(), &env, &blocks[2]).await);
-        assert_eq!(answers.len(), 4, "{answers:?}");
-        assert_eq!(answers[0]["result"]["chip_id"], "alice");
-        assert_eq!(answers[0]["result"]["status"], "active");
-        assert_eq!(answers[1]["result"]["subscribed"], true);
-        assert_eq!(answers[2]["error"]["code"], -32601);
-        assert_eq!(answers[3]["id"], Value::Null);
-        assert_eq!(answers[3]["error"]["code"], -32700);
-        site.finish().await;
-    }
+    // 3. A session: status, subscribe, an unknown method, bad JSON.
+    let answers = lines(&sh_ok(dir.path(), &env, &blocks[2]).await);
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert_eq!(answers[0]["result"]["chip_id"], "alice");
+    assert_eq!(answers[0]["result"]["status"], "active");
+    assert_eq!(answers[1]["result"]["subscribed"], true);
+    assert_eq!(answers[2]["error"]["code"], -32601);
+    assert_eq!(answers[3]["id"], Value::Null);
+    assert_eq!(answers[3]["error"]["code"], -32700);
+    site.finish().await;
 }

@@ -1,0 +1,874 @@
+//! The admin web console without a browser: every route refuses without a
+//! session, a POST refuses without the session's CSRF token, a console
+//! ticket signs in once, and hostile input shows as text. On every store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chipsite_e2e::{Store, TestSite, store_test};
+use chipsite_proto::admin::v1 as pb;
+use chipsite_tls::identity as id;
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Pages that need a session.
+const GETS: [&str; 12] = [
+    "/",
+    "/?q=x",
+    "/users/alice",
+    "/users/alice/lockdown?locked=true",
+    "/lockdown?locked=true",
+    "/tickets",
+    "/key",
+    "/peer",
+    "/config",
+    "/audit?q=x",
+    "/health",
+    "/anything",
+];
+/// Forms that need a session and its CSRF token.
+const POSTS: [&str; 16] = [
+    "/users",
+    "/users/load",
+    "/users/alice/edit",
+    "/users/alice/ticket",
+    "/users/alice/dump",
+    "/users/alice/lockdown",
+    "/lockdown",
+    "/tickets/x/revoke",
+    "/key/unseal",
+    "/key/seal",
+    "/key/create",
+    "/key/passphrase",
+    "/peer/start",
+    "/peer/stop",
+    "/config",
+    "/signout",
+];
+/// A form that would do something with the right CSRF token.
+const FORM: &str = "csrf=wrong&locked=true&chip_id=zed&name=Zed&status=active&passphrase=p&old=p&new=q&confirm=q\
+                    &key=ticket.ttl_seconds&value=77";
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// An HTTP/1.1 request that closes its connection; `form` url-encoded.
+fn request(addr: &str, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        req.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    let body = form.unwrap_or("");
+    if form.is_some() {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    req
+}
+
+/// What came back on a connection (status 0 and no body when it was no HTTP answer).
+fn reply(out: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Reply {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// One HTTP/1.1 request on its own connection.
+async fn http(site: &TestSite, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> Reply {
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(request(&addr, method, path, cookie, form).as_bytes())
+        .await
+        .unwrap();
+    let mut out = vec![];
+    tcp.read_to_end(&mut out).await.unwrap();
+    reply(&out)
+}
+
+/// A header's value (names compare without case).
+fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+    r.head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn link(site: &TestSite) -> String {
+    let url = site
+        .admin()
+        .issue_console_ticket(pb::IssueConsoleTicketRequest { ttl_seconds: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    url.split_once("/signin?t=").unwrap().1.to_owned()
+}
+
+store_test!(console_sessions_csrf_and_escaping);
+async fn console_sessions_csrf_and_escaping(store: Store) {
+    let site = TestSite::start(&store).await;
+    site.admin()
+        .create_user(pb::CreateUserRequest {
+            chip_id: "mallory".into(),
+            name: "<script>alert(1)</script>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Nothing without a session.
+    let r = http(&site, "GET", "/", None, None).await;
+    assert_eq!(
+        (r.status, header(&r, "location")),
+        (303, Some("/signin")),
+        "[{}]",
+        store.label()
+    );
+    assert!(
+        header(&r, "content-security-policy")
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    for path in GETS {
+        assert_eq!(http(&site, "GET", path, None, None).await.status, 303, "{path}");
+    }
+    for path in POSTS {
+        let r = http(&site, "POST", path, None, Some(FORM)).await;
+        assert_eq!(r.status, 403, "{path}");
+    }
+    let forged = http(&site, "GET", "/", Some("__Host-chipsite_console=forged"), None).await;
+    assert_eq!(forged.status, 303);
+
+    // A bad ticket, then a good one (once).
+    let bad = http(&site, "POST", "/signin", None, Some("t=bm90LWEtdG9rZW4")).await;
+    assert_eq!(bad.status, 403);
+    assert!(header(&bad, "set-cookie").is_none());
+    let token = link(&site).await;
+    let form = http(&site, "GET", &format!("/signin?t={token}"), None, None).await;
+    assert_eq!(form.status, 200);
+    assert!(form.body.contains("method=\"post\""));
+    let ok = http(&site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let set = header(&ok, "set-cookie").unwrap().to_owned();
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let again = http(&site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
+    assert_eq!(again.status, 403, "a console ticket signs in once");
+    // The cookie as the browser sends it back.
+    let cookie = set.split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("__Host-chipsite_console="), "{cookie}");
+
+    // Signed in: the users page, hostile text escaped.
+    let home = http(&site, "GET", "/", Some(&cookie), None).await;
+    assert_eq!(home.status, 200, "{}", home.body);
+    assert!(
+        home.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{}",
+        home.body
+    );
+    assert!(!home.body.contains("<script>"));
+    let csrf = home
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    // Every form refuses a wrong CSRF token, and nothing happens.
+    for path in POSTS {
+        let r = http(&site, "POST", path, Some(&cookie), Some(FORM)).await;
+        assert_eq!(r.status, 403, "{path}");
+    }
+    assert_eq!(
+        http(&site, "GET", "/users/zed", Some(&cookie), None).await.status,
+        404
+    );
+    let mut admin = site.admin();
+    let vault = admin
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(vault.has_key && !vault.sealed, "{vault:?}");
+    let config = admin
+        .get_site_config(pb::GetSiteConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(config.values["ticket.ttl_seconds"], "77", "nothing was changed");
+    let peer = admin
+        .get_peer_server(pb::GetPeerServerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(peer.desired, "stopped");
+
+    // Create a user, issue a ticket (QR, URI, JSON), lock down and lift.
+    let f = |rest: &str| format!("csrf={csrf}&{rest}");
+    let r = http(
+        &site,
+        "POST",
+        "/users",
+        Some(&cookie),
+        Some(&f("chip_id=alice&name=Alice+Example&email=")),
+    )
+    .await;
+    assert_eq!(
+        (r.status, header(&r, "location")),
+        (303, Some("/users/alice")),
+        "{}",
+        r.body
+    );
+    let page = http(&site, "GET", "/users/alice", Some(&cookie), None).await;
+    assert!(page.body.contains("Alice Example"));
+    let t = http(&site, "POST", "/users/alice/ticket", Some(&cookie), Some(&f(""))).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert!(t.body.contains("data:image/svg+xml;base64,") && t.body.contains("chipsite:user?"));
+    let r = http(
+        &site,
+        "POST",
+        "/users",
+        Some(&cookie),
+        Some(&f("chip_id=alice&name=Again")),
+    )
+    .await;
+    assert_eq!(r.status, 422, "an existing CHIP ID is a clear refusal");
+    assert!(r.body.contains("already exists"), "{}", r.body);
+    let confirm = http(
+        &site,
+        "GET",
+        "/users/alice/lockdown?locked=true",
+        Some(&cookie),
+        None,
+    )
+    .await;
+    assert!(confirm.body.contains("Lock down user alice?"), "{}", confirm.body);
+    let r = http(
+        &site,
+        "POST",
+        "/users/alice/lockdown",
+        Some(&cookie),
+        Some(&f("locked=true")),
+    )
+    .await;
+    assert_eq!(r.status, 303);
+    assert!(
+        http(&site, "GET", "/users/alice", Some(&cookie), None)
+            .await
+            .body
+            .contains("LOCKED DOWN")
+    );
+    http(
+        &site,
+        "POST",
+        "/users/alice/lockdown",
+        Some(&cookie),
+        Some(&f("locked=false")),
+    )
+    .await;
+    let r = http(&site, "POST", "/lockdown", Some(&cookie), Some(&f("locked=true"))).await;
+    assert_eq!(r.status, 303);
+    for path in ["/", "/users/alice"] {
+        let p = http(&site, "GET", path, Some(&cookie), None).await;
+        assert!(
+            p.body.contains("The whole site is LOCKED DOWN"),
+            "{path}: the banner on every page"
+        );
+    }
+    http(
+        &site,
+        "POST",
+        "/lockdown",
+        Some(&cookie),
+        Some(&f("locked=false")),
+    )
+    .await;
+    assert!(
+        !http(&site, "GET", "/", Some(&cookie), None)
+            .await
+            .body
+            .contains("The whole site is LOCKED DOWN")
+    );
+
+    // A POST without, or with a wrong, CSRF token is refused; the session stays.
+    assert_eq!(
+        http(&site, "POST", "/signout", Some(&cookie), Some(""))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        http(&site, "POST", "/signout", Some(&cookie), Some("csrf=wrong"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(http(&site, "GET", "/", Some(&cookie), None).await.status, 200);
+    // With it: signed out, and the cookie no longer opens anything.
+    let out = http(
+        &site,
+        "POST",
+        "/signout",
+        Some(&cookie),
+        Some(&format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(out.status, 303);
+    assert_eq!(http(&site, "GET", "/", Some(&cookie), None).await.status, 303);
+    site.finish().await;
+}
+
+/// A signed-in session: (cookie, CSRF token).
+async fn sign_in(site: &TestSite) -> (String, String) {
+    let token = link(site).await;
+    let ok = http(site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let cookie = header(&ok, "set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let home = http(site, "GET", "/", Some(&cookie), None).await;
+    let csrf = home
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}
+
+/// A multipart/form-data upload of `file` with the CSRF token.
+async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply {
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+    let b = "XyZzyBoundary7";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"u.json\"\r\n\
+         Content-Type: application/json\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /users/load HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: {cookie}\r\n\
+         Content-Type: multipart/form-data; boundary={b}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    let mut out = vec![];
+    tcp.read_to_end(&mut out).await.unwrap();
+    reply(&out)
+}
+
+async fn user_count(site: &TestSite) -> usize {
+    site.admin()
+        .list_users(pb::ListUsersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .users
+        .len()
+}
+
+store_test!(console_pages_do_what_they_say);
+/// Dump and load, tickets, the site key, the peer server, configuration,
+/// the audit log, health, paging, and the sign-in rate limit.
+async fn console_pages_do_what_they_say(store: Store) {
+    chipsite_e2e::capture_logs();
+    let site = TestSite::start(&store).await;
+    let label = store.label();
+    let (cookie, csrf) = sign_in(&site).await;
+    let c = Some(cookie.as_str());
+    let f = |rest: &str| format!("csrf={csrf}&{rest}");
+    let passphrase = std::fs::read_to_string(chipsite_site::dev::passphrase_path(&site.data_dir())).unwrap();
+    let passphrase = passphrase.trim();
+
+    // Users: paging through 60.
+    for i in 0..60 {
+        site.create_user(&format!("u{i:02}")).await;
+    }
+    let first = http(&site, "GET", "/", c, None).await;
+    assert!(
+        first.body.contains("u00") && !first.body.contains("u55"),
+        "[{label}]"
+    );
+    let next = first
+        .body
+        .split("href=\"/?q=&amp;after=")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let second = http(&site, "GET", &format!("/?q=&after={next}"), c, None).await;
+    assert!(
+        second.body.contains("u55") && !second.body.contains(">u00<"),
+        "{}",
+        second.body
+    );
+
+    // Dump (a download) and load (an upload); a bad file writes nothing.
+    let d = http(&site, "POST", "/users/u01/dump", c, Some(&f(""))).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_eq!(
+        header(&d, "content-disposition"),
+        Some("attachment; filename=\"u01.json\"")
+    );
+    let dump: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+    assert_eq!(dump["chip_id"], "u01");
+    let users = user_count(&site).await;
+    for (bad, why) in [
+        (b"not json".to_vec(), "bad user dump"),
+        (vec![0xff, 0xfe, 0x00], "not UTF-8"),
+        (
+            d.body.replace("\"u01\"", "\"Bad Id!\"").into_bytes(),
+            "bad user dump",
+        ),
+        (d.body.as_bytes().to_vec(), "already exists"),
+        (vec![], "choose a user dump file"),
+    ] {
+        let r = upload(&site, &cookie, &csrf, &bad).await;
+        assert_eq!(r.status, 422, "{why}: {}", r.body);
+        assert!(r.body.contains(why), "{why}: {}", r.body);
+    }
+    assert_eq!(user_count(&site).await, users, "a bad file writes nothing");
+    let r = upload(
+        &site,
+        &cookie,
+        "wrong",
+        d.body.replace("\"u01\"", "\"copy\"").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "an upload checks the CSRF token too");
+    let r = upload(
+        &site,
+        &cookie,
+        &csrf,
+        d.body.replace("\"u01\"", "\"copy\"").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, header(&r, "location")),
+        (303, Some("/users/copy")),
+        "{}",
+        r.body
+    );
+
+    // Tickets: issue, list, revoke.
+    let t = http(&site, "POST", "/users/u01/ticket", c, Some(&f(""))).await;
+    assert_eq!(t.status, 200);
+    let list = http(&site, "GET", "/tickets", c, None).await;
+    let id = list
+        .body
+        .split("action=\"/tickets/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(list.body.contains("u01"), "{}", list.body);
+    let r = http(&site, "POST", &format!("/tickets/{id}/revoke"), c, Some(&f(""))).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("revoked"), "{}", r.body);
+    assert!(
+        !r.body.contains(&format!("/tickets/{id}/revoke")),
+        "no longer outstanding"
+    );
+    let all = http(&site, "GET", "/tickets?chip_id=u01&all=true", c, None).await;
+    assert!(
+        all.body.contains(&id) && all.body.contains("revoked"),
+        "{}",
+        all.body
+    );
+
+    // The site key: seal, a wrong pass phrase (never shown back), unseal.
+    let r = http(&site, "POST", "/key/seal", c, Some(&f(""))).await;
+    assert!(r.body.contains("site key SEALED"), "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/key/unseal",
+        c,
+        Some(&f("passphrase=Wrong-Phrase-xyzzy")),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        !r.body.contains("Wrong-Phrase-xyzzy"),
+        "a pass phrase never comes back"
+    );
+    let r = http(
+        &site,
+        "POST",
+        "/key/unseal",
+        c,
+        Some(&f(&format!("passphrase={passphrase}"))),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("site key unsealed") && !r.body.contains(passphrase));
+    // Change the pass phrase: a mismatch and a wrong old one change nothing.
+    let r = http(
+        &site,
+        "POST",
+        "/key/passphrase",
+        c,
+        Some(&f(&format!(
+            "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-2"
+        ))),
+    )
+    .await;
+    assert!(r.status == 422 && r.body.contains("differ"), "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/key/passphrase",
+        c,
+        Some(&f(
+            "old=nope-nope-nope&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1",
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/key/passphrase",
+        c,
+        Some(&f(&format!(
+            "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1"
+        ))),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("aaaa-bbbb-cccc-1"));
+    let mut admin = site.admin();
+    admin.seal_vault(pb::SealVaultRequest {}).await.unwrap();
+    admin
+        .unseal_vault(pb::UnsealVaultRequest {
+            passphrase: "aaaa-bbbb-cccc-1".into(),
+        })
+        .await
+        .expect("the new pass phrase opens the key");
+
+    // The peer server: start asks for the pass phrase.
+    let r = http(
+        &site,
+        "POST",
+        "/peer/start",
+        c,
+        Some(&f("passphrase=nope-nope-nope")),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/peer/start",
+        c,
+        Some(&f("passphrase=aaaa-bbbb-cccc-1")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        http(&site, "GET", "/peer", c, None)
+            .await
+            .body
+            .contains("running")
+    );
+    let r = http(&site, "POST", "/peer/stop", c, Some(&f(""))).await;
+    assert!(r.body.contains("stopped"), "{}", r.body);
+
+    // Configuration: validated, saved, reset.
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f("key=ticket.ttl_seconds&value=abc")),
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("ticket.ttl_seconds must be"), "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f("key=ticket.ttl_seconds&value=600")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("value=\"600\""));
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f("key=ticket.ttl_seconds&reset=true")),
+    )
+    .await;
+    assert!(r.body.contains("value=\"86400\""), "{}", r.body);
+    let r = http(&site, "POST", "/config", c, Some(&f("key=no.such.key&value=1"))).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+
+    // The audit log: newest first, filtered.
+    let a = http(&site, "GET", "/audit?q=PASSPHRASE", c, None).await;
+    assert!(
+        a.body.contains("change_passphrase") && !a.body.contains("create_user"),
+        "{}",
+        a.body
+    );
+    assert!(!a.body.contains("aaaa-bbbb-cccc-1") && !a.body.contains(passphrase));
+    let a = http(&site, "GET", "/audit?source=ticket", c, None).await;
+    assert!(
+        a.body.contains("revoked") && !a.body.contains("create_user"),
+        "{}",
+        a.body
+    );
+    let a = http(&site, "GET", "/audit", c, None).await;
+    let (seal, create) = (
+        a.body.find("seal_vault").unwrap(),
+        a.body.find("create_user").unwrap(),
+    );
+    assert!(seal < create, "newest first");
+    assert!(
+        http(&site, "GET", "/audit?q=100%25_", c, None)
+            .await
+            .body
+            .contains("Nothing matches")
+    );
+
+    // Health: every service, where it listens.
+    let h = http(&site, "GET", "/health", c, None).await;
+    let e = &site.site.endpoints;
+    for (name, addr) in [
+        ("admin", e.admin.as_str()),
+        ("key-vault", e.key_vault.as_str()),
+        ("ticket", e.ticket.as_str()),
+        ("user-gateway", e.user_gateway.as_str()),
+    ] {
+        assert!(
+            h.body.contains(name) && h.body.contains(addr),
+            "{name}: {}",
+            h.body
+        );
+    }
+    assert_eq!(h.body.matches(">up<").count(), 6, "{}", h.body);
+    assert!(!h.body.contains("DOWN"));
+
+    // Sign-in attempts from one address are limited.
+    let mut codes = vec![];
+    for _ in 0..12 {
+        codes.push(
+            http(&site, "POST", "/signin", None, Some("t=bm9wZQ"))
+                .await
+                .status,
+        );
+    }
+    assert!(codes[0] == 403 && codes[11] == 429, "{codes:?}");
+    // A new site key: a new pin.
+    let before = admin
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let r = http(
+        &site,
+        "POST",
+        "/key/create",
+        c,
+        Some(&f("new=zzzz-yyyy-xxxx-1&confirm=zzzz-yyyy-xxxx-1")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("A new site key was created") && !r.body.contains("zzzz-yyyy-xxxx-1"));
+    let after = admin
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(before.site_key_pin, after.site_key_pin);
+    assert!(r.body.contains(&after.site_key_pin), "the page shows the new pin");
+    // No pass phrase in any log line, at trace level.
+    let logs = chipsite_e2e::captured_logs();
+    assert!(logs.contains("console sign-in"), "the logs were captured");
+    for secret in [
+        passphrase,
+        "aaaa-bbbb-cccc-1",
+        "zzzz-yyyy-xxxx-1",
+        "Wrong-Phrase-xyzzy",
+        "nope-nope-nope",
+    ] {
+        assert!(!logs.contains(secret), "a pass phrase in the logs");
+    }
+    assert_eq!(
+        http(&site, "GET", "/", c, None).await.status,
+        200,
+        "a session is not affected"
+    );
+    site.finish().await;
+}
+
+/// One HTTP/1.1 request over the console's HTTPS port, presenting the
+/// certificate of `identity` (None: no client certificate). None back when
+/// the connection gives no HTTP answer.
+async fn https(
+    site: &TestSite,
+    identity: Option<&str>,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+) -> Option<Reply> {
+    let addr = site
+        .site
+        .endpoints
+        .console_https
+        .trim_start_matches("https://")
+        .to_owned();
+    let mut config = match identity {
+        Some(i) => (*site.tls(i).client_config()).clone(),
+        None => {
+            let ca = site.site.endpoints.cert_paths(id::ADMIN_CLIENT).ca;
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(ca).unwrap();
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    // A plain HTTP/1.1 client (the port speaks h2 too, as browsers prefer).
+    config.alpn_protocols = vec![];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("console.chipsite.internal").unwrap();
+    let mut tls = connector.connect(name, tcp).await.ok()?;
+    tls.write_all(request(&addr, method, path, None, form).as_bytes())
+        .await
+        .ok()?;
+    let mut out = vec![];
+    let _ = tls.read_to_end(&mut out).await;
+    Some(reply(&out)).filter(|r| r.status != 0)
+}
+
+store_test!(the_admin_certificate_signs_in_over_https);
+/// The admin client certificate signs in over the console's HTTPS port;
+/// another internal identity does not, and no certificate gets no answer.
+async fn the_admin_certificate_signs_in_over_https(store: Store) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let site = TestSite::start(&store).await;
+    let label = store.label();
+    assert!(
+        site.site
+            .endpoints
+            .console_https
+            .starts_with("https://127.0.0.1:"),
+        "[{label}]"
+    );
+
+    let page = https(&site, Some(id::ADMIN_CLIENT), "GET", "/signin", None)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200, "[{label}] {}", page.body);
+    assert!(
+        page.body.contains("action=\"/signin/certificate\""),
+        "{}",
+        page.body
+    );
+    let ok = https(
+        &site,
+        Some(id::ADMIN_CLIENT),
+        "POST",
+        "/signin/certificate",
+        Some(""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (ok.status, header(&ok, "location")),
+        (303, Some("/")),
+        "{}",
+        ok.body
+    );
+    let cookie = header(&ok, "set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // The session is the console's: it opens the plain port's pages too.
+    assert_eq!(http(&site, "GET", "/", Some(&cookie), None).await.status, 200);
+    // Pages are reachable without a session on neither port.
+    let r = https(&site, Some(id::ADMIN_CLIENT), "GET", "/", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 303);
+
+    // Another internal identity: told so, and refused.
+    let page = https(&site, Some(id::USER_GATEWAY), "GET", "/signin", None)
+        .await
+        .unwrap();
+    assert!(page.body.contains("does not open the console"), "{}", page.body);
+    assert!(!page.body.contains("action=\"/signin/certificate\""));
+    let no = https(
+        &site,
+        Some(id::USER_GATEWAY),
+        "POST",
+        "/signin/certificate",
+        Some(""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(no.status, 403);
+    assert!(header(&no, "set-cookie").is_none());
+    // The plain port never signs in by certificate.
+    let plain = http(&site, "POST", "/signin/certificate", None, Some("")).await;
+    assert_eq!(plain.status, 403);
+    assert!(header(&plain, "set-cookie").is_none());
+
+    // No client certificate: the handshake is refused, nothing is served.
+    assert!(https(&site, None, "GET", "/signin", None).await.is_none());
+    site.finish().await;
+}

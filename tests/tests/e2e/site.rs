@@ -1,0 +1,383 @@
+//! The site as a whole: first launch, internal authorization, certificates
+//! from another CA, health.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chipsite_e2e::{Store, TestSite, store_test};
+use chipsite_proto::{admin::v1 as pb, keyvault::v1 as kv, ticket::v1 as tk};
+use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
+use sea_orm::ConnectionTrait;
+use tonic::Code;
+
+store_test!(first_launch_is_idempotent);
+async fn first_launch_is_idempotent(store: Store) {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let init = dir.path().join("init.d");
+    std::fs::create_dir_all(&init).unwrap();
+    std::fs::write(
+        init.join("001-table.sql"),
+        "CREATE TABLE site_notes (note VARCHAR(100) NOT NULL);",
+    )
+    .unwrap();
+    std::fs::write(
+        init.join("002-row.sql"),
+        "INSERT INTO site_notes (note) VALUES ('hello');",
+    )
+    .unwrap();
+    std::fs::write(init.join("README.txt"), "not a script").unwrap();
+
+    let first = TestSite::start_in(dir.clone(), &store).await;
+    assert!(first.site.created_site_key);
+    assert_eq!(first.site.init_scripts_ran, ["001-table.sql", "002-row.sql"]);
+    let pin = first
+        .admin()
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .site_key_pin;
+    first
+        .admin()
+        .create_user(pb::CreateUserRequest {
+            chip_id: "kept".into(),
+            name: "Kept".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = first.stop().await;
+
+    let second = TestSite::start_in(dir.clone(), &store).await;
+    assert!(!second.site.created_site_key, "the site key is not replaced");
+    assert!(second.site.init_scripts_ran.is_empty(), "init scripts run once");
+    assert!(second.site.unsealed);
+    let mut admin = second.admin();
+    assert_eq!(
+        admin
+            .get_vault_status(pb::GetVaultStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .site_key_pin,
+        pin
+    );
+    admin
+        .get_user(pb::GetUserRequest {
+            chip_id: "kept".into(),
+        })
+        .await
+        .expect("data survives a restart");
+
+    let url = match &store {
+        chipsite_e2e::Store::Sqlite => chipsite_store::sqlite_url(&dir.path().join("db/admin.sqlite")),
+        _ => store.url(),
+    };
+    let db = chipsite_store::connect(&url).await.unwrap();
+    let n = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM site_notes",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(n, 1, "the insert script ran once");
+    drop(db);
+
+    // A failing script stops the launch with a clear error and is not recorded.
+    std::fs::write(dir.path().join("init.d/003-broken.sql"), "THIS IS NOT SQL;").unwrap();
+    let dir = second.stop().await;
+    let err = chipsite_site::Site::start_dev(&chipsite_e2e::config_for(dir.path(), &store))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("003-broken.sql"), "{err}");
+    std::fs::remove_file(dir.path().join("init.d/003-broken.sql")).unwrap();
+    TestSite::start_in(dir, &store).await.finish().await;
+}
+
+store_test!(internal_callers_are_authorized_per_rpc);
+async fn internal_callers_are_authorized_per_rpc(store: Store) {
+    let site = TestSite::start(&store).await;
+    // A valid certificate of the wrong service is refused.
+    let e = site
+        .admin_as(id::USER_GATEWAY)
+        .create_user(pb::CreateUserRequest {
+            chip_id: "x".into(),
+            name: "X".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("user-gateway may not call"),
+        "{}",
+        e.message()
+    );
+    let e = site
+        .key_vault_as(id::TICKET)
+        .seal(kv::SealRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = site
+        .tickets_as(id::PEER_GATEWAY)
+        .list_tickets(tk::ListTicketsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = site
+        .key_vault_as(id::ADMIN_CLIENT)
+        .export_site_key(kv::ExportSiteKeyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::PermissionDenied,
+        "even the operator gets keys only through AdminService"
+    );
+    // A gateway issues tally tickets for its users, never connection tickets.
+    let issue = |kind: tk::TicketKind| tk::IssueTicketRequest {
+        kind: kind as i32,
+        chip_id: "someone".into(),
+        ttl_seconds: 60,
+        host: "127.0.0.1".into(),
+        port: 1,
+    };
+    let mut gateway_tickets = site.tickets_as(id::USER_GATEWAY);
+    let e = gateway_tickets
+        .issue_ticket(issue(tk::TicketKind::User))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    gateway_tickets
+        .issue_ticket(issue(tk::TicketKind::Tally))
+        .await
+        .expect("tally tickets are the gateway's");
+    let mut odd = issue(tk::TicketKind::Tally);
+    odd.host = "evil\0host".into();
+    let e = gateway_tickets.issue_ticket(odd).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::InvalidArgument,
+        "a clear error on both engines: {}",
+        e.message()
+    );
+    // ...while the allowed callers get through.
+    site.admin_as(id::USER_GATEWAY)
+        .get_lockdown(pb::GetLockdownRequest {
+            chip_id: String::new(),
+        })
+        .await
+        .expect("gateways may read lockdown state");
+    site.key_vault_as(id::TICKET)
+        .get_status(kv::GetStatusRequest {})
+        .await
+        .expect("ticket reads the site key");
+
+    // A certificate from another CA is refused at the handshake.
+    let rogue_ca = CertificateAuthority::generate("rogue").unwrap();
+    let rogue = rogue_ca
+        .issue(id::ADMIN_CLIENT, &[], Duration::from_secs(3600))
+        .unwrap();
+    // Trust the real CA (so the server is accepted) but present the rogue certificate.
+    let real_ca = std::fs::read_to_string(&site.site.endpoints.ca).unwrap();
+    let tls = ReloadableTls::from_material(
+        &TlsMaterial::from_pem(&rogue.cert_pem, &rogue.key_pem, &real_ca).unwrap(),
+    )
+    .unwrap();
+    let channel = chipsite_tls::connect_lazy(&site.site.endpoints.admin, id::ADMIN, tls).unwrap();
+    let e = chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(channel)
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap_err();
+    // TLS 1.3: the server refuses the client certificate after the
+    // client's side of the handshake, so the client sees the connection close.
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Cancelled | Code::Unknown),
+        "{e:?}"
+    );
+    assert!(
+        chipsite_e2e::captured_logs().contains("internal TLS handshake refused"),
+        "the server refused the handshake"
+    );
+
+    // A server with a certificate from another CA is refused by our clients.
+    let rogue_tls = ReloadableTls::from_material(
+        &TlsMaterial::from_pem(&rogue.cert_pem, &rogue.key_pem, rogue_ca.cert_pem()).unwrap(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let incoming = chipsite_tls::tls_incoming(listener, rogue_tls);
+    // Were the handshake accepted, this server would answer UNIMPLEMENTED.
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    );
+    let channel = chipsite_tls::connect_lazy(&addr, id::ADMIN, site.tls(id::ADMIN_CLIENT)).unwrap();
+    let e = chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(channel)
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e.code(), Code::Unavailable | Code::Unknown), "{e:?}");
+    site.finish().await;
+}
+
+#[test]
+fn every_service_reports_health_and_the_admin_api_reflects() {
+    chipsite_e2e::run_test(health_and_reflection());
+}
+
+async fn health_and_reflection() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let store = chipsite_e2e::Store::Sqlite;
+    let site = TestSite::start(&store).await;
+    let e = &site.site.endpoints;
+    for (addr, server, service) in [
+        (&e.admin, id::ADMIN, "chipsite.admin.v1.AdminService"),
+        (&e.key_vault, id::KEY_VAULT, "chipsite.keyvault.v1.KeyVault"),
+        (&e.ticket, id::TICKET, "chipsite.ticket.v1.Tickets"),
+    ] {
+        // Any internal identity may ask for health.
+        let channel = chipsite_tls::connect_lazy(addr, server, site.tls(id::PEER_GATEWAY)).unwrap();
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+    }
+
+    let list = |identity: &'static str| {
+        let channel = chipsite_tls::connect_lazy(&e.admin, id::ADMIN, site.tls(identity)).unwrap();
+        async move {
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = ServerReflectionClient::new(channel)
+                .server_reflection_info(futures::stream::iter([request]))
+                .await?
+                .into_inner();
+            let mut names = vec![];
+            while let Some(r) = stream.message().await? {
+                if let Some(MessageResponse::ListServicesResponse(l)) = r.message_response {
+                    names.extend(l.service.into_iter().map(|s| s.name));
+                }
+            }
+            Ok::<_, tonic::Status>(names)
+        }
+    };
+    let names = list(id::ADMIN_CLIENT).await.unwrap();
+    assert!(
+        names.contains(&"chipsite.admin.v1.AdminService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("keyvault")),
+        "each server advertises only its own API: {names:?}"
+    );
+    let e = list(id::USER_GATEWAY).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    site.finish().await;
+}
+
+#[test]
+fn serve_mode_picks_up_replaced_certificate_files_without_a_restart() {
+    chipsite_e2e::run_test(replaced_certificate_files());
+}
+
+async fn replaced_certificate_files() {
+    use chipsite_site::config::{Config, TlsFiles};
+    use chipsite_tls::CertPaths;
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |ca: &CertificateAuthority, who: &str| {
+        let issued = ca.issue(who, &[], Duration::from_secs(3600)).unwrap();
+        let paths = CertPaths {
+            cert: dir.path().join(format!("{who}.pem")),
+            key: dir.path().join(format!("{who}.key")),
+            ca: dir.path().join(format!("{who}-ca.pem")),
+        };
+        std::fs::write(&paths.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&paths.key, &issued.key_pem).unwrap();
+        std::fs::write(&paths.ca, &issued.ca_pem).unwrap();
+        paths
+    };
+    let (old_ca, new_ca) = (
+        CertificateAuthority::generate("old").unwrap(),
+        CertificateAuthority::generate("new").unwrap(),
+    );
+    let server = write(&old_ca, id::ADMIN);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: Some(addr),
+        tls: Some(TlsFiles {
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            ca: server.ca.clone(),
+        }),
+        ..Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        chipsite_site::serve_one(&config, chipsite_site::Service::Admin, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let client_of = |ca: &CertificateAuthority| {
+        let issued = ca
+            .issue(id::ADMIN_CLIENT, &[], Duration::from_secs(3600))
+            .unwrap();
+        let tls = ReloadableTls::from_material(
+            &TlsMaterial::from_pem(&issued.cert_pem, &issued.key_pem, ca.cert_pem()).unwrap(),
+        )
+        .unwrap();
+        let channel = chipsite_tls::connect_lazy(&addr.to_string(), id::ADMIN, tls).unwrap();
+        chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(channel)
+    };
+    let works = |ca: &CertificateAuthority| {
+        let mut client = client_of(ca);
+        async move { client.get_site_config(pb::GetSiteConfigRequest {}).await.is_ok() }
+    };
+    assert!(
+        chipsite_e2e::eventually(Duration::from_secs(10), || works(&old_ca)).await,
+        "serves with the old files"
+    );
+    assert!(!works(&new_ca).await);
+
+    // Replace the files in place, as a certificate manager would.
+    let replaced = new_ca.issue(id::ADMIN, &[], Duration::from_secs(3600)).unwrap();
+    std::fs::write(&server.key, &replaced.key_pem).unwrap();
+    std::fs::write(&server.cert, &replaced.cert_pem).unwrap();
+    std::fs::write(&server.ca, &replaced.ca_pem).unwrap();
+    assert!(
+        chipsite_e2e::eventually(Duration::from_secs(15), || works(&new_ca)).await,
+        "new connections use the replaced files"
+    );
+    assert!(!works(&old_ca).await, "and the old CA is no longer trusted");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

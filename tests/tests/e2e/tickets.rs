@@ -1,0 +1,281 @@
+//! Tickets through the internal gRPC API: atomic burning, uniform refusals,
+//! expiry at redemption, audit, throttling, and no token in the clear.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chipsite_e2e::{Store, TestSite, captured_logs, store_test};
+use chipsite_proto::{admin::v1 as pb, ticket::v1 as tk};
+use chipsite_ticket::render::PublishedTicket;
+use chipsite_tls::identity as id;
+use tonic::Code;
+
+async fn user_with_ticket(site: &TestSite, chip_id: &str, ttl: u32) -> (String, String) {
+    let mut admin = site.admin();
+    let _ = admin
+        .create_user(pb::CreateUserRequest {
+            chip_id: chip_id.into(),
+            name: chip_id.into(),
+            ..Default::default()
+        })
+        .await;
+    let t = admin
+        .issue_user_ticket(pb::IssueUserTicketRequest {
+            chip_id: chip_id.into(),
+            ttl_seconds: ttl,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let published = PublishedTicket::from_uri(&t.uri).unwrap();
+    assert_eq!(PublishedTicket::from_json(&t.json).unwrap(), published);
+    (t.ticket_id, published.token)
+}
+
+fn redeem(token: &str, chip_id: &str, source: &str) -> tk::RedeemTicketRequest {
+    tk::RedeemTicketRequest {
+        kind: tk::TicketKind::User as i32,
+        token: token.into(),
+        chip_id: chip_id.into(),
+        source: source.into(),
+    }
+}
+
+store_test!(sixty_four_concurrent_redemptions_give_exactly_one_success);
+async fn sixty_four_concurrent_redemptions_give_exactly_one_success(store: Store) {
+    let site = TestSite::start(&store).await;
+    let (ticket_id, token) = user_with_ticket(&site, "alice", 0).await;
+    let gateway = site.tickets_as(id::USER_GATEWAY);
+    let attempts = (0..64).map(|i| {
+        let mut g = gateway.clone();
+        let req = redeem(&token, "alice", &format!("10.0.0.{i}"));
+        tokio::spawn(async move { g.redeem_ticket(req).await })
+    });
+    let results = futures::future::join_all(attempts).await;
+    let ok: Vec<_> = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).collect();
+    assert_eq!(ok.len(), 1, "{}: exactly one redemption wins", store.label());
+    for r in &results {
+        if let Ok(Err(s)) = r {
+            assert_eq!(
+                (s.code(), s.message()),
+                (Code::PermissionDenied, "ticket refused")
+            );
+        }
+    }
+    let audit = site
+        .tickets_as(id::ADMIN)
+        .list_audit(tk::ListAuditRequest {
+            ticket_id: ticket_id.clone(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let attempts = audit.iter().filter(|r| r.outcome != "issued").count();
+    assert_eq!(attempts, 64, "one audit record per attempt");
+    assert_eq!(audit.iter().filter(|r| r.outcome == "redeemed").count(), 1);
+    site.finish().await;
+}
+
+store_test!(every_kind_of_failed_attempt_looks_the_same_and_burns_the_ticket);
+async fn every_kind_of_failed_attempt_looks_the_same_and_burns_the_ticket(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut gateway = site.tickets_as(id::USER_GATEWAY);
+    let mut admin = site.admin();
+    let refused = |r: Result<tonic::Response<tk::RedeemTicketResponse>, tonic::Status>| {
+        let s = r.unwrap_err();
+        assert_eq!(
+            (s.code(), s.message().to_owned()),
+            (Code::PermissionDenied, "ticket refused".to_owned())
+        );
+    };
+
+    // Wrong CHIP ID: refused, and the right one afterwards is refused too.
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    refused(gateway.redeem_ticket(redeem(&token, "mallory", "s1")).await);
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s1")).await);
+
+    // Text the database would refuse (NUL) is still an attempt: it burns.
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    refused(gateway.redeem_ticket(redeem(&token, "alice\0", "s1\0\n")).await);
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s1")).await);
+
+    // Wrong kind (a user ticket presented as a tally ticket) burns it.
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    let mut tally = redeem(&token, "alice", "s2");
+    tally.kind = tk::TicketKind::Tally as i32;
+    refused(gateway.redeem_ticket(tally).await);
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s2")).await);
+
+    // Expired: judged at redemption.
+    let (_, token) = user_with_ticket(&site, "alice", 1).await;
+    site.site.clock.advance(Duration::from_millis(1001));
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s3")).await);
+
+    // Used.
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    gateway
+        .redeem_ticket(redeem(&token, "alice", "s4"))
+        .await
+        .unwrap();
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s4")).await);
+
+    // Unknown, and absurd.
+    refused(
+        gateway
+            .redeem_ticket(redeem("bm90LWEtdG9rZW4", "alice", "s5"))
+            .await,
+    );
+    refused(
+        gateway
+            .redeem_ticket(redeem(&"A".repeat(100_000), "alice", "s5"))
+            .await,
+    );
+    refused(gateway.redeem_ticket(redeem("", "", "")).await);
+
+    // Revoked.
+    let (ticket_id, token) = user_with_ticket(&site, "alice", 0).await;
+    admin
+        .revoke_ticket(pb::RevokeTicketRequest {
+            id: ticket_id.clone(),
+        })
+        .await
+        .unwrap();
+    refused(gateway.redeem_ticket(redeem(&token, "alice", "s6")).await);
+    let e = admin
+        .revoke_ticket(pb::RevokeTicketRequest { id: ticket_id })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    let outcomes: Vec<String> = site
+        .tickets_as(id::ADMIN)
+        .list_audit(tk::ListAuditRequest {
+            ticket_id: String::new(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect();
+    for o in [
+        "refused_chip_id",
+        "refused_kind",
+        "refused_expired",
+        "refused_used",
+        "refused_unknown",
+        "refused_revoked",
+    ] {
+        assert!(outcomes.iter().any(|x| x == o), "{o} in {outcomes:?}");
+    }
+    let listed = admin
+        .list_tickets(pb::ListTicketsRequest {
+            chip_id: "alice".into(),
+            include_closed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tickets;
+    let states: Vec<&str> = listed.iter().map(|t| t.state.as_str()).collect();
+    assert_eq!(states.iter().filter(|s| **s == "burned").count(), 4, "{states:?}");
+    assert!(
+        states.contains(&"revoked") && states.contains(&"redeemed"),
+        "{states:?}"
+    );
+    let open = admin
+        .list_tickets(pb::ListTicketsRequest {
+            chip_id: "alice".into(),
+            include_closed: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tickets;
+    assert!(open.is_empty(), "no outstanding tickets left: {open:?}");
+    site.finish().await;
+}
+
+store_test!(failed_attempts_are_throttled_per_source);
+async fn failed_attempts_are_throttled_per_source(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut gateway = site.tickets_as(id::USER_GATEWAY);
+    for _ in 0..12 {
+        let _ = gateway
+            .redeem_ticket(redeem("Z3Vlc3M", "alice", "203.0.113.9"))
+            .await;
+    }
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    let s = gateway
+        .redeem_ticket(redeem(&token, "alice", "203.0.113.9"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.message(),
+        "ticket refused",
+        "a flooding source is refused even with a good ticket"
+    );
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    gateway
+        .redeem_ticket(redeem(&token, "alice", "198.51.100.7"))
+        .await
+        .expect("another source still redeems");
+    let throttled = site
+        .tickets_as(id::ADMIN)
+        .list_audit(tk::ListAuditRequest {
+            ticket_id: String::new(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .filter(|r| r.outcome == "throttled")
+        .count();
+    assert_eq!(throttled, 1);
+    site.finish().await;
+}
+
+store_test!(tokens_never_appear_in_the_clear_in_the_database_or_the_logs);
+async fn tokens_never_appear_in_the_clear_in_the_database_or_the_logs(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut gateway = site.tickets_as(id::USER_GATEWAY);
+    let mut tokens = vec![];
+    for (i, chip) in ["dave", "erin", "frank"].iter().enumerate() {
+        let (_, token) = user_with_ticket(&site, chip, 0).await;
+        // Redeemed, refused and outstanding tickets alike.
+        match i {
+            0 => drop(gateway.redeem_ticket(redeem(&token, chip, "s")).await.unwrap()),
+            1 => drop(
+                gateway
+                    .redeem_ticket(redeem(&token, "wrong", "s"))
+                    .await
+                    .unwrap_err(),
+            ),
+            _ => {}
+        }
+        tokens.push(token);
+    }
+    let stored = site.stored_bytes().await;
+    assert!(!stored.is_empty());
+    let logs = captured_logs();
+    assert!(logs.contains("ticket refused"), "the log capture works");
+    for t in &tokens {
+        assert!(
+            !stored.windows(t.len()).any(|w| w == t.as_bytes()),
+            "{}: token stored in the clear",
+            store.label()
+        );
+        assert!(!logs.contains(t.as_str()), "token in the logs");
+    }
+    site.finish().await;
+}
