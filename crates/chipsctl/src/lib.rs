@@ -8,6 +8,7 @@ use std::{
     path::PathBuf,
 };
 
+use chipsite_proto::status::{ErrorCode, code_of};
 use chipsite_proto::{
     admin::v1::{self as pb, admin_service_client::AdminServiceClient},
     events::v1::{self as ev, user_events_client::UserEventsClient},
@@ -16,7 +17,7 @@ use chipsite_site::Endpoints;
 use chipsite_tls::{CertPaths, identity};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
-use tonic::{Code, transport::Channel};
+use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(name = "chipsctl", version, about = "Administer a chipsite site")]
@@ -282,9 +283,9 @@ pub enum CliError {
 /// A tonic status as one line a person can act on.
 fn rpc_error(admin: &str) -> impl Fn(tonic::Status) -> CliError + '_ {
     move |s| {
-        CliError::Rpc(match s.code() {
-            Code::Unavailable => format!("cannot reach the admin service at {admin}: {}", s.message()),
-            Code::PermissionDenied if s.message().contains("may not call") => {
+        CliError::Rpc(match code_of(&s) {
+            ErrorCode::Unavailable => format!("cannot reach the admin service at {admin}: {}", s.message()),
+            ErrorCode::Forbidden => {
                 format!("refused: {} (is this the admin-client certificate?)", s.message())
             }
             _ => s.message().to_owned(),

@@ -125,6 +125,29 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("does not exist"));
+    // An unknown key, in the file or the environment, stops the start and is named.
+    std::fs::write(&file, "[addresses]\nkey_valt = \"kv:1\"\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("--config")
+        .arg(&file)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("key_valt"),
+        "{bad:?}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env("CHIPSITE_DATABSE_URL", "postgres://db/chipsite")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("databse_url"),
+        "{bad:?}"
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
         .args(["serve", "nonsense"])
         .output()

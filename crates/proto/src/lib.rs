@@ -28,6 +28,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 /// `Debug` for messages that carry a secret (see `SECRET_MESSAGES` in
 /// build.rs): every field but the secret ones.
+pub mod status;
+
 macro_rules! redacted_debug {
     ($($ty:path { $($field:ident),* $(,)? } redacting [$($secret:ident),*];)*) => {$(
         impl std::fmt::Debug for $ty {

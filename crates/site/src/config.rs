@@ -65,6 +65,7 @@ impl Service {
 
 /// Where each service listens (`chipsite dev`) or is reached (`serve`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Addresses {
     pub admin: String,
     pub key_vault: String,
@@ -157,6 +158,7 @@ impl Addresses {
 
 /// Certificate, key and internal CA files (serve mode).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -165,7 +167,10 @@ pub struct TlsFiles {
 
 /// The whole configuration. Every field has a default, so an empty file
 /// and environment give a working dev site. (`Debug` masks the database password.)
+/// A key it does not know, in the file or as a `CHIPSITE_*` variable, is an
+/// error at start that names the key: a typo never passes for a default.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where `chipsite dev` keeps its databases, PKI and endpoints file.
     pub data_dir: PathBuf,
@@ -216,6 +221,18 @@ impl Default for Config {
     }
 }
 
+/// `CHIPSITE_*` variables that are not settings: the pass phrase (read by
+/// `serve key-vault` alone and never part of `Config`), the `--config` flag's
+/// variable, and the test suite's own.
+pub const NOT_SETTINGS: &[&str] = &[
+    "site_key_passphrase",
+    "site_key_passphrase_file",
+    "config",
+    "test_postgres_url",
+    "bench_postgres_url",
+    "screenshots",
+];
+
 /// `$CHIPSITE_DATA_DIR`, else `$XDG_DATA_HOME/chipsite/dev`, else
 /// `~/.local/share/chipsite/dev`, else `./.chipsite`.
 pub fn default_data_dir() -> PathBuf {
@@ -244,11 +261,7 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(
-            Env::prefixed("CHIPSITE_")
-                .split("__")
-                .ignore(&["site_key_passphrase"]),
-        );
+        fig = fig.merge(Env::prefixed("CHIPSITE_").split("__").ignore(NOT_SETTINGS));
         fig.extract().map_err(Box::new)
     }
 

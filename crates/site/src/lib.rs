@@ -232,6 +232,8 @@ impl Service {
 struct Supervisor {
     tasks: JoinSet<Result<(), SiteError>>,
     names: HashMap<tokio::task::Id, String>,
+    /// Background tasks with nothing in flight: stopped at once on shutdown.
+    background: Vec<tokio::task::AbortHandle>,
 }
 
 impl Supervisor {
@@ -243,8 +245,13 @@ impl Supervisor {
     /// A background task that never ends by itself.
     fn watch(&mut self, name: String, task: Option<JoinHandle<()>>) {
         if let Some(task) = task {
+            self.background.push(task.abort_handle());
             self.spawn(name, async move {
-                task.await.map_err(|e| SiteError::Serve(e.to_string()))
+                match task.await {
+                    // Aborted by `drain`: the site is stopping.
+                    Err(e) if e.is_cancelled() => Ok(()),
+                    ended => ended.map_err(|e| SiteError::Serve(e.to_string())),
+                }
             });
         }
     }
@@ -265,18 +272,25 @@ impl Supervisor {
 
     /// Let every task finish for up to `grace` after the stop signal.
     async fn drain(mut self, grace: Duration) {
+        for task in &self.background {
+            task.abort();
+        }
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
                 Ok(None) => return,
-                Ok(Some(Ok((_, Ok(()))))) => {}
+                Ok(Some(Ok((id, Ok(()))))) => {
+                    self.names.remove(&id);
+                }
                 Ok(Some(Ok((id, Err(e))))) => {
-                    let service = self.names.get(&id).cloned().unwrap_or_default();
+                    let service = self.names.remove(&id).unwrap_or_default();
                     tracing::warn!(%service, error = %e, "service ended with an error");
                 }
-                Ok(Some(Err(e))) if e.is_cancelled() => {}
+                Ok(Some(Err(e))) if e.is_cancelled() => {
+                    self.names.remove(&e.id());
+                }
                 Ok(Some(Err(e))) => {
-                    let service = self.names.get(&e.id()).cloned().unwrap_or_default();
+                    let service = self.names.remove(&e.id()).unwrap_or_default();
                     tracing::warn!(%service, error = %e, "service task failed");
                 }
                 Err(_) => {

@@ -139,6 +139,37 @@ impl Clock {
     }
 }
 
+/// Run a service's migrations. On PostgreSQL they run in one transaction
+/// that first takes a transaction-scoped advisory lock named after the
+/// service's migration table: replicas starting at once against one database
+/// take turns, and the later ones find nothing left to do (and a migration
+/// that fails leaves nothing half-applied). SQLite databases belong to one
+/// process (`chipsite dev`) and need no lock.
+pub async fn migrate<M: sea_orm_migration::MigratorTrait>(db: &DatabaseConnection) -> Result<(), DbErr> {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return M::up(db, None).await;
+    }
+    let table = M::migration_table_name().to_string();
+    let txn = db.begin().await?;
+    txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [migration_lock_key(&table).into()],
+    ))
+    .await?;
+    M::up(&txn, None).await?;
+    txn.commit().await
+}
+
+/// A stable advisory-lock key for a migration table (FNV-1a of its name).
+fn migration_lock_key(table: &str) -> i64 {
+    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
 /// Whether a database error is a uniqueness violation (both engines).
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))

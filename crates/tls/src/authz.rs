@@ -127,7 +127,18 @@ where
                     .as_deref()
                     .unwrap_or("a caller without an internal identity");
                 tracing::warn!(%path, caller = who, "internal call refused by policy");
-                let status = tonic::Status::permission_denied(format!("{who} may not call {path}"));
+                let mut code = tonic::metadata::MetadataMap::new();
+                code.insert(
+                    chipsite_model::CODE_METADATA,
+                    tonic::metadata::MetadataValue::from_static(
+                        chipsite_model::ErrorCode::Forbidden.as_str(),
+                    ),
+                );
+                let status = tonic::Status::with_metadata(
+                    tonic::Code::PermissionDenied,
+                    format!("{who} may not call {path}"),
+                    code,
+                );
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }

@@ -52,7 +52,10 @@ impl UserEvents for UserEventsGrpc {
             match rx.recv().await {
                 Ok(HubMessage::Event(e)) => Some((Ok((*e).clone()), (rx, false))),
                 Ok(HubMessage::Resync) => Some((
-                    Err(Status::unavailable("events may have been missed; watch again")),
+                    Err(chipsite_proto::status::status(
+                        chipsite_proto::status::ErrorCode::Unavailable,
+                        "events may have been missed; watch again",
+                    )),
                     (rx, true),
                 )),
                 Err(RecvError::Lagged(n)) => Some((

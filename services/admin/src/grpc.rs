@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_proto::status::{ErrorCode, code_of, status};
 use chipsite_proto::{
     admin::v1::{self as pb, admin_service_server::AdminService},
     keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
@@ -84,7 +85,7 @@ impl AdminGrpc {
         };
         if let Err(e) = self.admin.audit(caller, action, subject, &outcome).await {
             tracing::error!(error = %e, action, "could not write the admin audit record");
-            return Err(Status::internal("could not write the audit record"));
+            return Err(status(ErrorCode::Internal, "internal error"));
         }
         result.map(Response::new)
     }
@@ -233,7 +234,8 @@ impl AdminService for AdminGrpc {
                 Err(s) => return Err(s),
             };
             let dump = Admin::dump_of(&u, key);
-            let json = serde_json::to_string_pretty(&dump).map_err(|e| Status::internal(e.to_string()))?;
+            let json =
+                serde_json::to_string_pretty(&dump).map_err(|e| chipsite_proto::status::internal(&e))?;
             Ok(pb::DumpUserResponse { json })
         })
         .await
@@ -269,13 +271,12 @@ impl AdminService for AdminGrpc {
                 if let Err(s) = registered {
                     // Nothing half-written: take the user back out.
                     self.admin.unload_user(&u.chip_id).await?;
-                    return Err(if s.code() == Code::InvalidArgument {
-                        Status::invalid_argument(format!("bad user dump: public_key: {}", s.message()))
-                    } else {
-                        Status::new(
-                            s.code(),
-                            format!("key-vault: {}; nothing was loaded", s.message()),
-                        )
+                    return Err(match code_of(&s) {
+                        ErrorCode::InvalidArgument => status(
+                            ErrorCode::InvalidArgument,
+                            format!("bad user dump: public_key: {}", s.message()),
+                        ),
+                        code => status(code, format!("key-vault: {}; nothing was loaded", s.message())),
                     });
                 }
             }
@@ -290,16 +291,16 @@ impl AdminService for AdminGrpc {
         self.audited(&caller, "issue_user_ticket", &r.chip_id.clone(), async {
             let u = self.admin.user(&r.chip_id).await?;
             if u.status != "active" {
-                return Err(Status::failed_precondition(format!(
-                    "user {:?} is {}",
-                    u.chip_id, u.status
-                )));
+                return Err(status(
+                    ErrorCode::FailedPrecondition,
+                    format!("user {:?} is {}", u.chip_id, u.status),
+                ));
             }
             if u.locked {
-                return Err(Status::failed_precondition(format!(
-                    "user {:?} is locked down: lift the lockdown first",
-                    u.chip_id
-                )));
+                return Err(status(
+                    ErrorCode::LockedDown,
+                    format!("user {:?} is locked down: lift the lockdown first", u.chip_id),
+                ));
             }
             let config = self.admin.config().await?;
             let get = |k: &str| config.get(k).cloned().unwrap_or_default();
@@ -353,7 +354,12 @@ impl AdminService for AdminGrpc {
             let ttl = match r.ttl_seconds {
                 0 => 600,
                 t if t <= 3600 => t,
-                _ => return Err(Status::invalid_argument("a console ticket lives at most 3600 s")),
+                _ => {
+                    return Err(status(
+                        ErrorCode::InvalidArgument,
+                        "a console ticket lives at most 3600 s",
+                    ));
+                }
             };
             let base = self
                 .admin

@@ -15,11 +15,11 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::OnConflict,
 };
-use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use alarms::NewAlarm;
+use chipsite_proto::status::ErrorCode;
 use chipsite_store::{is_unique_violation, now_ms};
 pub use events::Hub;
 pub use events_grpc::UserEventsGrpc;
@@ -74,21 +74,25 @@ pub enum AdminError {
 }
 
 impl AdminError {
-    pub fn code(&self) -> tonic::Code {
+    /// The site-wide code of this error (carried across gRPC).
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidArgument(_) | Self::BadDump(_) => tonic::Code::InvalidArgument,
-            Self::UserNotFound(_) | Self::NotFound(_) => tonic::Code::NotFound,
-            Self::Unavailable(_) => tonic::Code::Unavailable,
-            Self::UserExists(_) => tonic::Code::AlreadyExists,
-            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
-            Self::InitScript { .. } | Self::Store(_) => tonic::Code::Internal,
+            Self::InvalidArgument(_) | Self::BadDump(_) => ErrorCode::InvalidArgument,
+            Self::UserNotFound(_) | Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::UserExists(_) => ErrorCode::AlreadyExists,
+            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Self::InitScript { .. } | Self::Store(_) => ErrorCode::Internal,
         }
     }
 }
 
 impl From<AdminError> for tonic::Status {
     fn from(e: AdminError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        match e.code() {
+            ErrorCode::Internal => chipsite_proto::status::internal(&e),
+            code => chipsite_proto::status::status(code, e.to_string()),
+        }
     }
 }
 
@@ -263,7 +267,7 @@ impl std::fmt::Debug for Admin {
 impl Admin {
     /// Open admin's store, building its tables on first launch.
     pub async fn open(db: DatabaseConnection) -> Result<Self, AdminError> {
-        store::Migrator::up(&db, None).await?;
+        chipsite_store::migrate::<store::Migrator>(&db).await?;
         Ok(Self {
             db,
             hub: Hub::local(),

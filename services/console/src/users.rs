@@ -22,13 +22,17 @@ type App = State<Arc<Console>>;
 
 /// A refused call, as a page with the site's message (already free of secrets).
 pub(crate) fn failed(status: &tonic::Status) -> Response {
-    let code = match status.code() {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::InvalidArgument | tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
-        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+    use chipsite_proto::status::{ErrorCode as E, code_of};
+    let code = match code_of(status) {
+        E::NotFound => StatusCode::NOT_FOUND,
+        E::InvalidArgument
+        | E::AlreadyExists
+        | E::FailedPrecondition
+        | E::LockedDown
+        | E::Sealed
+        | E::NoSiteKey => StatusCode::UNPROCESSABLE_ENTITY,
+        E::Forbidden | E::Refused | E::WrongPassphrase => StatusCode::FORBIDDEN,
+        E::Throttled | E::Unavailable | E::Internal => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, pages::message("Not done", status.message())).into_response()
 }

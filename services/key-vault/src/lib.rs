@@ -24,11 +24,11 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
     QueryOrder, TransactionTrait, sea_query::OnConflict,
 };
-use sea_orm_migration::MigratorTrait;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, RwLock};
 use zeroize::Zeroizing;
 
+use chipsite_proto::status::ErrorCode;
 use chipsite_store::now_ms;
 pub use grpc::{KeyVaultGrpc, policy};
 use store::{peer_key, site_key, user_key};
@@ -61,22 +61,26 @@ pub enum VaultError {
 }
 
 impl VaultError {
-    /// The gRPC code of this error.
-    pub fn code(&self) -> tonic::Code {
+    /// The site-wide code of this error (carried across gRPC).
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Sealed | Self::NoKey => tonic::Code::FailedPrecondition,
-            Self::WrongPassphrase => tonic::Code::PermissionDenied,
-            Self::Throttled(_) => tonic::Code::ResourceExhausted,
-            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            Self::NotFound(_) => tonic::Code::NotFound,
-            Self::Store(_) | Self::Crypto(_) => tonic::Code::Internal,
+            Self::Sealed => ErrorCode::Sealed,
+            Self::NoKey => ErrorCode::NoSiteKey,
+            Self::WrongPassphrase => ErrorCode::WrongPassphrase,
+            Self::Throttled(_) => ErrorCode::Throttled,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
         }
     }
 }
 
 impl From<VaultError> for tonic::Status {
     fn from(e: VaultError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        match e.code() {
+            ErrorCode::Internal => chipsite_proto::status::internal(&e),
+            code => chipsite_proto::status::status(code, e.to_string()),
+        }
     }
 }
 
@@ -124,7 +128,7 @@ impl std::fmt::Debug for KeyVault {
 impl KeyVault {
     /// Open the vault on `db`, creating its tables if needed. It starts sealed.
     pub async fn open(db: DatabaseConnection) -> Result<Self, VaultError> {
-        store::Migrator::up(&db, None).await?;
+        chipsite_store::migrate::<store::Migrator>(&db).await?;
         Ok(Self {
             db,
             unsealed: RwLock::new(None),

@@ -2,6 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use chipsite_proto::status::{ErrorCode, status};
 use chipsite_proto::{
     keyvault::v1::{GetStatusRequest, VaultStatus, key_vault_client::KeyVaultClient},
     ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
@@ -79,7 +80,10 @@ fn kind_of(k: i32) -> Result<Kind, Status> {
         Ok(pb::TicketKind::User) => Ok(Kind::User),
         Ok(pb::TicketKind::Tally) => Ok(Kind::Tally),
         Ok(pb::TicketKind::Console) => Ok(Kind::Console),
-        _ => Err(Status::invalid_argument("kind must be USER, TALLY or CONSOLE")),
+        _ => Err(status(
+            ErrorCode::InvalidArgument,
+            "kind must be USER, TALLY or CONSOLE",
+        )),
     }
 }
 
@@ -121,12 +125,13 @@ impl TicketsRpc for TicketsGrpc {
             Kind::Console => &[id::ADMIN],
         };
         if !allowed.contains(&caller.as_str()) {
-            return Err(Status::permission_denied(format!(
-                "{caller} may not issue {} tickets",
-                kind.as_str()
-            )));
+            return Err(status(
+                ErrorCode::Forbidden,
+                format!("{caller} may not issue {} tickets", kind.as_str()),
+            ));
         }
-        let port = u16::try_from(req.port).map_err(|_| Status::invalid_argument("port out of range"))?;
+        let port =
+            u16::try_from(req.port).map_err(|_| status(ErrorCode::InvalidArgument, "port out of range"))?;
         let vault = self.vault_status().await?;
         if !vault.has_key {
             return Err(TicketError::FailedPrecondition("the site has no key yet".into()).into());
@@ -163,9 +168,10 @@ impl TicketsRpc for TicketsGrpc {
             None => &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE, id::BENCH],
         };
         if !redeemers.contains(&caller.as_str()) {
-            return Err(Status::permission_denied(format!(
-                "{caller} may not redeem this kind of ticket"
-            )));
+            return Err(status(
+                ErrorCode::Forbidden,
+                format!("{caller} may not redeem this kind of ticket"),
+            ));
         }
         let t = self
             .tickets

@@ -23,9 +23,9 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, sea_query::Expr,
 };
-use sea_orm_migration::MigratorTrait;
 use sha2::{Digest, Sha256};
 
+use chipsite_proto::status::ErrorCode;
 use chipsite_store::Clock;
 pub use grpc::{TicketsGrpc, policy};
 use store::{audit, ticket};
@@ -56,20 +56,24 @@ pub enum TicketError {
 }
 
 impl TicketError {
-    pub fn code(&self) -> tonic::Code {
+    /// The site-wide code of this error (carried across gRPC).
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Refused => tonic::Code::PermissionDenied,
-            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            Self::NotFound(_) => tonic::Code::NotFound,
-            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
-            Self::Store(_) | Self::Random(_) => tonic::Code::Internal,
+            Self::Refused => ErrorCode::Refused,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Self::Store(_) | Self::Random(_) => ErrorCode::Internal,
         }
     }
 }
 
 impl From<TicketError> for tonic::Status {
     fn from(e: TicketError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        match e.code() {
+            ErrorCode::Internal => chipsite_proto::status::internal(&e),
+            code => chipsite_proto::status::status(code, e.to_string()),
+        }
     }
 }
 
@@ -151,7 +155,7 @@ fn hash_token(token: &str) -> Vec<u8> {
 
 impl Tickets {
     pub async fn open(db: DatabaseConnection) -> Result<Self, TicketError> {
-        store::Migrator::up(&db, None).await?;
+        chipsite_store::migrate::<store::Migrator>(&db).await?;
         Ok(Self {
             db,
             throttle: Throttle::default(),

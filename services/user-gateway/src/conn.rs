@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_proto::status::{ErrorCode as SiteCode, code_of};
 use chipsite_proto::{
     admin::v1 as ad,
     events::v1 as ev,
@@ -24,7 +25,6 @@ use tokio::{
     sync::OwnedSemaphorePermit,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tonic::Code;
 
 use crate::{AppCertificate, CloseReason, Inner, source_of};
 
@@ -192,20 +192,22 @@ async fn enroll_request(
 
 // ------------------------------------------------------------------- session
 
+/// A site service's error as the wire error an app sees: decided by the
+/// code the service sent (`chipsite-code`), never by its message text.
 fn rpc_error(status: &tonic::Status) -> RpcError {
-    let (code, message) = match status.code() {
-        Code::NotFound => (ErrorCode::NotFound, status.message()),
-        Code::InvalidArgument => (ErrorCode::InvalidParams, status.message()),
-        Code::ResourceExhausted => (ErrorCode::RateLimited, "too many requests"),
-        Code::PermissionDenied | Code::Unauthenticated => (ErrorCode::Unauthorized, "not allowed"),
-        Code::FailedPrecondition if status.message().contains("locked") => {
-            (ErrorCode::LockedDown, "locked down")
+    let (code, message) = match code_of(status) {
+        SiteCode::NotFound => (ErrorCode::NotFound, status.message()),
+        SiteCode::InvalidArgument => (ErrorCode::InvalidParams, status.message()),
+        SiteCode::Throttled => (ErrorCode::RateLimited, "too many requests"),
+        SiteCode::Forbidden | SiteCode::Refused | SiteCode::WrongPassphrase => {
+            (ErrorCode::Unauthorized, "not allowed")
         }
-        Code::FailedPrecondition => (ErrorCode::Unavailable, status.message()),
-        Code::Unavailable | Code::DeadlineExceeded => {
-            (ErrorCode::Unavailable, "the site is unavailable; try again later")
+        SiteCode::LockedDown => (ErrorCode::LockedDown, "locked down"),
+        SiteCode::Sealed | SiteCode::NoSiteKey | SiteCode::FailedPrecondition => {
+            (ErrorCode::Unavailable, status.message())
         }
-        _ => (ErrorCode::Internal, "internal error"),
+        SiteCode::Unavailable => (ErrorCode::Unavailable, "the site is unavailable; try again later"),
+        SiteCode::AlreadyExists | SiteCode::Internal => (ErrorCode::Internal, "internal error"),
     };
     RpcError::new(code, message)
 }
@@ -232,7 +234,7 @@ async fn admit(inner: &Inner, app: &AppCertificate) -> Result<(), RpcError> {
                 inner.cache.store_key(known.generation, &app.chip_id, &k);
                 k.into()
             }
-            Err(s) if s.code() == Code::NotFound => return Err(unauthorized()),
+            Err(s) if code_of(&s) == SiteCode::NotFound => return Err(unauthorized()),
             Err(s) => return Err(rpc_error(&s)),
         },
     };

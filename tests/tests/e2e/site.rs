@@ -381,3 +381,61 @@ async fn replaced_certificate_files() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// Replicas of every stored service starting at once against one fresh
+/// PostgreSQL database (each its own connection pool, as separate processes
+/// would be): the migrations take turns under an advisory lock, every
+/// replica starts, and each migration is recorded once. (SQLite databases
+/// belong to one process, so this case is PostgreSQL's alone.)
+#[test]
+fn replicas_starting_together_migrate_once_postgres() {
+    chipsite_e2e::run_store_test(chipsite_e2e::StoreKind::Postgres, |store| async move {
+        let url = store.url();
+        let mut starts = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let url = url.clone();
+            starts.spawn(async move {
+                let connect = || async { chipsite_store::connect(&url).await.unwrap() };
+                let (vault, tickets, admin) = tokio::join!(
+                    async {
+                        chipsite_key_vault::KeyVault::open(connect().await)
+                            .await
+                            .err()
+                            .map(|e| e.to_string())
+                    },
+                    async {
+                        chipsite_ticket::Tickets::open(connect().await)
+                            .await
+                            .err()
+                            .map(|e| e.to_string())
+                    },
+                    async {
+                        chipsite_admin::Admin::open(connect().await)
+                            .await
+                            .err()
+                            .map(|e| e.to_string())
+                    },
+                );
+                [vault, tickets, admin]
+            });
+        }
+        while let Some(started) = starts.join_next().await {
+            assert_eq!(started.unwrap(), [None, None, None], "every replica starts");
+        }
+        let db = chipsite_store::connect(&url).await.unwrap();
+        for table in ["admin_migrations", "keyvault_migrations", "ticket_migrations"] {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    format!("SELECT count(*) AS n, count(DISTINCT version) AS once FROM {table}"),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            let n: i64 = row.try_get("", "n").unwrap();
+            let once: i64 = row.try_get("", "once").unwrap();
+            assert!(n >= 1, "{table} records its migrations");
+            assert_eq!(n, once, "{table}: each migration recorded once");
+        }
+    });
+}

@@ -279,3 +279,43 @@ async fn tokens_never_appear_in_the_clear_in_the_database_or_the_logs(store: Sto
     }
     site.finish().await;
 }
+
+store_test!(a_database_fault_is_logged_and_reaches_callers_as_internal_error);
+/// A fault inside the site (here: the ticket table gone) reaches the caller
+/// as "internal error" with the code `internal`, through admin as well; the
+/// detail is in the ticket service's log, not in the answer.
+async fn a_database_fault_is_logged_and_reaches_callers_as_internal_error(store: Store) {
+    use chipsite_proto::status::{ErrorCode, code_of};
+    use sea_orm::ConnectionTrait;
+    let site = TestSite::start(&store).await;
+    user_with_ticket(&site, "alice", 0).await;
+    let url = match &store {
+        Store::Sqlite => chipsite_store::sqlite_url(&site.data_dir().join("db").join("ticket.sqlite")),
+        Store::Postgres { .. } => store.url(),
+    };
+    let db = chipsite_store::connect(&url).await.unwrap();
+    db.execute_unprepared("DROP TABLE ticket_tickets").await.unwrap();
+
+    let direct = site
+        .tickets_as(id::ADMIN)
+        .list_tickets(tk::ListTicketsRequest::default())
+        .await
+        .unwrap_err();
+    let via_admin = site
+        .admin()
+        .list_tickets(pb::ListTicketsRequest::default())
+        .await
+        .unwrap_err();
+    for e in [&direct, &via_admin] {
+        assert_eq!(code_of(e), ErrorCode::Internal, "{e:?}");
+        assert_eq!(e.code(), Code::Internal);
+        assert_eq!(e.message(), "internal error", "no database text for callers");
+    }
+    let logs = captured_logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("ERROR") && l.contains("internal error") && l.contains("ticket_tickets")),
+        "the fault is logged with its detail where it happened"
+    );
+    site.finish().await;
+}
