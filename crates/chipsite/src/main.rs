@@ -99,6 +99,9 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         );
     }
     println!("  ticket     {}", e.ticket);
+    if !e.ops.is_empty() {
+        println!("  ops        {}  (/livez, /readyz, /metrics: plain HTTP)", e.ops);
+    }
     println!(
         "  apps       {}  (user gateway: JSON over TLS 1.3, see docs/protocol.md)",
         e.user_gateway

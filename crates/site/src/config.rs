@@ -77,6 +77,13 @@ pub struct Addresses {
     /// The console's HTTPS port, which requires a client certificate of the
     /// internal CA and signs in the admin client certificate. Empty: none.
     pub console_https: String,
+    /// The ops port of this process: plain HTTP `/livez`, `/readyz` and
+    /// `/metrics` for container runtimes and Prometheus. Empty: none.
+    pub ops: String,
+}
+
+fn default_ops() -> String {
+    "127.0.0.1:44309".into()
 }
 
 impl Default for Addresses {
@@ -88,6 +95,7 @@ impl Default for Addresses {
             user_gateway: "127.0.0.1:44301".into(),
             console: "127.0.0.1:44303".into(),
             console_https: "127.0.0.1:44304".into(),
+            ops: default_ops(),
         }
     }
 }
@@ -103,6 +111,7 @@ impl Addresses {
             user_gateway: any(),
             console: any(),
             console_https: any(),
+            ops: any(),
         }
     }
 
@@ -113,6 +122,7 @@ impl Addresses {
         Service::ALL
             .iter()
             .flat_map(|s| s.listeners().iter().copied())
+            .chain(["ops"])
             .map(|name| {
                 let name = name.to_ascii_uppercase().replace('-', "_");
                 (format!("CHIPSITE_ADDRESSES__{name}"), "127.0.0.1:0")
@@ -130,6 +140,7 @@ impl Addresses {
             "user-gateway" => &self.user_gateway,
             "console" => &self.console,
             "console-https" => &self.console_https,
+            "ops" => &self.ops,
             _ => "",
         }
     }
@@ -141,6 +152,7 @@ impl Addresses {
             "ticket" => &mut self.ticket,
             "user-gateway" => &mut self.user_gateway,
             "console" => &mut self.console,
+            "ops" => &mut self.ops,
             _ => &mut self.console_https,
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod ops;
 pub mod services;
 
 use std::{
@@ -76,6 +77,9 @@ pub struct Endpoints {
     /// (`https://…`; empty when none).
     #[serde(default)]
     pub console_https: String,
+    /// The ops port (`http://…`: `/livez`, `/readyz`, `/metrics`; empty when none).
+    #[serde(default)]
+    pub ops: String,
     pub ca: PathBuf,
     pub admin_client_cert: PathBuf,
     pub admin_client_key: PathBuf,
@@ -140,6 +144,11 @@ impl Shutdown {
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// Whether the site has been asked to stop.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// Where a service serves: a listener already bound (dev and tests bind
@@ -181,6 +190,8 @@ pub struct Ctx {
     pub dev: bool,
     /// The site's clock (the system's; tests move it to expire tickets).
     pub clock: chipsite_store::Clock,
+    /// What this process's `/readyz` checks; each service adds its own.
+    pub ready: Arc<ops::Readiness>,
 }
 
 impl Ctx {
@@ -314,13 +325,25 @@ struct Launch {
     passphrase: Option<Zeroizing<String>>,
     dev: bool,
     clock: chipsite_store::Clock,
+    /// The ops port (`/livez`, `/readyz`, `/metrics`), if any.
+    ops: Option<Listen>,
 }
 
-/// Start `launch`'s services in order, each under supervision.
+/// Start `launch`'s services in order, each under supervision, with the ops
+/// port answering from the first moment (not ready until all have started).
 async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), SiteError> {
     let (stop, stop_rx) = watch::channel(false);
     let mut supervisor = Supervisor::default();
     let mut report = Report::default();
+    let ready = ops::Readiness::new(Shutdown(stop_rx.clone()));
+    if let Some(listen) = l.ops {
+        let listener = listen.bind().await?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "ops port (/livez, /readyz, /metrics)");
+        supervisor.spawn(
+            "ops port".into(),
+            ops::serve(listener, ready.clone(), Shutdown(stop_rx.clone())),
+        );
+    }
     let mut listeners = l.listeners;
     for service in l.services {
         let tls = l
@@ -344,6 +367,7 @@ async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), 
             passphrase: l.passphrase.clone(),
             dev: l.dev,
             clock: l.clock.clone(),
+            ready: ready.clone(),
         };
         let started = service.start(ctx).await?;
         report.created_site_key |= started.report.created_site_key;
@@ -351,6 +375,7 @@ async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), 
         report.init_scripts_ran.extend(started.report.init_scripts_ran);
         supervisor.spawn(service.identity().to_owned(), started.serving);
     }
+    ready.started();
     Ok((supervisor, stop, report))
 }
 
@@ -403,6 +428,14 @@ impl Site {
                 listeners.insert(*name, Listen::Bound(l));
             }
         }
+        let ops = match config.addresses.ops.as_str() {
+            "" => None,
+            addr => {
+                let l = bind(addr).await?;
+                config.addresses.ops = local_addr(&l)?.to_string();
+                Some(Listen::Bound(l))
+            }
+        };
         let tls = Service::ALL
             .into_iter()
             .map(|s| Ok((s, ReloadableTls::from_files(dev::cert_paths(data, s.identity()))?)))
@@ -416,6 +449,7 @@ impl Site {
             passphrase: Some(Zeroizing::new(passphrase)),
             dev: true,
             clock: clock.clone(),
+            ops,
         })
         .await?;
 
@@ -430,6 +464,10 @@ impl Site {
             console_https: match a.console_https.as_str() {
                 "" => String::new(),
                 https => format!("https://{https}"),
+            },
+            ops: match a.ops.as_str() {
+                "" => String::new(),
+                ops => format!("http://{ops}"),
             },
             ca: client.ca.clone(),
             admin_client_cert: client.cert,
@@ -536,6 +574,10 @@ pub async fn serve_one(
         passphrase: passphrase_from_env()?,
         dev: false,
         clock: chipsite_store::Clock::default(),
+        ops: match config.addresses.ops.as_str() {
+            "" => None,
+            addr => Some(Listen::At(addr.to_owned())),
+        },
     })
     .await?;
     tokio::select! {

@@ -146,10 +146,16 @@ macro_rules! serve_with {
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             $shutdown.await;
+            // Draining: health says so at once, to probes and watchers alike.
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            $(reporter.set_not_serving::<$server_ty>().await;)+
             let _ = stopping_tx.send(true);
         };
         let server = Server::builder()
             .layer(chipsite_telemetry::TraceContextLayer)
+            .layer(chipsite_telemetry::metrics::RpcMetricsLayer)
             .layer(AuthzLayer::new(with_common($policy)))
             .layer(tower::util::option_layer(
                 $run_to_completion.then_some(RunToCompletionLayer),
@@ -239,6 +245,15 @@ use futures::FutureExt;
 
 use crate::{Ctx, Report, Service, Started, config::Addresses};
 
+/// `/readyz` checks that the service's store answers.
+fn store_ready(ctx: &Ctx, service: &str, db: &chipsite_store::DatabaseConnection) {
+    let db = db.clone();
+    ctx.ready.add(format!("{service} store"), move || {
+        let db = db.clone();
+        async move { db.ping().await.map_err(|e| e.to_string()) }
+    });
+}
+
 fn main_listener(ctx: &mut Ctx, service: Service) -> Result<crate::Listen, SiteError> {
     let name = service.listeners()[0];
     ctx.listener(name)
@@ -248,6 +263,7 @@ fn main_listener(ctx: &mut Ctx, service: Service) -> Result<crate::Listen, SiteE
 pub(crate) async fn start_key_vault(mut ctx: Ctx) -> Result<Started, SiteError> {
     let listener = main_listener(&mut ctx, Service::KeyVault)?.bind().await?;
     let db = chipsite_store::connect(&ctx.config.database_url_for(Service::KeyVault)).await?;
+    store_ready(&ctx, "key-vault", &db);
     let vault = Arc::new(KeyVault::open(db).await?);
     let mut report = Report::default();
     // The pass phrase, when the site has one (dev's file; an operator's
@@ -283,6 +299,7 @@ pub(crate) async fn start_key_vault(mut ctx: Ctx) -> Result<Started, SiteError> 
 pub(crate) async fn start_ticket(mut ctx: Ctx) -> Result<Started, SiteError> {
     let listener = main_listener(&mut ctx, Service::Ticket)?.bind().await?;
     let db = chipsite_store::connect(&ctx.config.database_url_for(Service::Ticket)).await?;
+    store_ready(&ctx, "ticket", &db);
     let tickets = Arc::new(Tickets::open(db).await?.with_clock(ctx.clock.clone()));
     let key_vault = ctx.channel_to(Service::KeyVault)?;
     tracing::info!(service = "ticket", addr = ?listener.local_addr().ok(), "serving");
@@ -295,6 +312,7 @@ pub(crate) async fn start_ticket(mut ctx: Ctx) -> Result<Started, SiteError> {
 pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
     let listener = main_listener(&mut ctx, Service::Admin)?.bind().await?;
     let admin = Arc::new(crate::open_admin(&ctx.config).await?);
+    store_ready(&ctx, "admin", admin.db());
     let init_scripts_ran = admin.run_init_scripts(&ctx.config.init_dir()).await?;
     if ctx.dev {
         // A dev site knows where its user gateway and console listen:
@@ -338,6 +356,14 @@ pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
         },
         GatewaySettings::default(),
     );
+    let certified = gateway.clone();
+    ctx.ready.add("user-gateway certified by the site key", move || {
+        let ok = certified.is_certified();
+        async move {
+            ok.then_some(())
+                .ok_or_else(|| "key-vault has not certified it (is the vault sealed?)".to_owned())
+        }
+    });
     let shutdown = ctx.shutdown;
     let serving = async move {
         // An address not yet bound is bound only once key-vault has

@@ -2,6 +2,7 @@
 //! when an endpoint is configured (off by default). `init` returns a guard
 //! that flushes spans when dropped.
 
+pub mod metrics;
 pub mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;

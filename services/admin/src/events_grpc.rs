@@ -130,7 +130,11 @@ impl UserEvents for UserEventsGrpc {
         &self,
         req: Request<pb::AlarmsDeliveredRequest>,
     ) -> R<pb::AlarmsDeliveredResponse> {
-        self.admin.alarms_delivered(&req.into_inner().ids).await?;
+        let ids = req.into_inner().ids;
+        self.admin.alarms_delivered(&ids).await?;
+        for _ in &ids {
+            crate::notify::delivered("session");
+        }
         Ok(Response::new(pb::AlarmsDeliveredResponse {}))
     }
 

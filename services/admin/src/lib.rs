@@ -265,6 +265,11 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
+    /// Admin's database connection (a pool handle), for readiness checks.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
     /// Open admin's store, building its tables on first launch.
     pub async fn open(db: DatabaseConnection) -> Result<Self, AdminError> {
         chipsite_store::migrate::<store::Migrator>(&db).await?;

@@ -101,14 +101,20 @@ impl Notifier {
         if !user.email.is_empty() && !smtp.is_empty() {
             tried = true;
             match send_email(&smtp, &from, &user.email, a).await {
-                Ok(()) => ok.push("email"),
+                Ok(()) => {
+                    delivered("email");
+                    ok.push("email");
+                }
                 Err(e) => tracing::warn!(alarm = a.id, error = %e, "alarm e-mail failed"),
             }
         }
         if !user.phone.is_empty() && !webhook.is_empty() {
             tried = true;
             match post_webhook(&webhook, &user.phone, a).await {
-                Ok(()) => ok.push("sms"),
+                Ok(()) => {
+                    delivered("sms");
+                    ok.push("sms");
+                }
                 Err(e) => tracing::warn!(alarm = a.id, error = %e, "alarm text failed"),
             }
         }
@@ -194,4 +200,13 @@ async fn post_webhook(url: &str, phone: &str, a: &alarm::Model) -> Result<(), St
     tokio::time::timeout(SEND_TIMEOUT, work)
         .await
         .map_err(|_| "the SMS gateway did not answer in time".to_owned())?
+}
+
+/// Count one alarm delivered through `channel` (`chipsite_alarm_deliveries_total`).
+pub(crate) fn delivered(channel: &'static str) {
+    use chipsite_telemetry::metrics::{ChannelLabels, metrics};
+    metrics()
+        .alarm_deliveries
+        .get_or_create(&ChannelLabels { channel })
+        .inc();
 }

@@ -26,7 +26,25 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
+use chipsite_telemetry::metrics::{OutcomeLabels, metrics};
+
 use crate::{AppCertificate, CloseReason, Inner, source_of};
+
+/// One open session in the `chipsite_gateway_sessions` gauge, for as long as it lives.
+struct OpenSession;
+
+impl OpenSession {
+    fn count() -> Self {
+        metrics().gateway_sessions.inc();
+        Self
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        metrics().gateway_sessions.dec();
+    }
+}
 
 type Stream = TlsStream<TcpStream>;
 
@@ -44,13 +62,22 @@ pub(crate) async fn handle(
     )
     .await;
     drop(permit);
+    let counted = |outcome| {
+        let labels = OutcomeLabels { outcome };
+        metrics().gateway_handshakes.get_or_create(&labels).inc();
+    };
     let stream = match handshake {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => {
+            counted("ok");
+            s
+        }
         Ok(Err(e)) => {
+            counted("failed");
             tracing::debug!(%peer, error = %e, "app TLS handshake failed");
             return;
         }
         Err(_) => {
+            counted("timeout");
             tracing::debug!(%peer, "app TLS handshake timed out");
             return;
         }
@@ -94,10 +121,21 @@ async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr) {
         ..inner.settings.limits
     };
     let mut reader = FrameReader::new(stream, limits);
+    let enrollments = &metrics().gateway_enrollments;
     let Ok(Some(frame)) = reader.next_frame().await else {
+        enrollments
+            .get_or_create(&OutcomeLabels {
+                outcome: "no_request",
+            })
+            .inc();
         return;
     };
-    match enroll_request(inner, &frame, peer).await {
+    let outcome = enroll_request(inner, &frame, peer).await;
+    let labels = OutcomeLabels {
+        outcome: if outcome.is_ok() { "enrolled" } else { "refused" },
+    };
+    enrollments.get_or_create(&labels).inc();
+    match outcome {
         Ok((id, chip_id)) => {
             tracing::info!(chip_id, "app key enrolled");
             let reply = Response::result(id, json!({"enrolled": true, "chip_id": chip_id}));
@@ -282,6 +320,7 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
         return;
     }
     tracing::debug!(%peer, chip_id = app.chip_id, "session open");
+    let _open = OpenSession::count();
     let mut reader = FrameReader::new(read, inner.settings.limits);
     let ended = loop {
         tokio::select! {

@@ -270,6 +270,11 @@ impl UserGateway {
 }
 
 impl UserGateway {
+    /// Whether key-vault has certified the gateway (it accepts nothing before).
+    pub fn is_certified(&self) -> bool {
+        self.inner.tls.load().is_some()
+    }
+
     fn task_ended(&self, task: &'static str) -> Result<(), GatewayError> {
         tracing::error!(
             task,

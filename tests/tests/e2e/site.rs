@@ -439,3 +439,109 @@ fn replicas_starting_together_migrate_once_postgres() {
         }
     });
 }
+
+/// The value of one sample line of the Prometheus text (`name{labels}`), 0 if absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().split(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+store_test!(the_ops_port_answers_probes_and_metrics);
+/// The plain-HTTP ops port: liveness, readiness that follows the stores and
+/// the gateway's certificate, and metrics that count calls by method and
+/// status code and the gateway's sessions, handshakes and enrollments.
+/// (Metrics are per process, and other tests run in this one: each check is
+/// on growth this test caused, which only working counters can show.)
+async fn the_ops_port_answers_probes_and_metrics(store: Store) {
+    use chipsite_e2e::{eventually, http_get};
+    let site = TestSite::start(&store).await;
+    let ops = site.site.endpoints.ops.trim_start_matches("http://").to_owned();
+    assert_eq!(http_get(&ops, "/livez").await, (200, "ok\n".to_owned()));
+    let ready = eventually(Duration::from_secs(20), || async {
+        http_get(&ops, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, checks) = http_get(&ops, "/readyz").await;
+    assert!(ready, "{checks}");
+    for check in [
+        "ok admin store",
+        "ok key-vault store",
+        "ok ticket store",
+        "ok user-gateway certified by the site key",
+    ] {
+        assert!(checks.contains(check), "{check}: {checks}");
+    }
+
+    let (_, before) = http_get(&ops, "/metrics").await;
+    let get_user =
+        "chipsite_grpc_server_requests_total{method=\"/chipsite.admin.v1.AdminService/GetUser\",code=\"5\"}";
+    let enrolled = "chipsite_gateway_enrollments_total{outcome=\"enrolled\"}";
+    let handshakes = "chipsite_gateway_handshakes_total{outcome=\"ok\"}";
+    for _ in 0..3 {
+        let e = site
+            .admin()
+            .get_user(pb::GetUserRequest {
+                chip_id: "nobody-here".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    let key = site.enrolled("alice").await;
+    let session = site.session("alice", &key).await.unwrap();
+    session.call("status", serde_json::json!({})).await.unwrap();
+    let (status, after) = http_get(&ops, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        sample(&after, get_user) >= sample(&before, get_user) + 3.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, enrolled) >= sample(&before, enrolled) + 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, handshakes) >= sample(&before, handshakes) + 2.0,
+        "{after}"
+    );
+    assert!(sample(&after, "chipsite_gateway_sessions") >= 1.0, "{after}");
+    assert!(
+        after.contains("chipsite_grpc_server_seconds_bucket{le=")
+            || after.contains("chipsite_grpc_server_seconds_bucket{method="),
+        "latency histograms: {after}"
+    );
+
+    // Not ready while the store is unreachable (PostgreSQL: the database
+    // refuses connections and the site's are ended), ready again after.
+    if let chipsite_e2e::Store::Postgres { server, name } = &store {
+        let pg = chipsite_store::connect(server).await.unwrap();
+        pg.execute_unprepared(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .await
+            .unwrap();
+        pg.execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .unwrap();
+        let down = eventually(Duration::from_secs(20), || async {
+            http_get(&ops, "/readyz").await.0 == 503
+        })
+        .await;
+        let (_, checks) = http_get(&ops, "/readyz").await;
+        assert!(down, "{checks}");
+        assert!(checks.contains("not ready admin store"), "{checks}");
+        assert_eq!(http_get(&ops, "/livez").await.0, 200, "alive all the same");
+        pg.execute_unprepared(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+            .await
+            .unwrap();
+        let up = eventually(Duration::from_secs(30), || async {
+            http_get(&ops, "/readyz").await.0 == 200
+        })
+        .await;
+        assert!(up, "{}", http_get(&ops, "/readyz").await.1);
+    }
+    drop(session);
+    site.finish().await;
+}
