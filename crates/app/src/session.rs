@@ -12,9 +12,9 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chipsite_ticket::render::PublishedTicket;
+use chipsite_model::PublishedTicket;
 use chipsite_wire::{FrameError, FrameReader, Limits, Notification, rpc};
-use rustls::{ClientConfig, pki_types::ServerName};
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{
@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::{AppError, AppKey, PinnedSiteKey};
+use crate::{AppError, AppKey};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,20 +42,14 @@ async fn connect(
     source: Option<IpAddr>,
 ) -> Result<Stream, AppError> {
     let addr = format!("{host}:{port}");
-    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| AppError::Key(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(PinnedSiteKey::new(site_key)?);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((key, chip_id)) => {
-            let (chain, private) = key.client_identity(chip_id)?;
-            builder
-                .with_client_auth_cert(chain, private)
-                .map_err(|e| AppError::Key(e.to_string()))?
-        }
+    let identity = match identity {
+        None => None,
+        Some((key, chip_id)) => Some(key.client_identity(chip_id)?),
     };
+    let config = chipsite_external_tls::client_config(site_key, identity).map_err(|e| match e {
+        chipsite_external_tls::ExternalTlsError::NotP256 => AppError::Ticket(e.to_string()),
+        other => AppError::Key(other.to_string()),
+    })?;
     let name = ServerName::try_from(host.to_owned()).map_err(|_| AppError::Connect {
         addr: addr.clone(),
         message: "not a host name or IP address".into(),

@@ -8,12 +8,12 @@ use std::{
     path::PathBuf,
 };
 
+use chipsite_model::endpoints::{Endpoints, default_data_dir};
 use chipsite_proto::status::{ErrorCode, code_of};
 use chipsite_proto::{
     admin::v1::{self as pb, admin_service_client::AdminServiceClient},
     events::v1::{self as ev, user_events_client::UserEventsClient},
 };
-use chipsite_site::Endpoints;
 use chipsite_tls::{CertPaths, identity};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -272,8 +272,10 @@ pub enum ConfigCmd {
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    NoSite(#[from] chipsite_model::endpoints::NoSite),
     #[error("{0}")]
-    Site(#[from] chipsite_site::SiteError),
+    Tls(#[from] chipsite_tls::TlsError),
     #[error("{0}")]
     Rpc(String),
     #[error("{0}")]
@@ -336,16 +338,18 @@ fn connect(cli: &Cli) -> Result<(Channel, String), CliError> {
             key: key.clone(),
             ca: ca.clone(),
         };
-        return Ok((chipsite_site::admin_channel(admin, &certs)?, admin.clone()));
+        return Ok((admin_channel(admin, &certs)?, admin.clone()));
     }
-    let data_dir = cli
-        .data_dir
-        .clone()
-        .unwrap_or_else(chipsite_site::config::default_data_dir);
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let endpoints = Endpoints::read(&data_dir)?;
-    let channel =
-        chipsite_site::admin_channel(&endpoints.admin, &endpoints.cert_paths(identity::ADMIN_CLIENT))?;
+    let channel = admin_channel(&endpoints.admin, &endpoints.cert_paths(identity::ADMIN_CLIENT))?;
     Ok((channel, endpoints.admin))
+}
+
+/// A mutual-TLS channel to the admin service with these certificate files.
+fn admin_channel(admin: &str, certs: &CertPaths) -> Result<Channel, CliError> {
+    let tls = chipsite_tls::ReloadableTls::from_files(certs.clone())?;
+    chipsite_tls::connect_lazy(admin, identity::ADMIN, tls).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 fn alarm_json(a: &ev::Alarm) -> Value {
@@ -653,31 +657,30 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     .await
                     .map_err(&err)?
                     .into_inner();
-                let published = chipsite_ticket::render::PublishedTicket::from_uri(&t.uri)
-                    .map_err(|e| CliError::Rpc(format!("the site issued an unreadable ticket: {e}")))?;
                 if let Some(path) = &svg {
-                    let s = published
-                        .qr_svg()
+                    let s = chipsite_model::ticket::qr_svg(&t.uri)
                         .ok_or_else(|| CliError::Io("ticket too large for a QR code".into()))?;
                     std::fs::write(path, s).map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
                 }
                 let mut text = format!(
-                    "ticket {} for {} (expires {})\n\nURI:\n{}\n\nJSON:\n{}\n",
+                    "ticket {} for {} (expires {})\n\nURI:\n{}\n\nJSON:\n{}\n\nsite key pin: {}\n",
                     t.ticket_id,
                     t.chip_id,
                     ms(t.expires_at_ms),
                     t.uri,
-                    t.json
+                    t.json,
+                    t.site_key_pin
                 );
                 if qr {
-                    text.push_str(&format!("\n{}\n", published.qr_terminal().unwrap_or_default()));
+                    let code = chipsite_model::ticket::qr_terminal(&t.uri).unwrap_or_default();
+                    text.push_str(&format!("\n{code}\n"));
                 }
                 if let Some(p) = &svg {
                     text.push_str(&format!("QR code written to {}\n", p.display()));
                 }
                 let ticket: Value = serde_json::from_str(&t.json).unwrap_or(Value::Null);
                 let v = json!({"ticket_id": t.ticket_id, "chip_id": t.chip_id, "expires_at_ms": t.expires_at_ms,
-                               "uri": t.uri, "ticket": ticket});
+                               "uri": t.uri, "site_key_pin": t.site_key_pin, "ticket": ticket});
                 emit(out, v, text)
             }
             TicketCmd::List { user, all } => {
@@ -733,7 +736,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .encrypted_pem;
                     return match output {
                         Some(path) => {
-                            chipsite_site::dev::write_private(&path, pem.as_bytes())?;
+                            chipsite_tls::write_private(&path, pem.as_bytes())
+                                .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
                             emit(
                                 out,
                                 json!({"file": path}),

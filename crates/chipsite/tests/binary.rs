@@ -148,6 +148,27 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         String::from_utf8_lossy(&bad.stderr).contains("databse_url"),
         "{bad:?}"
     );
+    // Limits are settings with ranges.
+    let ok = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env("CHIPSITE_GATEWAY__MAX_HANDSHAKES", "64")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("max_handshakes = 64"),
+        "{ok:?}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env("CHIPSITE_GATEWAY__HANDSHAKE_TIMEOUT_MS", "0")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("gateway.handshake_timeout_ms = 0 is out of range"),
+        "{bad:?}"
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
         .args(["serve", "nonsense"])
         .output()

@@ -201,6 +201,79 @@ pub struct Config {
     pub otlp_endpoint: String,
     /// Log filter (tracing's EnvFilter syntax).
     pub log: String,
+    /// The user gateway's limits (`[gateway]`, `CHIPSITE_GATEWAY__…`).
+    pub gateway: GatewayLimits,
+}
+
+/// The user gateway's limits, each checked against its range at start. The
+/// defaults are what docs/protocol.md states.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLimits {
+    /// TLS handshakes in progress at most.
+    pub max_handshakes: u64,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout_ms: u64,
+    /// How long an enrollment connection may take to send its request.
+    pub enroll_timeout_ms: u64,
+    /// How long a session may stay silent.
+    pub session_idle_s: u64,
+    /// How long one frame may take once its first byte arrived.
+    pub frame_timeout_ms: u64,
+    /// The longest frame, in bytes.
+    pub max_frame_bytes: u64,
+    /// Lifetime of the gateway's certificate (renewed at two thirds).
+    pub cert_ttl_s: u64,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        Self {
+            max_handshakes: 512,
+            handshake_timeout_ms: 10_000,
+            enroll_timeout_ms: 10_000,
+            session_idle_s: 300,
+            frame_timeout_ms: 10_000,
+            max_frame_bytes: 64 * 1024,
+            cert_ttl_s: 24 * 3600,
+        }
+    }
+}
+
+impl GatewayLimits {
+    /// Each limit with its key and allowed range.
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 7] {
+        [
+            ("gateway.max_handshakes", self.max_handshakes, 1..=65_536),
+            (
+                "gateway.handshake_timeout_ms",
+                self.handshake_timeout_ms,
+                100..=60_000,
+            ),
+            (
+                "gateway.enroll_timeout_ms",
+                self.enroll_timeout_ms,
+                1_000..=60_000,
+            ),
+            ("gateway.session_idle_s", self.session_idle_s, 10..=86_400),
+            ("gateway.frame_timeout_ms", self.frame_timeout_ms, 100..=60_000),
+            ("gateway.max_frame_bytes", self.max_frame_bytes, 1_024..=1_048_576),
+            ("gateway.cert_ttl_s", self.cert_ttl_s, 600..=7 * 86_400),
+        ]
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value, range) in self.ranges() {
+            if !range.contains(&value) {
+                return Err(format!(
+                    "{key} = {value} is out of range ({}..={})",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -214,6 +287,7 @@ impl std::fmt::Debug for Config {
             .field("init_dir", &self.init_dir)
             .field("otlp_endpoint", &self.otlp_endpoint)
             .field("log", &self.log)
+            .field("gateway", &self.gateway)
             .finish()
     }
 }
@@ -229,6 +303,7 @@ impl Default for Config {
             init_dir: None,
             otlp_endpoint: String::new(),
             log: "info,sea_orm_migration=warn".into(),
+            gateway: GatewayLimits::default(),
         }
     }
 }
@@ -245,20 +320,7 @@ pub const NOT_SETTINGS: &[&str] = &[
     "screenshots",
 ];
 
-/// `$CHIPSITE_DATA_DIR`, else `$XDG_DATA_HOME/chipsite/dev`, else
-/// `~/.local/share/chipsite/dev`, else `./.chipsite`.
-pub fn default_data_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CHIPSITE_DATA_DIR") {
-        return d.into();
-    }
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(x).join("chipsite/dev");
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        return PathBuf::from(h).join(".local/share/chipsite/dev");
-    }
-    PathBuf::from(".chipsite")
-}
+pub use chipsite_model::endpoints::default_data_dir;
 
 impl Config {
     /// Defaults, then `file` (if given), then `CHIPSITE_*` environment.
@@ -274,7 +336,12 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         fig = fig.merge(Env::prefixed("CHIPSITE_").split("__").ignore(NOT_SETTINGS));
-        fig.extract().map_err(Box::new)
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config
+            .gateway
+            .validate()
+            .map_err(|e| Box::new(figment::Error::from(e)))?;
+        Ok(config)
     }
 
     pub fn init_dir(&self) -> PathBuf {

@@ -2,7 +2,6 @@
 //! certificate per identity (`pki/`), and a generated site key pass phrase.
 
 use std::{
-    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,33 +19,16 @@ pub fn pki_dir(data_dir: &Path) -> PathBuf {
 
 /// The certificate files of an internal identity in a dev data directory.
 pub fn cert_paths(data_dir: &Path, id: &str) -> CertPaths {
-    let dir = pki_dir(data_dir);
-    CertPaths {
-        cert: dir.join(format!("{id}.pem")),
-        key: dir.join(format!("{id}.key")),
-        ca: dir.join("ca.pem"),
-    }
+    CertPaths::in_data_dir(data_dir, id)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SiteError + '_ {
     move |e| SiteError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Write a file readable only by its owner, atomically: readers see the old
-/// file or the whole new one, never a part.
+/// Write a file readable only by its owner, atomically (see [`chipsite_tls::write_private`]).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), SiteError> {
-    let tmp = path.with_extension("tmp");
-    write_private_in_place(&tmp, contents)?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-fn write_private_in_place(path: &Path, contents: &[u8]) -> Result<(), SiteError> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).map_err(io_err(path))?;
-    f.write_all(contents).map_err(io_err(path))
+    chipsite_tls::write_private(path, contents).map_err(|e| SiteError::Io(format!("{}: {e}", path.display())))
 }
 
 /// Create the dev CA and every identity's certificate unless present.

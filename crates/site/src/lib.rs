@@ -8,19 +8,11 @@ pub mod dev;
 pub mod ops;
 pub mod services;
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use chipsite_admin::Admin;
 use chipsite_proto::admin::v1::admin_service_client::AdminServiceClient;
 use chipsite_tls::{CertPaths, ReloadableTls, identity as id};
-use serde::{Deserialize, Serialize};
 use tokio::{
     net::TcpListener,
     sync::watch,
@@ -56,58 +48,14 @@ pub enum SiteError {
     Serve(String),
     #[error("{0}")]
     Config(String),
-    #[error("no dev site found: {0}")]
-    NoSite(String),
+    #[error(transparent)]
+    NoSite(#[from] chipsite_model::endpoints::NoSite),
     #[error("{task} ended: {why}")]
     Ended { task: String, why: String },
 }
 
-/// Where a running dev site listens and how to reach it; written to
-/// `<data_dir>/endpoints.json` for `chipsctl` and scripts.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Endpoints {
-    pub admin: String,
-    pub key_vault: String,
-    pub ticket: String,
-    /// The user gateway's external port (apps connect here).
-    pub user_gateway: String,
-    /// The admin web console (`http://…`).
-    pub console: String,
-    /// The console's HTTPS port for the admin client certificate
-    /// (`https://…`; empty when none).
-    #[serde(default)]
-    pub console_https: String,
-    /// The ops port (`http://…`: `/livez`, `/readyz`, `/metrics`; empty when none).
-    #[serde(default)]
-    pub ops: String,
-    pub ca: PathBuf,
-    pub admin_client_cert: PathBuf,
-    pub admin_client_key: PathBuf,
-    pub data_dir: PathBuf,
-    pub pid: u32,
-}
-
-impl Endpoints {
-    pub fn path(data_dir: &Path) -> PathBuf {
-        data_dir.join("endpoints.json")
-    }
-
-    pub fn read(data_dir: &Path) -> Result<Self, SiteError> {
-        let path = Self::path(data_dir);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            SiteError::NoSite(format!(
-                "{}: {e} (start one with `chipsite dev`, or pass --data-dir)",
-                path.display()
-            ))
-        })?;
-        serde_json::from_str(&text).map_err(|e| SiteError::NoSite(format!("{}: {e}", path.display())))
-    }
-
-    /// Certificate files of an identity in this site's data directory.
-    pub fn cert_paths(&self, identity: &str) -> CertPaths {
-        dev::cert_paths(&self.data_dir, identity)
-    }
-}
+/// Where a running dev site listens (`endpoints.json`): the shared type.
+pub use chipsite_model::endpoints::Endpoints;
 
 /// A mutual-TLS AdminService client presenting `identity`'s certificate.
 pub fn admin_client(admin_addr: &str, certs: &CertPaths) -> Result<AdminServiceClient<Channel>, SiteError> {

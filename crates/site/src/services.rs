@@ -245,6 +245,22 @@ use futures::FutureExt;
 
 use crate::{Ctx, Report, Service, Started, config::Addresses};
 
+/// The user gateway's settings from the configuration's (validated) limits.
+fn gateway_settings(l: &crate::config::GatewayLimits) -> GatewaySettings {
+    use std::time::Duration;
+    GatewaySettings {
+        limits: chipsite_wire::Limits {
+            max_frame: usize::try_from(l.max_frame_bytes).unwrap_or(usize::MAX),
+            idle: Duration::from_secs(l.session_idle_s),
+            frame: Duration::from_millis(l.frame_timeout_ms),
+        },
+        enroll_timeout: Duration::from_millis(l.enroll_timeout_ms),
+        cert_ttl: Duration::from_secs(l.cert_ttl_s),
+        max_handshakes: usize::try_from(l.max_handshakes).unwrap_or(usize::MAX),
+        handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+    }
+}
+
 /// `/readyz` checks that the service's store answers.
 fn store_ready(ctx: &Ctx, service: &str, db: &chipsite_store::DatabaseConnection) {
     let db = db.clone();
@@ -354,7 +370,7 @@ pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
             tickets: ctx.channel_to(Service::Ticket)?,
             admin: ctx.channel_to(Service::Admin)?,
         },
-        GatewaySettings::default(),
+        gateway_settings(&ctx.config.gateway),
     );
     let certified = gateway.clone();
     ctx.ready.add("user-gateway certified by the site key", move || {
@@ -452,4 +468,27 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
         crate::channel(&at.ticket, id::TICKET, tls)?,
         probes,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The configured defaults are the gateway's own (what docs/protocol.md states).
+    #[test]
+    fn default_gateway_limits_are_the_documented_ones() {
+        let from_config = gateway_settings(&crate::config::GatewayLimits::default());
+        let documented = GatewaySettings::default();
+        assert_eq!(format!("{from_config:?}"), format!("{documented:?}"));
+    }
+
+    #[test]
+    fn gateway_limits_out_of_range_are_refused_by_name() {
+        let mut l = crate::config::GatewayLimits::default();
+        assert_eq!(l.validate(), Ok(()));
+        l.max_frame_bytes = 10;
+        let e = l.validate().unwrap_err();
+        assert!(e.contains("gateway.max_frame_bytes = 10 is out of range"), "{e}");
+    }
 }

@@ -2,7 +2,7 @@
 //! configurations that can be swapped while the process runs.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -99,19 +99,13 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
-/// Where a service's certificate, key and CA bundle live (serve mode).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertPaths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
+/// Where a service's certificate, key and CA bundle live.
+pub use chipsite_model::endpoints::CertPaths;
 
-impl CertPaths {
-    fn modified(&self) -> Option<[SystemTime; 3]> {
-        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        Some([m(&self.cert)?, m(&self.key)?, m(&self.ca)?])
-    }
+/// When each of the three files last changed.
+fn modified(paths: &CertPaths) -> Option<[SystemTime; 3]> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some([m(&paths.cert)?, m(&paths.key)?, m(&paths.ca)?])
 }
 
 /// Server and client configurations that are swapped atomically when the
@@ -143,7 +137,7 @@ impl ReloadableTls {
     }
 
     pub fn from_files(paths: CertPaths) -> Result<Arc<Self>, TlsError> {
-        let stamp = paths.modified();
+        let stamp = modified(&paths);
         let material = TlsMaterial::from_files(&paths)?;
         Ok(Arc::new(Self {
             server: ArcSwap::from_pointee(material.server_config()?),
@@ -176,7 +170,7 @@ impl ReloadableTls {
         let Some(paths) = &self.paths else {
             return Ok(false);
         };
-        let now = paths.modified();
+        let now = modified(paths);
         let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if now.is_none() || now == *stamp {
             return Ok(false);

@@ -3,12 +3,10 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use base64::Engine;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -149,11 +147,4 @@ pub fn identity_of(cert_der: &[u8]) -> Option<String> {
     })
 }
 
-/// A key pin as curl's `--pinnedpubkey` takes it: `sha256//<base64(SHA-256(SPKI))>`.
-pub fn pin_of_spki(spki_der: &[u8]) -> String {
-    let digest = Sha256::digest(spki_der);
-    format!(
-        "sha256//{}",
-        base64::engine::general_purpose::STANDARD.encode(digest)
-    )
-}
+pub use chipsite_model::pin_of_spki;

@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_model::{PublishedTicket, TicketKind as Kind};
 use chipsite_proto::status::{ErrorCode, code_of, status};
 use chipsite_proto::{
     admin::v1::{self as pb, admin_service_server::AdminService},
@@ -12,7 +13,6 @@ use chipsite_proto::{
     ticket::v1::{self as tk, tickets_client::TicketsClient},
 };
 use chipsite_telemetry::{TracedChannel, traced};
-use chipsite_ticket::{Kind, render::PublishedTicket};
 use chipsite_tls::{Caller, Policy, identity as id};
 use tonic::{Code, Request, Response, Status, transport::Channel};
 
@@ -339,6 +339,7 @@ impl AdminService for AdminGrpc {
                 expires_at_ms: info.expires_at_ms,
                 json: published.to_json(),
                 uri: published.to_uri(),
+                site_key_pin: published.pin.clone(),
             })
         })
         .await
@@ -375,7 +376,7 @@ impl AdminService for AdminGrpc {
                 .clone()
                 .issue_ticket(tk::IssueTicketRequest {
                     kind: tk::TicketKind::Console as i32,
-                    chip_id: chipsite_ticket::CONSOLE_SUBJECT.to_owned(),
+                    chip_id: chipsite_model::ticket::CONSOLE_SUBJECT.to_owned(),
                     ttl_seconds: ttl,
                     host,
                     port: u32::from(port),

@@ -47,7 +47,6 @@ pub fn parse_http_url(url: &str) -> Option<(String, u16)> {
     })
 }
 
-pub const USER_STATUSES: &[&str] = &["active", "suspended", "closed"];
 /// The dump format name.
 pub const DUMP_FORMAT: &str = "chipsite.user.v1";
 
@@ -140,22 +139,9 @@ pub struct DumpContact {
 }
 
 pub fn validate_chip_id(chip_id: &str) -> Result<(), AdminError> {
-    let ok = !chip_id.is_empty()
-        && chip_id.len() <= 64
-        && chip_id
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chip_id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(AdminError::InvalidArgument(format!(
-            "invalid CHIP ID {chip_id:?}: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-        )))
-    }
+    chipsite_model::ChipId::parse(chip_id)
+        .map(|_| ())
+        .map_err(|e| AdminError::InvalidArgument(e.to_string()))
 }
 
 fn validate_data(d: &UserData) -> Result<(), AdminError> {
@@ -178,13 +164,13 @@ fn validate_data(d: &UserData) -> Result<(), AdminError> {
 }
 
 fn validate_status(s: &str) -> Result<(), AdminError> {
-    if USER_STATUSES.contains(&s) {
-        Ok(())
-    } else {
-        Err(AdminError::InvalidArgument(format!(
+    use chipsite_model::AccountStatus;
+    match AccountStatus::parse(s) {
+        Some(_) => Ok(()),
+        None => Err(AdminError::InvalidArgument(format!(
             "status must be one of {}",
-            USER_STATUSES.join(", ")
-        )))
+            AccountStatus::ALL.map(AccountStatus::as_str).join(", ")
+        ))),
     }
 }
 

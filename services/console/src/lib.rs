@@ -449,7 +449,7 @@ async fn signin(
         .redeem_ticket(tk::RedeemTicketRequest {
             kind: tk::TicketKind::Console as i32,
             token,
-            chip_id: chipsite_ticket::CONSOLE_SUBJECT.to_owned(),
+            chip_id: chipsite_model::ticket::CONSOLE_SUBJECT.to_owned(),
             source: format!("console:{}", peer.ip()),
         })
         .await;

@@ -13,7 +13,6 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chipsite_proto::admin::v1 as ad;
-use chipsite_ticket::render::PublishedTicket;
 use serde::Deserialize;
 
 use crate::{Console, Refusal, checked, pages};
@@ -256,9 +255,7 @@ pub(crate) async fn ticket(
         Ok(u) => u.into_inner(),
         Err(s) => return failed(&s),
     };
-    let qr = PublishedTicket::from_uri(&issued.uri)
-        .ok()
-        .and_then(|t| t.qr_svg())
+    let qr = chipsite_model::ticket::qr_svg(&issued.uri)
         .map(|svg| format!("data:image/svg+xml;base64,{}", STANDARD.encode(svg)));
     let shown = pages::IssuedTicket {
         uri: &issued.uri,

@@ -77,34 +77,10 @@ impl From<TicketError> for tonic::Status {
     }
 }
 
-/// The CHIP ID field of console sign-in tickets (they name no user).
-pub const CONSOLE_SUBJECT: &str = "console";
+pub use chipsite_model::ticket::CONSOLE_SUBJECT;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    User,
-    Tally,
-    /// An operator's one-time sign-in to the admin web console.
-    Console,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::User => "user",
-            Self::Tally => "tally",
-            Self::Console => "console",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "user" => Some(Self::User),
-            "tally" => Some(Self::Tally),
-            "console" => Some(Self::Console),
-            _ => None,
-        }
-    }
-}
+/// What a ticket is for (the shared domain type).
+pub use chipsite_model::TicketKind as Kind;
 
 /// What the issuer gets back: the only time the token exists in the clear.
 pub struct Issued {
@@ -458,16 +434,7 @@ const OUTCOME: &str = "CASE WHEN kind <> $2 THEN 'refused_kind' \
      WHEN NOT $1 THEN 'throttled' \
      ELSE 'redeemed' END";
 
-/// A CHIP ID: 1-64 of `a-z0-9._-`, starting with a letter or digit.
-pub fn is_chip_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-}
+pub use chipsite_model::is_chip_id;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chipsite_model::{PublishedTicket, TicketKind as Kind};
 use chipsite_proto::status::{ErrorCode as SiteCode, code_of};
 use chipsite_proto::{
     admin::v1 as ad,
@@ -11,7 +12,6 @@ use chipsite_proto::{
     keyvault::v1 as kv,
     ticket::v1::{self as tk, TicketKind},
 };
-use chipsite_ticket::{Kind, render::PublishedTicket};
 use chipsite_wire::{
     ErrorCode, FrameError, FrameReader, Incoming, Limits, Notification, Response, RpcError, rpc,
 };

@@ -44,7 +44,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::transport::Channel;
 
 pub use registry::{CloseReason, Registry};
-pub use tls::{AppCertVerifier, AppCertificate, server_config};
+pub use tls::{AppCertificate, server_config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {

@@ -3,122 +3,18 @@
 //! present a self-signed certificate of their registered key; enrollments
 //! present none).
 
-use std::sync::Arc;
+pub use chipsite_external_tls::ClaimedIdentity as AppCertificate;
+use chipsite_external_tls::ClaimedIdentityVerifier;
+use rustls::ServerConfig;
 
-use rustls::{
-    DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature},
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime},
-    server::{
-        NoServerSessionStorage,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
-};
-use x509_parser::prelude::{FromDer, X509Certificate};
-
-/// What a session's client certificate says: the CHIP ID it claims (its
-/// subject common name) and its public key (SPKI DER).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppCertificate {
-    pub chip_id: String,
-    pub spki: Vec<u8>,
-}
-
-impl AppCertificate {
-    pub fn parse(der: &[u8]) -> Result<Self, String> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("bad certificate: {e}"))?;
-        let chip_id = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or("the certificate names no CHIP ID (subject common name)")?
-            .to_owned();
-        if !chipsite_ticket::is_chip_id(&chip_id) {
-            return Err("the certificate's common name is not a CHIP ID".into());
-        }
-        let spki = cert.public_key().raw.to_vec();
-        use p256::pkcs8::DecodePublicKey;
-        p256::PublicKey::from_public_key_der(&spki).map_err(|_| "the certificate's key is not P-256")?;
-        Ok(Self { chip_id, spki })
-    }
-}
-
-/// Accepts a client certificate if it carries a P-256 key and a CHIP ID; the
-/// session then compares the key with the one registered for that CHIP ID.
-/// Enrollment connections present no certificate.
-#[derive(Debug)]
-pub struct AppCertVerifier {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl AppCertVerifier {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        })
-    }
-}
-
-impl ClientCertVerifier for AppCertVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        AppCertificate::parse(end_entity)
-            .map(|_| ClientCertVerified::assertion())
-            .map_err(rustls::Error::General)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.3 only".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ECDSA_NISTP256_SHA256]
-    }
-}
-
-/// The external server configuration for a certified key: TLS 1.3 only,
-/// no session tickets or resumption (every session proves its key afresh,
-/// and a refused enrollment gets not a single byte after the handshake).
+/// The external server configuration for a certified key (TLS 1.3 only, no
+/// resumption): apps present a self-signed certificate naming their CHIP ID,
+/// enrollments none.
 pub fn server_config(chain: Vec<Vec<u8>>, pkcs8_key: Vec<u8>) -> Result<ServerConfig, rustls::Error> {
-    let chain = chain.into_iter().map(CertificateDer::from).collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_key));
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(AppCertVerifier::new())
-        .with_single_cert(chain, key)?;
-    config.send_tls13_tickets = 0;
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    Ok(config)
+    chipsite_external_tls::server_config(chain, pkcs8_key, ClaimedIdentityVerifier::new()).map_err(
+        |e| match e {
+            chipsite_external_tls::ExternalTlsError::Tls(e) => e,
+            other => rustls::Error::General(other.to_string()),
+        },
+    )
 }

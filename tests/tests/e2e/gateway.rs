@@ -4,11 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::IpAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chipsite_app::{AppError, AppKey, PinnedSiteKey, enroll, enroll_from};
 use chipsite_e2e::{Store, TestSite, store_test};
@@ -140,7 +136,9 @@ async fn refusals_are_silent_and_burn_the_ticket(store: Store) {
 
 /// An impostor that holds another key, and records every byte it receives
 /// after a TLS handshake.
-async fn impostor() -> (u16, Arc<Mutex<Option<Vec<u8>>>>) {
+/// A TLS server with a key of its own on a loopback port; the task ends with
+/// what a client sent it after a completed handshake (`None`: no handshake).
+async fn impostor() -> (u16, tokio::task::JoinHandle<Option<Vec<u8>>>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
         .unwrap()
@@ -158,18 +156,15 @@ async fn impostor() -> (u16, Arc<Mutex<Option<Vec<u8>>>>) {
             .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(None));
-    let record = seen.clone();
-    tokio::spawn(async move {
+    let seen = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        if let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
             .accept(tcp)
             .await
-        {
-            let mut got = vec![];
-            let _ = tls.read_to_end(&mut got).await;
-            *record.lock().unwrap() = Some(got);
-        }
+            .ok()?;
+        let mut got = vec![];
+        let _ = tls.read_to_end(&mut got).await;
+        Some(got)
     });
     (port, seen)
 }
@@ -184,11 +179,11 @@ async fn a_man_in_the_middle_never_sees_the_token(store: Store) {
     diverted.port = port;
     let r = enroll(&diverted, "alice", &AppKey::generate().unwrap()).await;
     assert!(matches!(r, Err(AppError::Handshake { .. })), "{r:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        seen.lock().unwrap().is_none(),
-        "the impostor completed a handshake"
-    );
+    let seen = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .expect("the impostor's side ends with the client's")
+        .unwrap();
+    assert_eq!(seen, None, "the impostor completed a handshake");
     // The ticket was never spent.
     enroll(&ticket, "alice", &AppKey::generate().unwrap())
         .await

@@ -545,3 +545,43 @@ async fn the_ops_port_answers_probes_and_metrics(store: Store) {
     drop(session);
     site.finish().await;
 }
+
+/// When the site stops, every gRPC server's health turns NOT_SERVING before
+/// it drains: a watcher (a load balancer, a replica) hears it at once.
+#[test]
+fn health_turns_not_serving_when_a_server_drains() {
+    chipsite_e2e::run_test(async {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let site = TestSite::start(&chipsite_e2e::Store::Sqlite).await;
+        let e = site.site.endpoints.clone();
+        let mut watches = vec![];
+        for (addr, server, service) in [
+            (&e.admin, id::ADMIN, "chipsite.admin.v1.AdminService"),
+            (&e.key_vault, id::KEY_VAULT, "chipsite.keyvault.v1.KeyVault"),
+            (&e.ticket, id::TICKET, "chipsite.ticket.v1.Tickets"),
+        ] {
+            let channel = chipsite_tls::connect_lazy(addr, server, site.tls(id::ADMIN_CLIENT)).unwrap();
+            let mut stream = HealthClient::new(channel)
+                .watch(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = stream.message().await.unwrap().unwrap();
+            assert_eq!(first.status, ServingStatus::Serving as i32, "{service}");
+            watches.push((service, stream));
+        }
+        let stopping = tokio::spawn(site.stop());
+        for (service, mut stream) in watches {
+            let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("a health update while draining");
+            let status = next.ok().flatten().map(|m| m.status);
+            assert_eq!(status, Some(ServingStatus::NotServing as i32), "{service}");
+        }
+        stopping.await.unwrap();
+    });
+}

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use chipsite_app::{AppKey, AppState, Session, enroll};
-use chipsite_ticket::render::PublishedTicket;
+use chipsite_model::PublishedTicket;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 

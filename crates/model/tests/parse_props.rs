@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use chipsite_ticket::{
-    Kind,
-    render::{ParseError, PublishedTicket},
+use chipsite_model::{
+    TicketKind as Kind,
+    ticket::{ParseError, PublishedTicket},
 };
 use proptest::prelude::*;
 
