@@ -162,7 +162,8 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         println!("stopping…");
     };
     // A service that ends by itself stops the site with an error (non-zero exit).
-    site.run_until(stop, Duration::from_secs(10)).await?;
+    // Longer than a server's own drain (10 s), so each gets all of it.
+    site.run_until(stop, Duration::from_secs(15)).await?;
     Ok(())
 }
 

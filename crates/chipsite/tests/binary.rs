@@ -148,6 +148,16 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         String::from_utf8_lossy(&bad.stderr).contains("databse_url"),
         "{bad:?}"
     );
+    // What Kubernetes and Docker links set for a Service named chipsite… is not a setting.
+    let linked = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env("CHIPSITE_SERVICE_HOST", "10.0.0.7")
+        .env("CHIPSITE_PORT", "tcp://10.0.0.7:44310")
+        .env("CHIPSITE_ADMIN_SERVICE_PORT_GRPC", "44310")
+        .env("CHIPSITE_ADMIN_PORT_44310_TCP_ADDR", "10.0.0.8")
+        .output()
+        .unwrap();
+    assert!(linked.status.success(), "{linked:?}");
     // Limits are settings with ranges.
     let ok = Command::new(env!("CARGO_BIN_EXE_chipsite"))
         .arg("config")
@@ -219,7 +229,11 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let passphrase = "environment-only pass phrase";
-    let serve = |with_passphrase: bool| {
+    // A mounted secret: a file elsewhere, with the usual final newline.
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("site-key-passphrase");
+    std::fs::write(&secret_file, format!("{passphrase}\n")).unwrap();
+    let serve = |with_passphrase: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
         cmd.args(["serve", "key-vault"])
             .env("CHIPSITE_LISTEN", &addr)
@@ -231,10 +245,17 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
             .env("CHIPSITE_TLS__KEY", dir.path().join("kv.key"))
             .env("CHIPSITE_TLS__CA", dir.path().join("ca.pem"))
             .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if with_passphrase {
-            cmd.env("CHIPSITE_SITE_KEY_PASSPHRASE", passphrase);
+        match with_passphrase {
+            Some("file") => {
+                cmd.env("CHIPSITE_SITE_KEY_PASSPHRASE_FILE", &secret_file);
+            }
+            Some(_) => {
+                cmd.env("CHIPSITE_SITE_KEY_PASSPHRASE", passphrase);
+            }
+            None => {}
         }
         cmd.spawn().unwrap()
     };
@@ -266,7 +287,7 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
         })
     };
 
-    let first = serve(true);
+    let first = serve(Some("variable"));
     let created = status();
     assert!(
         created.has_key && !created.sealed,
@@ -274,15 +295,15 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
     );
     assert!(interrupt_and_wait(first).0);
 
-    let second = serve(true);
+    let second = serve(Some("file"));
     let again = status();
     assert!(
         !again.sealed && again.site_key_pin == created.site_key_pin,
-        "same key, unsealed again"
+        "same key, unsealed again with the pass phrase from CHIPSITE_SITE_KEY_PASSPHRASE_FILE"
     );
     assert!(interrupt_and_wait(second).0);
 
-    let third = serve(false);
+    let third = serve(None);
     let sealed = status();
     assert!(
         sealed.has_key && sealed.sealed,

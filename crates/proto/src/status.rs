@@ -59,13 +59,13 @@ pub fn code_of(s: &Status) -> ErrorCode {
         return code;
     }
     match s.code() {
-        Code::InvalidArgument | Code::OutOfRange => ErrorCode::InvalidArgument,
+        Code::InvalidArgument => ErrorCode::InvalidArgument,
         Code::NotFound => ErrorCode::NotFound,
         Code::AlreadyExists => ErrorCode::AlreadyExists,
         Code::PermissionDenied | Code::Unauthenticated => ErrorCode::Forbidden,
         Code::ResourceExhausted => ErrorCode::Throttled,
-        Code::FailedPrecondition | Code::Aborted => ErrorCode::FailedPrecondition,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ErrorCode::Unavailable,
+        Code::FailedPrecondition => ErrorCode::FailedPrecondition,
+        Code::Unavailable | Code::DeadlineExceeded => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     }
 }

@@ -78,13 +78,14 @@ pub struct Addresses {
     /// internal CA and signs in the admin client certificate. Empty: none.
     pub console_https: String,
     /// The ops port of this process: plain HTTP `/livez`, `/readyz` and
-    /// `/metrics` for container runtimes and Prometheus. Empty: none.
+    /// `/metrics` for container runtimes and Prometheus. Empty: none for
+    /// `serve` (set one per process, e.g. `0.0.0.0:9090` in a container);
+    /// `chipsite dev` then uses [`DEV_OPS`].
     pub ops: String,
 }
 
-fn default_ops() -> String {
-    "127.0.0.1:44309".into()
-}
+/// The dev site's ops port when `addresses.ops` is empty.
+pub const DEV_OPS: &str = "127.0.0.1:44309";
 
 impl Default for Addresses {
     fn default() -> Self {
@@ -95,7 +96,7 @@ impl Default for Addresses {
             user_gateway: "127.0.0.1:44301".into(),
             console: "127.0.0.1:44303".into(),
             console_https: "127.0.0.1:44304".into(),
-            ops: default_ops(),
+            ops: String::new(),
         }
     }
 }
@@ -258,7 +259,8 @@ impl GatewayLimits {
             ("gateway.session_idle_s", self.session_idle_s, 10..=86_400),
             ("gateway.frame_timeout_ms", self.frame_timeout_ms, 100..=60_000),
             ("gateway.max_frame_bytes", self.max_frame_bytes, 1_024..=1_048_576),
-            ("gateway.cert_ttl_s", self.cert_ttl_s, 600..=7 * 86_400),
+            // key-vault certifies for at most a day.
+            ("gateway.cert_ttl_s", self.cert_ttl_s, 600..=86_400),
         ]
     }
 
@@ -308,6 +310,25 @@ impl Default for Config {
     }
 }
 
+/// Whether a `CHIPSITE_*` variable (its key after the prefix, any case) is one
+/// that Kubernetes (or a Docker link) sets for a Service named `chipsite` or
+/// `chipsite-…`: `CHIPSITE_SERVICE_HOST`, `CHIPSITE_ADMIN_SERVICE_PORT_GRPC`,
+/// `CHIPSITE_PORT`, `CHIPSITE_ADMIN_PORT_44310_TCP_ADDR`, …. They are not
+/// settings, and no setting looks like them.
+pub fn is_service_link(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    // Every nested setting has `__`; no service-link variable does.
+    if key.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = key.split('_').collect();
+    words
+        .windows(2)
+        .any(|w| w == ["service", "host"] || w == ["service", "port"])
+        || words.first() == Some(&"port")
+        || words.iter().skip(1).any(|w| *w == "port")
+}
+
 /// `CHIPSITE_*` variables that are not settings: the pass phrase (read by
 /// `serve key-vault` alone and never part of `Config`), the `--config` flag's
 /// variable, and the test suite's own.
@@ -335,7 +356,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("CHIPSITE_").split("__").ignore(NOT_SETTINGS));
+        fig = fig.merge(
+            Env::prefixed("CHIPSITE_")
+                .filter(|key| !is_service_link(key.as_str()))
+                .split("__")
+                .ignore(NOT_SETTINGS),
+        );
         let config: Config = fig.extract().map_err(Box::new)?;
         config
             .gateway

@@ -312,7 +312,10 @@ async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), 
                 .filter_map(|name| Some((*name, listeners.remove(name)?)))
                 .collect(),
             shutdown: Shutdown(stop_rx.clone()),
-            passphrase: l.passphrase.clone(),
+            // Only key-vault ever sees the pass phrase.
+            passphrase: (service == Service::KeyVault)
+                .then(|| l.passphrase.clone())
+                .flatten(),
             dev: l.dev,
             clock: l.clock.clone(),
             ready: ready.clone(),
@@ -376,14 +379,14 @@ impl Site {
                 listeners.insert(*name, Listen::Bound(l));
             }
         }
+        // Dev always has an ops port.
         let ops = match config.addresses.ops.as_str() {
-            "" => None,
-            addr => {
-                let l = bind(addr).await?;
-                config.addresses.ops = local_addr(&l)?.to_string();
-                Some(Listen::Bound(l))
-            }
+            "" => config::DEV_OPS.to_owned(),
+            addr => addr.to_owned(),
         };
+        let l = bind(&ops).await?;
+        config.addresses.ops = local_addr(&l)?.to_string();
+        let ops = Some(Listen::Bound(l));
         let tls = Service::ALL
             .into_iter()
             .map(|s| Ok((s, ReloadableTls::from_files(dev::cert_paths(data, s.identity()))?)))
@@ -474,12 +477,15 @@ impl Site {
     }
 }
 
-/// The order services start in: key-vault first (the others ask it for
-/// keys and certificates), admin before the gateway and console.
+/// The order services start in: admin first (its init scripts run before
+/// anything else happens on a first launch, the site key included), then
+/// the stores' other owners, then the gateway and console, which call them.
+/// Channels between services connect lazily, so an early service never
+/// waits for a later one.
 const START_ORDER: [Service; 5] = [
-    Service::KeyVault,
-    Service::Ticket,
     Service::Admin,
+    Service::Ticket,
+    Service::KeyVault,
     Service::UserGateway,
     Service::Console,
 ];
@@ -519,7 +525,10 @@ pub async fn serve_one(
         config: config.clone(),
         listeners,
         tls: [(service, tls)].into(),
-        passphrase: passphrase_from_env()?,
+        passphrase: match service {
+            Service::KeyVault => passphrase_from_env()?,
+            _ => None,
+        },
         dev: false,
         clock: chipsite_store::Clock::default(),
         ops: match config.addresses.ops.as_str() {

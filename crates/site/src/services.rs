@@ -78,7 +78,11 @@ where
                 Ok(result) => result,
                 Err(e) => {
                     tracing::error!(error = %e, "a call handler failed");
-                    Ok(tonic::Status::internal("internal error").into_http())
+                    let status = chipsite_proto::status::status(
+                        chipsite_proto::status::ErrorCode::Internal,
+                        "internal error",
+                    );
+                    Ok(status.into_http())
                 }
             }
         })
@@ -155,8 +159,10 @@ macro_rules! serve_with {
         };
         let server = Server::builder()
             .layer(chipsite_telemetry::TraceContextLayer)
-            .layer(chipsite_telemetry::metrics::RpcMetricsLayer)
             .layer(AuthzLayer::new(with_common($policy)))
+            // Inside the policy: only calls it let through are counted, so
+            // a caller cannot mint label values with made-up paths.
+            .layer(chipsite_telemetry::metrics::RpcMetricsLayer)
             .layer(tower::util::option_layer(
                 $run_to_completion.then_some(RunToCompletionLayer),
             ))

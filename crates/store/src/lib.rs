@@ -152,6 +152,9 @@ pub async fn migrate<M: sea_orm_migration::MigratorTrait>(db: &DatabaseConnectio
     }
     let table = M::migration_table_name().to_string();
     let txn = db.begin().await?;
+    // A replica stuck behind another's migrations gives up (and its
+    // supervisor restarts it) rather than wait for ever.
+    txn.execute_unprepared("SET LOCAL lock_timeout = '120s'").await?;
     txn.execute_raw(sea_orm::Statement::from_sql_and_values(
         sea_orm::DbBackend::Postgres,
         "SELECT pg_advisory_xact_lock($1)",

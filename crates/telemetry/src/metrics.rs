@@ -51,7 +51,7 @@ pub struct Metrics {
     pub gateway_sessions: Gauge,
     /// TLS handshakes on the user gateway, by outcome (`ok`, `failed`, `timeout`).
     pub gateway_handshakes: Family<OutcomeLabels, Counter>,
-    /// Enrollment attempts, by outcome (`enrolled`, `refused`).
+    /// Enrollment connections, by outcome (`enrolled`, `refused`, `no_request`).
     pub gateway_enrollments: Family<OutcomeLabels, Counter>,
     /// Alarms delivered, by channel (`session`, `email`, `sms`).
     pub alarm_deliveries: Family<ChannelLabels, Counter>,
@@ -130,7 +130,8 @@ pub fn metrics() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
-/// Counts each call and times it until its response headers. The status
+/// Counts each call the policy let through and times it until its response
+/// headers (`method` is `unimplemented` for a path no service has). The status
 /// code is the `grpc-status` of a trailers-only response (how tonic answers
 /// every error a handler returns), else 0: a stream that fails after its
 /// headers counts as OK here.
@@ -180,6 +181,13 @@ where
                     .unwrap_or("0")
                     .to_owned(),
                 Err(_) => "transport".to_owned(),
+            };
+            // A path no service has (within one the policy let through)
+            // is not a label value of its own.
+            let method = if code == "12" {
+                "unimplemented".to_owned()
+            } else {
+                method
             };
             let labels = RpcLabels { method, code };
             let m = metrics();

@@ -59,9 +59,10 @@ impl UserEvents for UserEventsGrpc {
                     (rx, true),
                 )),
                 Err(RecvError::Lagged(n)) => Some((
-                    Err(Status::resource_exhausted(format!(
-                        "fell {n} events behind; watch again"
-                    ))),
+                    Err(chipsite_proto::status::status(
+                        chipsite_proto::status::ErrorCode::Throttled,
+                        format!("fell {n} events behind; watch again"),
+                    )),
                     (rx, true),
                 )),
                 Err(RecvError::Closed) => None,

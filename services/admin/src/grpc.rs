@@ -369,8 +369,12 @@ impl AdminService for AdminGrpc {
                 .get("console.url")
                 .cloned()
                 .unwrap_or_default();
-            let (host, port) = crate::parse_http_url(&base)
-                .ok_or_else(|| Status::failed_precondition("console.url is not http(s)://host:port"))?;
+            let (host, port) = crate::parse_http_url(&base).ok_or_else(|| {
+                status(
+                    ErrorCode::FailedPrecondition,
+                    "console.url is not http(s)://host:port",
+                )
+            })?;
             let issued = self
                 .tickets
                 .clone()
