@@ -1,198 +1,35 @@
-//! One function per service: serve it on an already-bound listener over
-//! internal mutual TLS until `shutdown` resolves. Each server carries gRPC
-//! health, server reflection and its authorization policy.
+//! Starting each service from its `Ctx`, the one shape every service has:
+//! open its store, do its first-launch work, add its readiness checks, and
+//! hand back the future that serves it (the service crate's own `serve`).
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc};
 
-use chipsite_admin::{Admin, AdminGrpc, Notifier, UserEventsGrpc};
-use chipsite_key_vault::{KeyVault, KeyVaultGrpc};
-use chipsite_proto::{
-    admin::v1::admin_service_server::AdminServiceServer, events::v1::user_events_server::UserEventsServer,
-    keyvault::v1::key_vault_server::KeyVaultServer, ticket::v1::tickets_server::TicketsServer,
-};
-use chipsite_ticket::{Tickets, TicketsGrpc};
-use chipsite_tls::{AuthzLayer, Policy, ReloadableTls, identity as id, tls_incoming};
+use chipsite_admin::Admin;
+use chipsite_key_vault::KeyVault;
+use chipsite_ticket::Tickets;
+use chipsite_tls::{ReloadableTls, identity as id};
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Server};
+use tonic::transport::Channel;
 
 use crate::SiteError;
 
-/// How long a stopping server waits for open calls and streams (a health
-/// `Watch` never ends by itself) before it stops anyway.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
-
-/// Runs each call's handler on a task of its own, so a caller that goes away
-/// mid-call cannot cut a command short between its writes and its audit record.
-#[derive(Debug, Clone, Default)]
-pub struct RunToCompletionLayer;
-
-impl<S> tower::Layer<S> for RunToCompletionLayer {
-    type Service = RunToCompletion<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RunToCompletion { inner }
-    }
+fn served(service: &str) -> impl FnOnce(chipsite_grpc_server::ServeError) -> SiteError + '_ {
+    move |e| SiteError::Serve(format!("{service}: {e}"))
 }
 
-#[derive(Debug, Clone)]
-pub struct RunToCompletion<S> {
-    inner: S,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, B> tower::Service<http::Request<B>> for RunToCompletion<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        // The task keeps the call's span (and so its trace context).
-        let span = tracing::Span::current();
-        let call = tokio::spawn(tracing::Instrument::instrument(
-            async move { inner.call(request).await },
-            span,
-        ));
-        Box::pin(async move {
-            match call.await {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::error!(error = %e, "a call handler failed");
-                    let status = chipsite_proto::status::status(
-                        chipsite_proto::status::ErrorCode::Internal,
-                        "internal error",
-                    );
-                    Ok(status.into_http())
-                }
-            }
-        })
-    }
-}
-
-/// Serve until `shutdown`, then drain for at most [`DRAIN_GRACE`].
-async fn serve_until<F>(server: F, stopping: tokio::sync::watch::Receiver<bool>) -> Result<(), SiteError>
-where
-    F: Future<Output = Result<(), tonic::transport::Error>>,
-{
-    let mut stopping = stopping;
-    let grace = async move {
-        let _ = stopping.wait_for(|s| *s).await;
-        tokio::time::sleep(DRAIN_GRACE).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(|e| SiteError::Serve(e.to_string())),
-        () = grace => {
-            tracing::warn!("calls still open after the grace period; stopping anyway");
-            Ok(())
-        }
-    }
-}
-
-/// Health for every identity; reflection for the operator and console.
-fn with_common(p: Policy) -> Policy {
-    p.allow("/grpc.health.v1.Health/", id::ALL)
-        .allow(
-            "/grpc.reflection.v1.ServerReflection/",
-            &[id::ADMIN_CLIENT, id::CONSOLE],
-        )
-        .allow(
-            "/grpc.reflection.v1alpha.ServerReflection/",
-            &[id::ADMIN_CLIENT, id::CONSOLE],
-        )
-}
-
-/// Server reflection advertising a server's own services (with health and reflection).
-fn reflection(services: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
-    services
-        .iter()
-        .fold(tonic_reflection::server::Builder::configure(), |b, s| {
-            b.with_service_name(*s)
-        })
-        .register_encoded_file_descriptor_set(chipsite_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-}
-
-macro_rules! serve_with {
-    ([$($svc:expr => $server_ty:ty),+], $policy:expr, $run_to_completion:expr, $listener:expr, $tls:expr, $shutdown:expr) => {{
-        let names = [$(<$server_ty as tonic::server::NamedService>::NAME),+];
-        let (reporter, health) = tonic_health::server::health_reporter();
-        $(reporter.set_serving::<$server_ty>().await;)+
-        let reflection_v1 = reflection(&names)
-            .build_v1()
-            .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
-        let reflection_v1alpha = reflection(&names)
-            .build_v1alpha()
-            .map_err(|e| SiteError::Io(format!("reflection: {e}")))?;
-        chipsite_telemetry::install_propagator();
-        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-        let shutdown = async move {
-            $shutdown.await;
-            // Draining: health says so at once, to probes and watchers alike.
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            $(reporter.set_not_serving::<$server_ty>().await;)+
-            let _ = stopping_tx.send(true);
-        };
-        let server = Server::builder()
-            .layer(chipsite_telemetry::TraceContextLayer)
-            .layer(AuthzLayer::new(with_common($policy)))
-            // Inside the policy: only calls it let through are counted, so
-            // a caller cannot mint label values with made-up paths.
-            .layer(chipsite_telemetry::metrics::RpcMetricsLayer)
-            .layer(tower::util::option_layer(
-                $run_to_completion.then_some(RunToCompletionLayer),
-            ))
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            $(.add_service($svc))+
-            .serve_with_incoming_shutdown(tls_incoming($listener, $tls), shutdown);
-        serve_until(server, stopping).await
-    }};
-}
-
+/// key-vault's server (`chipsite_key_vault::serve`).
 pub async fn serve_key_vault(
     vault: Arc<KeyVault>,
     listener: TcpListener,
     tls: Arc<ReloadableTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    type S = KeyVaultServer<KeyVaultGrpc>;
-    let svc = S::new(KeyVaultGrpc(vault));
-    serve_with!(
-        [svc => S],
-        chipsite_key_vault::policy(),
-        true,
-        listener,
-        tls,
-        shutdown
-    )
+    chipsite_key_vault::serve(vault, listener, tls, shutdown)
+        .await
+        .map_err(served("key-vault"))
 }
 
+/// The ticket service's server (`chipsite_ticket::serve`).
 pub async fn serve_ticket(
     tickets: Arc<Tickets>,
     key_vault: Channel,
@@ -200,14 +37,12 @@ pub async fn serve_ticket(
     tls: Arc<ReloadableTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    type S = TicketsServer<TicketsGrpc>;
-    let svc = S::new(TicketsGrpc::new(tickets, key_vault));
-    // Every ticket operation is a single atomic statement (or transaction), so
-    // a call cut short leaves nothing half done: no extra task per call on
-    // this hot path.
-    serve_with!([svc => S], chipsite_ticket::policy(), false, listener, tls, shutdown)
+    chipsite_ticket::serve(tickets, key_vault, listener, tls, shutdown)
+        .await
+        .map_err(served("ticket"))
 }
 
+/// admin's server with its alarm sweeper (`chipsite_admin::serve`).
 pub async fn serve_admin(
     admin: Arc<Admin>,
     key_vault: Channel,
@@ -216,34 +51,10 @@ pub async fn serve_admin(
     tls: Arc<ReloadableTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    type S = AdminServiceServer<AdminGrpc>;
-    type E = UserEventsServer<UserEventsGrpc>;
-    let notifier = Notifier::new(admin.clone(), chipsite_admin::notify::DELIVERY_WINDOW);
-    let mut sweeper = notifier.spawn_sweeper();
-    let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
-    let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
-    let served = async {
-        serve_with!(
-            [svc => S, events => E],
-            chipsite_admin::policy(),
-            true,
-            listener,
-            tls,
-            shutdown
-        )
-    };
-    // The alarm sweeper never ends by itself: if it does, admin stops
-    // rather than leave alarms undelivered unnoticed.
-    let result = tokio::select! {
-        served = served => served,
-        ended = &mut sweeper => Err(SiteError::Serve(format!("admin: the alarm sweeper ended: {ended:?}"))),
-    };
-    sweeper.abort();
-    result
+    chipsite_admin::serve(admin, key_vault, tickets, listener, tls, shutdown)
+        .await
+        .map_err(served("admin"))
 }
-
-// ---------------------------------------------------------------------------
-// Starting each service from its `Ctx`: the one shape every service has.
 
 use chipsite_console::Console;
 use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};

@@ -681,3 +681,47 @@ impl Admin {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Serve admin (AdminService and UserEvents) on an already-bound `listener`
+/// over internal mutual TLS (`tls`) until `shutdown`, calling key-vault and
+/// the ticket service on the channels given, with the alarm sweeper beside
+/// it: the entry point of the same shape every service crate has. Each
+/// handler runs to completion even if its caller goes away.
+pub async fn serve(
+    admin: std::sync::Arc<Admin>,
+    key_vault: tonic::transport::Channel,
+    tickets: tonic::transport::Channel,
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), chipsite_grpc_server::ServeError> {
+    use chipsite_proto::{
+        admin::v1::admin_service_server::AdminServiceServer, events::v1::user_events_server::UserEventsServer,
+    };
+    type S = AdminServiceServer<AdminGrpc>;
+    type E = UserEventsServer<UserEventsGrpc>;
+    let notifier = Notifier::new(admin.clone(), notify::DELIVERY_WINDOW);
+    let mut sweeper = notifier.spawn_sweeper();
+    let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
+    let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
+    let served = async {
+        chipsite_grpc_server::serve_with!(
+            [svc => S, events => E],
+            policy(),
+            true,
+            listener,
+            tls,
+            shutdown
+        )
+    };
+    // The alarm sweeper never ends by itself: if it does, admin stops
+    // rather than leave alarms undelivered unnoticed.
+    let result = tokio::select! {
+        served = served => served,
+        ended = &mut sweeper => Err(chipsite_grpc_server::ServeError::TaskEnded(format!(
+            "admin: the alarm sweeper ended: {ended:?}"
+        ))),
+    };
+    sweeper.abort();
+    result
+}

@@ -545,3 +545,18 @@ fn site_certificate(signer: &KeyPair) -> Result<Vec<u8>, VaultError> {
     params.not_after = now + time::Duration::days(3650);
     Ok(params.self_signed(signer).map_err(crypto)?.der().to_vec())
 }
+
+/// Serve key-vault on an already-bound `listener` over internal mutual TLS
+/// (`tls`) until `shutdown`: the entry point of the same shape every service
+/// crate has (its dependencies, its listener, its TLS material, a shutdown).
+/// Each handler runs to completion even if its caller goes away.
+pub async fn serve(
+    vault: std::sync::Arc<KeyVault>,
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), chipsite_grpc_server::ServeError> {
+    type S = chipsite_proto::keyvault::v1::key_vault_server::KeyVaultServer<KeyVaultGrpc>;
+    let svc = S::new(KeyVaultGrpc(vault));
+    chipsite_grpc_server::serve_with!([svc => S], policy(), true, listener, tls, shutdown)
+}

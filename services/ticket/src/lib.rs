@@ -439,3 +439,21 @@ pub use chipsite_model::is_chip_id;
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Serve the ticket service on an already-bound `listener` over internal
+/// mutual TLS (`tls`) until `shutdown`, asking key-vault (`key_vault`) for
+/// the site key: the entry point of the same shape every service crate has.
+pub async fn serve(
+    tickets: std::sync::Arc<Tickets>,
+    key_vault: tonic::transport::Channel,
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), chipsite_grpc_server::ServeError> {
+    type S = chipsite_proto::ticket::v1::tickets_server::TicketsServer<TicketsGrpc>;
+    let svc = S::new(TicketsGrpc::new(tickets, key_vault));
+    // Every ticket operation is a single atomic statement (or transaction), so
+    // a call cut short leaves nothing half done: no extra task per call on
+    // this hot path.
+    chipsite_grpc_server::serve_with!([svc => S], policy(), false, listener, tls, shutdown)
+}

@@ -289,7 +289,7 @@ async fn events_reach_every_replica(store: Store) {
         let admin2 = std::sync::Arc::new(chipsite_admin::Admin::open(db).await.unwrap().with_hub(hub));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         admin_addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(chipsite_site::services::serve_admin(
+        tokio::spawn(chipsite_admin::serve(
             admin2,
             channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
             channel(&endpoints.ticket, id::TICKET, id::ADMIN),
