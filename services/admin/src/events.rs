@@ -40,6 +40,17 @@ pub struct Hub {
     postgres: Option<DatabaseConnection>,
     /// The LISTEN task, stopped when the last clone of the hub goes.
     _listener: Option<Arc<StopOnDrop>>,
+    /// Turns true if the LISTEN task ends (it never does by itself).
+    ended: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Says the LISTEN task ended, however it ended (a panic unwinds through it).
+struct Ended(tokio::sync::watch::Sender<bool>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
 }
 
 #[derive(Debug)]
@@ -59,6 +70,7 @@ impl Hub {
             tx,
             postgres: None,
             _listener: None,
+            ended: None,
         }
     }
 
@@ -76,12 +88,30 @@ impl Hub {
             .await
             .map_err(|e| AdminError::Unavailable(format!("event listener: {e}")))?;
         let (tx, _) = broadcast::channel(BACKLOG);
-        let task = tokio::spawn(listen(listener, tx.clone()));
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        let events = tx.clone();
+        let task = tokio::spawn(async move {
+            let _ended = Ended(ended_tx);
+            listen(listener, events).await;
+        });
         Ok(Self {
             tx,
             postgres: Some(db.clone()),
             _listener: Some(Arc::new(StopOnDrop(task))),
+            ended: Some(ended),
         })
+    }
+
+    /// Resolves if the PostgreSQL LISTEN task ends (a bug: it loops for
+    /// ever), so that admin stops rather than let gateways miss events;
+    /// never for an in-process hub.
+    pub async fn ended(&self) {
+        match self.ended.clone() {
+            Some(mut ended) => {
+                let _ = ended.wait_for(|e| *e).await;
+            }
+            None => std::future::pending().await,
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<HubMessage> {

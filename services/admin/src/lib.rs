@@ -700,6 +700,7 @@ pub async fn serve(
     };
     type S = AdminServiceServer<AdminGrpc>;
     type E = UserEventsServer<UserEventsGrpc>;
+    let hub = admin.hub().clone();
     let notifier = Notifier::new(admin.clone(), notify::DELIVERY_WINDOW);
     let mut sweeper = notifier.spawn_sweeper();
     let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
@@ -721,6 +722,9 @@ pub async fn serve(
         ended = &mut sweeper => Err(chipsite_grpc_server::ServeError::TaskEnded(format!(
             "admin: the alarm sweeper ended: {ended:?}"
         ))),
+        () = hub.ended() => Err(chipsite_grpc_server::ServeError::TaskEnded(
+            "admin: the user-event listener ended".into(),
+        )),
     };
     sweeper.abort();
     result
