@@ -729,3 +729,76 @@ pub async fn serve(
     sweeper.abort();
     result
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn console_urls_are_http_host_and_port() {
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:44303"),
+            Some(("127.0.0.1".into(), 44303))
+        );
+        assert_eq!(parse_http_url("https://[::1]:8443/"), Some(("::1".into(), 8443)));
+        for bad in [
+            "",
+            "ftp://x:1",
+            "http://x",
+            "http://x:0",
+            "http://x:99999",
+            "http://<x>:1",
+            "http://:1",
+        ] {
+            assert_eq!(parse_http_url(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_by_key() {
+        assert!(validate_config("ticket.ttl_seconds", "3600").is_ok());
+        for (key, bad) in [
+            ("ticket.ttl_seconds", "59"),
+            ("ticket.ttl_seconds", "many"),
+            ("user_gateway.port", "0"),
+            ("user_gateway.port", "65536"),
+            ("site.name", " "),
+            ("alarm.sms_webhook", "https://hooks.example/sms"),
+            ("console.url", "127.0.0.1:44303"),
+        ] {
+            let e = validate_config(key, bad).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidArgument, "{key}={bad}");
+        }
+    }
+
+    #[test]
+    fn users_are_checked_once_by_the_shared_rules() {
+        assert!(validate_chip_id("alice").is_ok());
+        let e = validate_chip_id("Alice").unwrap_err();
+        assert!(e.to_string().contains("invalid CHIP ID"), "{e}");
+        assert!(validate_status("suspended").is_ok());
+        let e = validate_status("gone").unwrap_err();
+        assert!(e.to_string().contains("active, suspended, closed"), "{e}");
+        let phone = UserData {
+            phone: "call me".into(),
+            ..UserData::default()
+        };
+        assert!(validate_data(&phone).is_err());
+    }
+
+    #[test]
+    fn internal_errors_keep_their_detail_to_the_log() {
+        let e = AdminError::InitScript {
+            name: "010-seed.sql".into(),
+            message: "relation \"secret_table\" does not exist".into(),
+        };
+        let status = tonic::Status::from(e);
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(chipsite_proto::status::code_of(&status), ErrorCode::Internal);
+        let e = AdminError::UserExists("bob".into());
+        let status = tonic::Status::from(e);
+        assert_eq!(chipsite_proto::status::code_of(&status), ErrorCode::AlreadyExists);
+        assert!(status.message().contains("bob"));
+    }
+}

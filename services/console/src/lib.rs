@@ -557,3 +557,36 @@ async fn not_found(State(c): App, headers: HeaderMap) -> Response {
         Err(r) => r.into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console() -> Arc<Console> {
+        let nowhere = || Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        Console::with_probes(nowhere(), nowhere(), vec![])
+    }
+
+    /// The sign-in limit, without a site: per source, and a full table
+    /// refuses new sources, never known ones.
+    #[tokio::test]
+    async fn sign_in_attempts_are_limited_per_source() {
+        let c = console();
+        let a: IpAddr = [192, 0, 2, 1].into();
+        let b: IpAddr = [192, 0, 2, 2].into();
+        for _ in 0..SIGNIN_ATTEMPTS {
+            assert!(c.may_sign_in(a));
+        }
+        assert!(!c.may_sign_in(a), "the 11th attempt in a window is refused");
+        assert!(c.may_sign_in(b), "another source is not affected");
+        for i in 0..MAX_SOURCES {
+            let octets = u32::try_from(i).unwrap_or(0).to_be_bytes();
+            c.may_sign_in(IpAddr::from([10, octets[1], octets[2], octets[3]]));
+        }
+        assert!(
+            !c.may_sign_in([203, 0, 113, 9].into()),
+            "a full table refuses new sources"
+        );
+        assert!(c.may_sign_in(b), "but not a known one");
+    }
+}

@@ -560,3 +560,107 @@ pub async fn serve(
     let svc = S::new(KeyVaultGrpc(vault));
     chipsite_grpc_server::serve_with!([svc => S], policy(), true, listener, tls, shutdown)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A vault on a real SQLite file of its own: cheaper than a whole site.
+    async fn vault() -> (KeyVault, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = chipsite_store::sqlite_url(&dir.path().join("kv.sqlite"));
+        let db = chipsite_store::connect(&url).await.unwrap();
+        (KeyVault::open(db).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn the_site_key_seals_unseals_and_keeps_its_pin_across_a_new_pass_phrase() {
+        let (v, _dir) = vault().await;
+        assert!(matches!(v.unseal("anything").await, Err(VaultError::NoKey)));
+        assert!(v.ensure_site_key("first pass phrase").await.unwrap());
+        assert!(
+            !v.ensure_site_key("first pass phrase").await.unwrap(),
+            "only once"
+        );
+        let created = v.status().await.unwrap();
+        assert!(created.has_key && !created.sealed);
+
+        let sealed = v.seal().await.unwrap();
+        assert!(sealed.sealed);
+        assert!(matches!(
+            v.issue_service_certificate(&[1, 2, 3], &["user-gateway".to_owned()], Duration::from_secs(60))
+                .await,
+            Err(VaultError::Sealed)
+        ));
+        assert!(matches!(
+            v.unseal("wrong").await,
+            Err(VaultError::WrongPassphrase)
+        ));
+        assert!(
+            v.status().await.unwrap().sealed,
+            "a wrong pass phrase keeps it sealed"
+        );
+        assert!(!v.unseal("first pass phrase").await.unwrap().sealed);
+
+        v.change_passphrase("first pass phrase", "second pass phrase")
+            .await
+            .unwrap();
+        v.seal().await.unwrap();
+        assert!(matches!(
+            v.unseal("first pass phrase").await,
+            Err(VaultError::WrongPassphrase)
+        ));
+        let reopened = v.unseal("second pass phrase").await.unwrap();
+        assert_eq!(
+            reopened.site_key_pin, created.site_key_pin,
+            "the key itself is unchanged"
+        );
+    }
+
+    #[tokio::test]
+    async fn repeated_wrong_pass_phrases_are_spaced_out() {
+        let (v, _dir) = vault().await;
+        v.ensure_site_key("right pass phrase").await.unwrap();
+        v.seal().await.unwrap();
+        let mut throttled = false;
+        for _ in 0..=FREE_FAILURES + 1 {
+            match v.unseal("wrong").await {
+                Err(VaultError::WrongPassphrase) => {}
+                Err(VaultError::Throttled(secs)) => {
+                    assert!(secs >= 1);
+                    throttled = true;
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(throttled, "after {FREE_FAILURES} free failures, attempts wait");
+        assert!(
+            matches!(v.unseal("right pass phrase").await, Err(VaultError::Throttled(_))),
+            "even the right one waits its turn"
+        );
+    }
+
+    #[test]
+    fn every_error_has_a_site_code() {
+        use chipsite_proto::status::{code_of, grpc_code};
+        for e in [
+            VaultError::Sealed,
+            VaultError::NoKey,
+            VaultError::WrongPassphrase,
+            VaultError::Throttled(3),
+            VaultError::InvalidArgument("x".into()),
+            VaultError::NotFound("x".into()),
+            VaultError::Crypto("secret detail".into()),
+        ] {
+            let code = e.code();
+            let status = tonic::Status::from(e);
+            assert_eq!(code_of(&status), code);
+            assert_eq!(status.code(), grpc_code(code));
+            if code == ErrorCode::Internal {
+                assert_eq!(status.message(), "internal error");
+            }
+        }
+    }
+}
