@@ -322,3 +322,84 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
         );
     }
 }
+
+/// Two `chipsite serve key-vault` processes started together against one
+/// fresh PostgreSQL database: their migrations take turns under the advisory
+/// lock, and both serve. (Without `CHIPSITE_TEST_POSTGRES_URL` this says so
+/// and passes; CI sets it.)
+#[test]
+fn two_processes_starting_together_against_one_postgres_both_serve() {
+    use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
+    use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
+
+    chipsite_tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(store) = runtime.block_on(chipsite_e2e::fresh_store(chipsite_e2e::StoreKind::Postgres)) else {
+        eprintln!("not run: set CHIPSITE_TEST_POSTGRES_URL (CI does)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("replicas-test").unwrap();
+    let server = ca.issue(id::KEY_VAULT, &[], Duration::from_secs(3600)).unwrap();
+    let client = ca.issue(id::TICKET, &[], Duration::from_secs(3600)).unwrap();
+    for (name, body) in [
+        ("kv.pem", &server.cert_pem),
+        ("kv.key", &server.key_pem),
+        ("ca.pem", &server.ca_pem),
+    ] {
+        std::fs::write(dir.path().join(name), body).unwrap();
+    }
+    let free_port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let addrs = [free_port(), free_port()];
+    let replicas: Vec<Child> = addrs
+        .iter()
+        .map(|addr| {
+            Command::new(env!("CARGO_BIN_EXE_chipsite"))
+                .args(["serve", "key-vault"])
+                .env("CHIPSITE_LISTEN", addr)
+                .env("CHIPSITE_DATABASE_URL", store.url())
+                .env("CHIPSITE_TLS__CERT", dir.path().join("kv.pem"))
+                .env("CHIPSITE_TLS__KEY", dir.path().join("kv.key"))
+                .env("CHIPSITE_TLS__CA", dir.path().join("ca.pem"))
+                .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+                .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for addr in &addrs {
+        let answered = runtime.block_on(async {
+            let tls = ReloadableTls::from_material(
+                &TlsMaterial::from_pem(&client.cert_pem, &client.key_pem, &client.ca_pem).unwrap(),
+            )
+            .unwrap();
+            let channel = chipsite_tls::connect_lazy(addr, id::KEY_VAULT, tls).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match KeyVaultClient::new(channel.clone())
+                    .get_status(GetStatusRequest {})
+                    .await
+                {
+                    Ok(s) => return Ok(s.into_inner()),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        let status = answered.unwrap_or_else(|e| panic!("the replica at {addr} never served: {e}"));
+        assert!(!status.has_key, "a fresh database has no site key yet");
+    }
+    for replica in replicas {
+        assert!(interrupt_and_wait(replica).0, "a clean stop");
+    }
+    runtime.block_on(store.drop_database());
+}
