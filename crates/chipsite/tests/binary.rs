@@ -148,6 +148,38 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         String::from_utf8_lossy(&bad.stderr).contains("databse_url"),
         "{bad:?}"
     );
+    // A secret setting from a file (a mounted secret): it wins, and stays masked.
+    let secret = dir.path().join("database-url");
+    std::fs::write(&secret, "postgres://fileuser:from-a-file@db.internal/chipsite\n").unwrap();
+    let from_file = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env(
+            "CHIPSITE_DATABASE_URL",
+            "postgres://site:from-env@db.internal/chipsite",
+        )
+        .env("CHIPSITE_DATABASE_URL_FILE", &secret)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&from_file.stdout);
+    assert!(from_file.status.success(), "{from_file:?}");
+    assert!(
+        shown.contains("postgres://fileuser:***@db.internal/chipsite\""),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("from-a-file") && !shown.contains("from-env"),
+        "{shown}"
+    );
+    let missing = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .env("CHIPSITE_DATABASE_URL_FILE", dir.path().join("no-such-file"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("CHIPSITE_DATABASE_URL_FILE"),
+        "{missing:?}"
+    );
     // What Kubernetes and Docker links set for a Service named chipsite… is not a setting.
     let linked = Command::new(env!("CARGO_BIN_EXE_chipsite"))
         .arg("config")

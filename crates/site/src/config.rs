@@ -358,10 +358,35 @@ impl Config {
         }
         fig = fig.merge(
             Env::prefixed("CHIPSITE_")
-                .filter(|key| !is_service_link(key.as_str()))
+                .filter(|key| {
+                    !is_service_link(key.as_str()) && !key.as_str().to_ascii_lowercase().ends_with("_file")
+                })
                 .split("__")
                 .ignore(NOT_SETTINGS),
         );
+        // `CHIPSITE_<KEY>_FILE`: the setting's value is the file's content
+        // (a mounted secret, such as a database URL with its password), the
+        // convention of the PostgreSQL image; it wins over `CHIPSITE_<KEY>`.
+        for (var, path) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+            let Some(key) = var
+                .strip_prefix("CHIPSITE_")
+                .and_then(|k| k.strip_suffix("_FILE"))
+            else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if NOT_SETTINGS.contains(&format!("{key}_file").as_str()) || is_service_link(&key) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Box::new(figment::Error::from(format!(
+                    "{var} ({}): {e}",
+                    std::path::Path::new(&path).display()
+                )))
+            })?;
+            let value = text.trim_end_matches(['\r', '\n']).to_owned();
+            fig = fig.merge(Serialized::default(&key.replace("__", "."), value));
+        }
         let config: Config = fig.extract().map_err(Box::new)?;
         config
             .gateway
