@@ -5,22 +5,9 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-/// Messages holding a pass phrase or a ticket token (kept in step with the
-/// redacting `Debug` impls in src/lib.rs).
-const SECRET_MESSAGES: [&str; 12] = [
-    ".chipsite.keyvault.v1.UnsealRequest",
-    ".chipsite.keyvault.v1.CreateSiteKeyRequest",
-    ".chipsite.keyvault.v1.ChangePassphraseRequest",
-    ".chipsite.keyvault.v1.ImportSiteKeyRequest",
-    ".chipsite.ticket.v1.IssuedTicket",
-    ".chipsite.ticket.v1.RedeemTicketRequest",
-    ".chipsite.admin.v1.UnsealVaultRequest",
-    ".chipsite.admin.v1.CreateSiteKeyRequest",
-    ".chipsite.admin.v1.ChangePassphraseRequest",
-    ".chipsite.admin.v1.StartPeerServerRequest",
-    ".chipsite.admin.v1.IssuedTicketView",
-    ".chipsite.admin.v1.ConsoleTicket",
-];
+// Messages holding a pass phrase or a ticket token (kept in step with the
+// redacting `Debug` impls in src/lib.rs).
+include!("src/secret_messages.rs");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");

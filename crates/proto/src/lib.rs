@@ -28,7 +28,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 /// `Debug` for messages that carry a secret (see `SECRET_MESSAGES` in
 /// build.rs): every field but the secret ones.
+mod secret_messages;
 pub mod status;
+
+pub use secret_messages::SECRET_MESSAGES;
 
 macro_rules! redacted_debug {
     ($($ty:path { $($field:ident),* $(,)? } redacting [$($secret:ident),*];)*) => {$(
@@ -53,6 +56,7 @@ redacted_debug! {
     admin::v1::UnsealVaultRequest {} redacting [passphrase];
     admin::v1::CreateSiteKeyRequest {} redacting [passphrase];
     admin::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
+    admin::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase];
     admin::v1::StartPeerServerRequest {} redacting [passphrase];
     admin::v1::IssuedTicketView { ticket_id, chip_id, expires_at_ms } redacting [json, uri];
     admin::v1::ConsoleTicket { ticket_id, expires_at_ms } redacting [url];
@@ -60,6 +64,49 @@ redacted_debug! {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
+
+    /// Every message with a field that holds a pass phrase or a token is
+    /// redacted; found by walking the descriptors, so a new one cannot be
+    /// forgotten.
+    #[test]
+    fn every_message_with_a_secret_field_is_redacted() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("descriptors");
+        let mut secret = vec![];
+        for file in &set.file {
+            for message in &file.message_type {
+                let name = format!(".{}.{}", file.package(), message.name());
+                let holds_secret = message.field.iter().any(|f| {
+                    let n = f.name();
+                    n.contains("passphrase") || (n.contains("token") && !n.ends_with("page_token"))
+                });
+                if holds_secret {
+                    secret.push(name);
+                }
+            }
+        }
+        assert!(
+            secret.len() >= 10,
+            "the walk finds the secret messages: {secret:?}"
+        );
+        for name in &secret {
+            assert!(
+                super::SECRET_MESSAGES.contains(&name.as_str()),
+                "{name} is not redacted"
+            );
+        }
+        let import = super::admin::v1::ImportSiteKeyRequest {
+            encrypted_pem: "-----BEGIN ENCRYPTED PRIVATE KEY-----".into(),
+            passphrase: "s3cret pass".into(),
+        };
+        let shown = format!("{import:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn secrets_do_not_show_in_debug_output() {
         let redeem = super::ticket::v1::RedeemTicketRequest {

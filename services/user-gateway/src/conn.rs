@@ -384,11 +384,28 @@ impl Drop for Unregister<'_> {
     }
 }
 
+/// A method's params: an object, or none (docs/protocol.md section 9); an
+/// array is refused, as is any member the method does not know.
 fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, RpcError> {
-    let p = if p.is_null() { json!({}) } else { p };
+    let p = match p {
+        Value::Null => json!({}),
+        Value::Object(_) => p,
+        _ => {
+            return Err(RpcError::new(
+                ErrorCode::InvalidParams,
+                "invalid params: params must be an object",
+            ));
+        }
+    };
     serde_json::from_value(p)
         .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))
 }
+
+/// A tally ticket's lifetime bounds (docs/protocol.md section 9).
+const TALLY_TTL_MIN: u32 = 60;
+const TALLY_TTL_MAX: u32 = 30 * 86_400;
+/// The most alarms `alarms.list` returns.
+const ALARMS_MAX: u32 = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -457,6 +474,14 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
         }
         "tally_ticket" => {
             let TallyTicketParams { ttl_seconds } = params(p)?;
+            if let Some(t) = ttl_seconds
+                && !(TALLY_TTL_MIN..=TALLY_TTL_MAX).contains(&t)
+            {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("invalid params: ttl_seconds must be {TALLY_TTL_MIN} to {TALLY_TTL_MAX}"),
+                ));
+            }
             let config = inner
                 .admin
                 .clone()
@@ -502,13 +527,21 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
         }
         "alarms.list" => {
             let AlarmListParams { include_acked, limit } = params(p)?;
+            if let Some(l) = limit
+                && !(1..=ALARMS_MAX).contains(&l)
+            {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("invalid params: limit must be 1 to {ALARMS_MAX}"),
+                ));
+            }
             let alarms = inner
                 .events
                 .clone()
                 .list_alarms(ev::ListAlarmsRequest {
                     chip_id: chip_id.to_owned(),
                     include_acked,
-                    limit: limit.unwrap_or(100).min(1000),
+                    limit: limit.unwrap_or(100),
                 })
                 .await
                 .map_err(grpc)?

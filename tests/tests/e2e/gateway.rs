@@ -343,3 +343,36 @@ async fn a_gateway_serves_only_once_key_vault_certified_it(store: Store) {
     let _ = stop.send(true);
     site.finish().await;
 }
+
+store_test!(session_methods_keep_the_documented_bounds);
+/// docs/protocol.md section 9: params are an object or nothing (an array is
+/// −32602), `tally_ticket`'s `ttl_seconds` is 60 … 2,592,000 and
+/// `alarms.list`'s `limit` 1 … 1000; the session stays open after each.
+async fn session_methods_keep_the_documented_bounds(store: Store) {
+    let site = TestSite::start(&store).await;
+    let key = site.enrolled("alice").await;
+    let s = site.session("alice", &key).await.unwrap();
+    let code = |r: Result<serde_json::Value, AppError>| match r {
+        Err(AppError::Rpc { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    for (method, params) in [
+        ("status", json!([])),
+        ("tally_ticket", json!([600])),
+        ("tally_ticket", json!({"ttl_seconds": 59})),
+        ("tally_ticket", json!({"ttl_seconds": 2_592_001})),
+        ("alarms.list", json!({"limit": 0})),
+        ("alarms.list", json!({"limit": 1001})),
+        ("alarms.list", json!(["x"])),
+    ] {
+        assert_eq!(
+            code(s.call(method, params.clone()).await),
+            -32602,
+            "{method} {params}"
+        );
+    }
+    s.call("tally_ticket", json!({"ttl_seconds": 60})).await.unwrap();
+    s.call("alarms.list", json!({"limit": 1000})).await.unwrap();
+    s.call("status", json!({})).await.unwrap();
+    site.finish().await;
+}
