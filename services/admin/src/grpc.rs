@@ -607,7 +607,8 @@ impl AdminService for AdminGrpc {
         let user_locked = if chip_id.is_empty() {
             false
         } else {
-            self.admin.user(&chip_id).await?.locked
+            // Not active (suspended, closed) counts as locked down for the gateways.
+            crate::is_barred(&self.admin.user(&chip_id).await?)
         };
         Ok(Response::new(pb::LockdownState {
             site_locked,

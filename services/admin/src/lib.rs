@@ -163,6 +163,12 @@ fn validate_data(d: &UserData) -> Result<(), AdminError> {
     Ok(())
 }
 
+/// Whether a user may not connect: locked down, or an account that is not
+/// active (suspended or closed). Gateways see both as a lockdown.
+pub fn is_barred(u: &user::Model) -> bool {
+    u.locked || chipsite_model::AccountStatus::parse(&u.status) != Some(chipsite_model::AccountStatus::Active)
+}
+
 fn validate_status(s: &str) -> Result<(), AdminError> {
     use chipsite_model::AccountStatus;
     match AccountStatus::parse(s) {
@@ -426,14 +432,22 @@ impl Admin {
         validate_data(&data)?;
         let status = changes.status.unwrap_or(current.status.clone());
         validate_status(&status)?;
+        let current_status = current.status.clone();
         let mut row: user::ActiveModel = current.into();
         row.name = Set(data.name);
         row.address = Set(data.address);
         row.email = Set(data.email);
         row.phone = Set(data.phone);
+        let status_changed = status != current_status;
         row.status = Set(status);
         row.updated_at_ms = Set(now_ms());
-        Ok(row.update(&self.db).await?)
+        let u = row.update(&self.db).await?;
+        if status_changed {
+            // Gateways treat a user who is not active as locked down: their
+            // sessions close, and none opens until the user is active again.
+            self.publish_lockdown(chip_id, is_barred(&u)).await?;
+        }
+        Ok(u)
     }
 
     pub fn dump_of(u: &user::Model, public_key: Option<String>) -> UserDump {
@@ -522,7 +536,7 @@ impl Admin {
         row.locked = Set(locked);
         row.updated_at_ms = Set(now_ms());
         let u = row.update(&self.db).await?;
-        self.publish_lockdown(chip_id, locked).await?;
+        self.publish_lockdown(chip_id, is_barred(&u)).await?;
         Ok(u)
     }
 

@@ -345,3 +345,47 @@ async fn events_reach_every_replica(store: Store) {
     let _ = stop_gateway.send(true);
     site.finish().await;
 }
+
+async fn set_status(site: &TestSite, chip_id: &str, status: &str) {
+    site.admin()
+        .update_user(pb::UpdateUserRequest {
+            chip_id: chip_id.into(),
+            status: Some(status.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+store_test!(suspended_and_closed_users_lose_their_sessions_and_cannot_enroll);
+/// A user whose account is not active is treated as locked down: open
+/// sessions close at once (−32002), new sessions and enrollments are
+/// refused, and being active again lets them back in.
+async fn suspended_and_closed_users_lose_their_sessions_and_cannot_enroll(store: Store) {
+    let site = TestSite::start(&store).await;
+    let alice = site.enrolled("alice").await;
+    let bob = site.enrolled("bob").await;
+    let (sa, sb) = (
+        site.session("alice", &alice).await.unwrap(),
+        site.session("bob", &bob).await.unwrap(),
+    );
+    // Issued while active: enrollment must be refused once suspended.
+    let ticket = site.user_ticket("alice", 0).await;
+    set_status(&site, "alice", "suspended").await;
+    closed_with(&sa, "closed", -32002).await;
+    works(&sb, "bob").await;
+    closed_with(&site.session("alice", &alice).await.unwrap(), "error", -32002).await;
+    let r = enroll(&ticket, "alice", &AppKey::generate().unwrap()).await;
+    assert!(matches!(r, Err(AppError::Refused)), "{r:?}");
+    // Lifting a lockdown does not let a suspended user in.
+    lockdown(&site, "alice", true).await;
+    lockdown(&site, "alice", false).await;
+    closed_with(&site.session("alice", &alice).await.unwrap(), "error", -32002).await;
+    set_status(&site, "alice", "active").await;
+    works(&site.session("alice", &alice).await.unwrap(), "alice").await;
+
+    set_status(&site, "bob", "closed").await;
+    closed_with(&sb, "closed", -32002).await;
+    closed_with(&site.session("bob", &bob).await.unwrap(), "error", -32002).await;
+    site.finish().await;
+}
