@@ -157,15 +157,16 @@ impl TicketsRpc for TicketsGrpc {
     async fn redeem_ticket(&self, req: Request<pb::RedeemTicketRequest>) -> R<pb::RedeemTicketResponse> {
         let caller = Caller::of(&req);
         let req = req.into_inner();
-        // A malformed kind is still an attempt: it burns the ticket it names.
-        let kind = kind_of(req.kind).ok();
+        // A malformed kind is refused before anything is claimed: no caller
+        // of the site sends one, and honouring it would let any redeemer
+        // burn a ticket of any kind.
+        let kind = kind_of(req.kind)?;
         // Each redeemer redeems only its own kind: the console cannot spend a
         // user's ticket, nor a gateway an operator's sign-in.
         let redeemers: &[&str] = match kind {
-            Some(Kind::Console) => &[id::CONSOLE],
-            Some(Kind::User) => &[id::USER_GATEWAY, id::BENCH],
-            Some(Kind::Tally) => &[id::PEER_GATEWAY, id::USER_GATEWAY, id::BENCH],
-            None => &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE, id::BENCH],
+            Kind::Console => &[id::CONSOLE],
+            Kind::User => &[id::USER_GATEWAY, id::BENCH],
+            Kind::Tally => &[id::PEER_GATEWAY, id::USER_GATEWAY, id::BENCH],
         };
         if !redeemers.contains(&caller.as_str()) {
             return Err(status(
@@ -175,7 +176,7 @@ impl TicketsRpc for TicketsGrpc {
         }
         let t = self
             .tickets
-            .redeem(kind, &req.token, &req.chip_id, &req.source)
+            .redeem(Some(kind), &req.token, &req.chip_id, &req.source)
             .await?;
         Ok(Response::new(pb::RedeemTicketResponse {
             ticket_id: t.id,

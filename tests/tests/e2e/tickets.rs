@@ -319,3 +319,28 @@ async fn a_database_fault_is_logged_and_reaches_callers_as_internal_error(store:
     );
     site.finish().await;
 }
+
+store_test!(a_malformed_kind_burns_nothing);
+/// A redemption whose kind is not a kind at all is refused as invalid before
+/// anything is claimed, whoever sends it: the console (which may only spend
+/// its own sign-in tickets) cannot burn a user's ticket that way, nor can a
+/// gateway; the ticket still works afterwards.
+async fn a_malformed_kind_burns_nothing(store: Store) {
+    let site = TestSite::start(&store).await;
+    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    for identity in [id::CONSOLE, id::USER_GATEWAY] {
+        let mut malformed = redeem(&token, "alice", "s1");
+        malformed.kind = 99;
+        let e = site
+            .tickets_as(identity)
+            .redeem_ticket(malformed)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{identity}: {e:?}");
+    }
+    site.tickets_as(id::USER_GATEWAY)
+        .redeem_ticket(redeem(&token, "alice", "s1"))
+        .await
+        .expect("the ticket was not burned");
+    site.finish().await;
+}
