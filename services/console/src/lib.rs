@@ -57,7 +57,8 @@ const MAX_SESSIONS: usize = 1000;
 /// before the console answers 429 without asking the ticket service.
 pub const SIGNIN_ATTEMPTS: u32 = 10;
 pub const SIGNIN_WINDOW: Duration = Duration::from_secs(60);
-/// Source addresses the sign-in limiter remembers at most.
+/// Source addresses the sign-in limiter remembers at most (past it, the
+/// oldest window is forgotten).
 const MAX_SOURCES: usize = 10_000;
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
@@ -143,9 +144,12 @@ impl Console {
         if !m.contains_key(&ip) && m.len() >= MAX_SOURCES {
             m.retain(|_, (start, _)| now.duration_since(*start) < SIGNIN_WINDOW);
             if m.len() >= MAX_SOURCES {
-                // Still full of live windows: a flood from many sources.
-                // Refuse new sources until windows end rather than grow.
-                return false;
+                // Still full of live windows: a flood from many sources. Make
+                // room by forgetting the oldest window, so that a flood cannot
+                // lock every new source (the operator's own) out.
+                if let Some(oldest) = m.iter().min_by_key(|(_, (start, _))| *start).map(|(ip, _)| *ip) {
+                    m.remove(&oldest);
+                }
             }
         }
         let entry = m.entry(ip).or_insert((now, 0));
@@ -568,7 +572,7 @@ mod tests {
     }
 
     /// The sign-in limit, without a site: per source, and a full table
-    /// refuses new sources, never known ones.
+    /// forgets its oldest source to admit a new one.
     #[tokio::test]
     async fn sign_in_attempts_are_limited_per_source() {
         let c = console();
@@ -584,9 +588,10 @@ mod tests {
             c.may_sign_in(IpAddr::from([10, octets[1], octets[2], octets[3]]));
         }
         assert!(
-            !c.may_sign_in([203, 0, 113, 9].into()),
-            "a full table refuses new sources"
+            c.may_sign_in([203, 0, 113, 9].into()),
+            "a full table admits a new source (the operator's) by forgetting the oldest"
         );
-        assert!(c.may_sign_in(b), "but not a known one");
+        let remembered = c.attempts.lock().map(|m| m.len()).unwrap_or(0);
+        assert!(remembered <= MAX_SOURCES, "bounded: {remembered}");
     }
 }
