@@ -346,15 +346,8 @@ impl AppState {
     /// Write the state (it holds the private key) readable by its owner only.
     pub fn save(&self, path: &Path) -> Result<(), AppError> {
         let json = serde_json::to_string_pretty(self).map_err(|e| AppError::Key(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp)?;
-        std::io::Write::write_all(&mut file, json.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        // 0600, whole or not at all, never through a symlink.
+        chipsite_model::files::write_private(path, json.as_bytes())?;
         Ok(())
     }
 }
