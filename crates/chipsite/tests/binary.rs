@@ -5,10 +5,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
+    ffi::OsStr,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+/// `chipsite config` with these variables set.
+fn config_with(vars: &[(&str, &OsStr)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .arg("config")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap()
+}
 
 fn start_dev(dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_chipsite"))
@@ -138,11 +148,7 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         String::from_utf8_lossy(&bad.stderr).contains("key_valt"),
         "{bad:?}"
     );
-    let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env("CHIPSITE_DATABSE_URL", "postgres://db/chipsite")
-        .output()
-        .unwrap();
+    let bad = config_with(&[("CHIPSITE_DATABSE_URL", OsStr::new("postgres://db/chipsite"))]);
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("databse_url"),
@@ -151,15 +157,13 @@ fn config_layers_file_then_environment_and_masks_the_password() {
     // A secret setting from a file (a mounted secret): it wins, and stays masked.
     let secret = dir.path().join("database-url");
     std::fs::write(&secret, "postgres://fileuser:from-a-file@db.internal/chipsite\n").unwrap();
-    let from_file = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env(
+    let from_file = config_with(&[
+        (
             "CHIPSITE_DATABASE_URL",
-            "postgres://site:from-env@db.internal/chipsite",
-        )
-        .env("CHIPSITE_DATABASE_URL_FILE", &secret)
-        .output()
-        .unwrap();
+            OsStr::new("postgres://site:from-env@db.internal/chipsite"),
+        ),
+        ("CHIPSITE_DATABASE_URL_FILE", secret.as_os_str()),
+    ]);
     let shown = String::from_utf8_lossy(&from_file.stdout);
     assert!(from_file.status.success(), "{from_file:?}");
     assert!(
@@ -170,42 +174,31 @@ fn config_layers_file_then_environment_and_masks_the_password() {
         !shown.contains("from-a-file") && !shown.contains("from-env"),
         "{shown}"
     );
-    let missing = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env("CHIPSITE_DATABASE_URL_FILE", dir.path().join("no-such-file"))
-        .output()
-        .unwrap();
+    let missing = config_with(&[(
+        "CHIPSITE_DATABASE_URL_FILE",
+        dir.path().join("no-such-file").as_os_str(),
+    )]);
     assert!(!missing.status.success());
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("CHIPSITE_DATABASE_URL_FILE"),
         "{missing:?}"
     );
     // What Kubernetes and Docker links set for a Service named chipsite… is not a setting.
-    let linked = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env("CHIPSITE_SERVICE_HOST", "10.0.0.7")
-        .env("CHIPSITE_PORT", "tcp://10.0.0.7:44310")
-        .env("CHIPSITE_ADMIN_SERVICE_PORT_GRPC", "44310")
-        .env("CHIPSITE_ADMIN_PORT_44310_TCP_ADDR", "10.0.0.8")
-        .output()
-        .unwrap();
+    let linked = config_with(&[
+        ("CHIPSITE_SERVICE_HOST", OsStr::new("10.0.0.7")),
+        ("CHIPSITE_PORT", OsStr::new("tcp://10.0.0.7:44310")),
+        ("CHIPSITE_ADMIN_SERVICE_PORT_GRPC", OsStr::new("44310")),
+        ("CHIPSITE_ADMIN_PORT_44310_TCP_ADDR", OsStr::new("10.0.0.8")),
+    ]);
     assert!(linked.status.success(), "{linked:?}");
     // Limits are settings with ranges.
-    let ok = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env("CHIPSITE_GATEWAY__MAX_HANDSHAKES", "64")
-        .output()
-        .unwrap();
+    let ok = config_with(&[("CHIPSITE_GATEWAY__MAX_HANDSHAKES", OsStr::new("64"))]);
     assert!(ok.status.success(), "{ok:?}");
     assert!(
         String::from_utf8_lossy(&ok.stdout).contains("max_handshakes = 64"),
         "{ok:?}"
     );
-    let bad = Command::new(env!("CARGO_BIN_EXE_chipsite"))
-        .arg("config")
-        .env("CHIPSITE_GATEWAY__HANDSHAKE_TIMEOUT_MS", "0")
-        .output()
-        .unwrap();
+    let bad = config_with(&[("CHIPSITE_GATEWAY__HANDSHAKE_TIMEOUT_MS", OsStr::new("0"))]);
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("gateway.handshake_timeout_ms = 0 is out of range"),
@@ -234,52 +227,112 @@ fn config_layers_file_then_environment_and_masks_the_password() {
     }
 }
 
+/// A key-vault's certificate files, from a CA of its own, and the material
+/// of a client (the ticket identity) of that CA.
+struct KeyVaultFiles {
+    dir: tempfile::TempDir,
+    client: chipsite_tls::IssuedCertificate,
+}
+
+impl KeyVaultFiles {
+    fn new() -> Self {
+        use chipsite_tls::{CertificateAuthority, identity as id};
+        chipsite_tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("serve-test").unwrap();
+        let server = ca.issue(id::KEY_VAULT, &[], Duration::from_secs(3600)).unwrap();
+        let client = ca.issue(id::TICKET, &[], Duration::from_secs(3600)).unwrap();
+        for (name, body) in [
+            ("kv.pem", &server.cert_pem),
+            ("kv.key", &server.key_pem),
+            ("ca.pem", &server.ca_pem),
+        ] {
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        Self { dir, client }
+    }
+
+    /// `chipsite serve key-vault` on `addr` with `database_url`, without
+    /// any pass phrase from this test's environment.
+    fn serve(&self, addr: &str, database_url: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
+        cmd.args(["serve", "key-vault"])
+            .env("CHIPSITE_LISTEN", addr)
+            .env("CHIPSITE_DATABASE_URL", database_url)
+            .env("CHIPSITE_TLS__CERT", self.dir.path().join("kv.pem"))
+            .env("CHIPSITE_TLS__KEY", self.dir.path().join("kv.key"))
+            .env("CHIPSITE_TLS__CA", self.dir.path().join("ca.pem"))
+            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// key-vault's status at `addr`, asked again until it answers or
+    /// `within` passes.
+    fn status(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        addr: &str,
+        within: Duration,
+    ) -> Result<chipsite_proto::keyvault::v1::VaultStatus, tonic::Status> {
+        use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
+        use chipsite_tls::{ReloadableTls, TlsMaterial, identity as id};
+        let c = &self.client;
+        runtime.block_on(async {
+            let tls = ReloadableTls::from_material(
+                &TlsMaterial::from_pem(&c.cert_pem, &c.key_pem, &c.ca_pem).unwrap(),
+            )
+            .unwrap();
+            let channel = chipsite_tls::connect_lazy(addr, id::KEY_VAULT, tls).unwrap();
+            let deadline = Instant::now() + within;
+            loop {
+                match KeyVaultClient::new(channel.clone())
+                    .get_status(GetStatusRequest {})
+                    .await
+                {
+                    Ok(s) => return Ok(s.into_inner()),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    }
+}
+
+/// A loopback address no one listens on (yet).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// A runtime that keeps running between calls, so a client answers a
+/// server's shutdown (GOAWAY, PING) as a real client would.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// `chipsite serve key-vault` with the pass phrase in its environment: the
 /// key is created on first launch and unsealed on the next; without the
 /// variable the vault starts sealed; the pass phrase is written nowhere.
 #[test]
 fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
-    use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
-    use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
-
-    chipsite_tls::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::generate("serve-test").unwrap();
-    let server = ca.issue(id::KEY_VAULT, &[], Duration::from_secs(3600)).unwrap();
-    let client = ca.issue(id::TICKET, &[], Duration::from_secs(3600)).unwrap();
-    for (name, body) in [
-        ("kv.pem", &server.cert_pem),
-        ("kv.key", &server.key_pem),
-        ("ca.pem", &server.ca_pem),
-    ] {
-        std::fs::write(dir.path().join(name), body).unwrap();
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let files = KeyVaultFiles::new();
+    let dir = files.dir.path();
+    let addr = free_addr();
+    let database_url = format!("sqlite://{}/kv.sqlite?mode=rwc", dir.display());
     let passphrase = "environment-only pass phrase";
     // A mounted secret: a file elsewhere, with the usual final newline.
     let secrets = tempfile::tempdir().unwrap();
     let secret_file = secrets.path().join("site-key-passphrase");
     std::fs::write(&secret_file, format!("{passphrase}\n")).unwrap();
     let serve = |with_passphrase: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
-        cmd.args(["serve", "key-vault"])
-            .env("CHIPSITE_LISTEN", &addr)
-            .env(
-                "CHIPSITE_DATABASE_URL",
-                format!("sqlite://{}/kv.sqlite?mode=rwc", dir.path().display()),
-            )
-            .env("CHIPSITE_TLS__CERT", dir.path().join("kv.pem"))
-            .env("CHIPSITE_TLS__KEY", dir.path().join("kv.key"))
-            .env("CHIPSITE_TLS__CA", dir.path().join("ca.pem"))
-            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
-            .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        let mut cmd = files.serve(&addr, &database_url);
         match with_passphrase {
             Some("file") => {
                 cmd.env("CHIPSITE_SITE_KEY_PASSPHRASE_FILE", &secret_file);
@@ -291,32 +344,11 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
         }
         cmd.spawn().unwrap()
     };
-    // A runtime that keeps running between calls, so the client answers the
-    // server's shutdown (GOAWAY, PING) as a real client would.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = client_runtime();
     let status = || {
-        runtime.block_on(async {
-            let tls = ReloadableTls::from_material(
-                &TlsMaterial::from_pem(&client.cert_pem, &client.key_pem, &client.ca_pem).unwrap(),
-            )
-            .unwrap();
-            let channel = chipsite_tls::connect_lazy(&addr, id::KEY_VAULT, tls).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match KeyVaultClient::new(channel.clone())
-                    .get_status(GetStatusRequest {})
-                    .await
-                {
-                    Ok(s) => return s.into_inner(),
-                    Err(e) if Instant::now() > deadline => panic!("key-vault did not answer: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
+        files
+            .status(&runtime, &addr, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("key-vault did not answer: {e}"))
     };
 
     let first = serve(Some("variable"));
@@ -343,7 +375,7 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
     );
     assert!(interrupt_and_wait(third).0);
 
-    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let bytes = std::fs::read(entry.path()).unwrap();
         assert!(
             !bytes
@@ -361,73 +393,21 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
 /// and passes; CI sets it.)
 #[test]
 fn two_processes_starting_together_against_one_postgres_both_serve() {
-    use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
-    use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
-
-    chipsite_tls::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = client_runtime();
     let Some(store) = runtime.block_on(chipsite_e2e::fresh_store(chipsite_e2e::StoreKind::Postgres)) else {
         eprintln!("not run: set CHIPSITE_TEST_POSTGRES_URL (CI does)");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::generate("replicas-test").unwrap();
-    let server = ca.issue(id::KEY_VAULT, &[], Duration::from_secs(3600)).unwrap();
-    let client = ca.issue(id::TICKET, &[], Duration::from_secs(3600)).unwrap();
-    for (name, body) in [
-        ("kv.pem", &server.cert_pem),
-        ("kv.key", &server.key_pem),
-        ("ca.pem", &server.ca_pem),
-    ] {
-        std::fs::write(dir.path().join(name), body).unwrap();
-    }
-    let free_port = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-    };
-    let addrs = [free_port(), free_port()];
+    let files = KeyVaultFiles::new();
+    let addrs = [free_addr(), free_addr()];
     let replicas: Vec<Child> = addrs
         .iter()
-        .map(|addr| {
-            Command::new(env!("CARGO_BIN_EXE_chipsite"))
-                .args(["serve", "key-vault"])
-                .env("CHIPSITE_LISTEN", addr)
-                .env("CHIPSITE_DATABASE_URL", store.url())
-                .env("CHIPSITE_TLS__CERT", dir.path().join("kv.pem"))
-                .env("CHIPSITE_TLS__KEY", dir.path().join("kv.key"))
-                .env("CHIPSITE_TLS__CA", dir.path().join("ca.pem"))
-                .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
-                .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|addr| files.serve(addr, &store.url()).spawn().unwrap())
         .collect();
     for addr in &addrs {
-        let answered = runtime.block_on(async {
-            let tls = ReloadableTls::from_material(
-                &TlsMaterial::from_pem(&client.cert_pem, &client.key_pem, &client.ca_pem).unwrap(),
-            )
-            .unwrap();
-            let channel = chipsite_tls::connect_lazy(addr, id::KEY_VAULT, tls).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match KeyVaultClient::new(channel.clone())
-                    .get_status(GetStatusRequest {})
-                    .await
-                {
-                    Ok(s) => return Ok(s.into_inner()),
-                    Err(e) if Instant::now() > deadline => return Err(e),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        let status = answered.unwrap_or_else(|e| panic!("the replica at {addr} never served: {e}"));
+        let status = files
+            .status(&runtime, addr, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("the replica at {addr} never served: {e}"));
         assert!(!status.has_key, "a fresh database has no site key yet");
     }
     for replica in replicas {

@@ -9,14 +9,14 @@
 
 mod authz;
 mod client;
-mod files;
 mod material;
 mod pki;
 mod serve;
 
 pub use authz::{AuthzLayer, Caller, Policy};
+/// Private files: 0600, whole or not at all, never through a symlink.
+pub use chipsite_model::files::write_private;
 pub use client::{ChannelError, connect_lazy};
-pub use files::write_private;
 pub use material::{CertPaths, ReloadableTls, TlsMaterial};
 pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki};
 pub use serve::tls_incoming;

@@ -176,7 +176,7 @@ impl TicketsRpc for TicketsGrpc {
         }
         let t = self
             .tickets
-            .redeem(Some(kind), &req.token, &req.chip_id, &req.source)
+            .redeem(kind, &req.token, &req.chip_id, &req.source)
             .await?;
         Ok(Response::new(pb::RedeemTicketResponse {
             ticket_id: t.id,

@@ -204,7 +204,7 @@ impl Tickets {
     /// from a source that is not throttled, succeeds.
     pub async fn redeem(
         &self,
-        kind: Option<Kind>,
+        kind: Kind,
         token: &str,
         chip_id: &str,
         source: &str,
@@ -215,12 +215,12 @@ impl Tickets {
         let chip_id = if is_chip_id(chip_id) { chip_id } else { "" };
         // Charged before the attempt and refunded on success, so that an
         // attempt whose caller goes away mid-call still counts.
-        let allowed = kind.is_some() && self.throttle.allows(&source);
+        let allowed = self.throttle.allows(&source);
         self.throttle.record_failure(&source);
         let hash = hash_token(if token.len() > MAX_TOKEN_LEN { "" } else { token });
         let attempt = Attempt {
             allowed,
-            kind: kind.map_or("", Kind::as_str),
+            kind: kind.as_str(),
             now: self.clock.now_ms(),
             chip_id,
             hash: &hash,

@@ -1,3 +1,0 @@
-//! Writing key material to files (the shared helper of `chipsite-model`).
-
-pub use chipsite_model::files::write_private;
