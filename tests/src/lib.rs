@@ -197,6 +197,20 @@ impl TestSite {
         Self::start_in(dir, store).await
     }
 
+    /// Start a site whose configuration `adjust` changed first.
+    pub async fn start_with(store: &Store, adjust: impl FnOnce(&mut Config)) -> TestSite {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let mut config = config_for(dir.path(), store);
+        adjust(&mut config);
+        capture_logs();
+        let site = Site::start_dev(&config).await.expect("start dev site");
+        TestSite {
+            site,
+            dir,
+            store: store.clone(),
+        }
+    }
+
     /// Start (or restart) a site in an existing data directory.
     pub async fn start_in(dir: Arc<TempDir>, store: &Store) -> TestSite {
         capture_logs();

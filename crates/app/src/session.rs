@@ -164,7 +164,9 @@ pub async fn enroll_from(
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, AppError>>>>>;
+/// Calls waiting for their answers; `None` once the connection has ended,
+/// so a call made after the end fails at once instead of waiting.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, AppError>>>>>>;
 
 /// An open mutual-TLS session with the user gateway.
 #[derive(Debug)]
@@ -192,9 +194,21 @@ impl Session {
         chip_id: &str,
         key: &AppKey,
     ) -> Result<Self, AppError> {
-        let stream = connect(host, port, site_key, Some((key, chip_id)), None).await?;
+        Self::connect_from(host, port, site_key, chip_id, key, None).await
+    }
+
+    /// [`Session::connect`] from a chosen local address.
+    pub async fn connect_from(
+        host: &str,
+        port: u16,
+        site_key: &[u8],
+        chip_id: &str,
+        key: &AppKey,
+        source: Option<IpAddr>,
+    ) -> Result<Self, AppError> {
+        let stream = connect(host, port, site_key, Some((key, chip_id)), source).await?;
         let (read, write) = tokio::io::split(stream);
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_loop(read, pending.clone(), tx));
         Ok(Self {
@@ -219,8 +233,11 @@ impl Session {
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, AppError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(id, tx);
+        match self.pending.lock().as_deref_mut() {
+            Ok(Some(p)) => {
+                p.insert(id, tx);
+            }
+            _ => return Err(AppError::Closed("the connection ended".into())),
         }
         let request = rpc::Request {
             id: json!(id),
@@ -270,7 +287,7 @@ async fn read_loop(read: ReadHalf<Stream>, pending: Pending, notes: mpsc::Unboun
                 let waiter = response
                     .id
                     .as_u64()
-                    .and_then(|id| pending.lock().ok()?.remove(&id));
+                    .and_then(|id| pending.lock().ok()?.as_mut()?.remove(&id));
                 let result = response.outcome.map_err(|e| AppError::Rpc {
                     code: e.code,
                     message: e.message,
@@ -296,8 +313,9 @@ async fn read_loop(read: ReadHalf<Stream>, pending: Pending, notes: mpsc::Unboun
             Err(e) => break e.message,
         }
     };
-    if let Ok(mut p) = pending.lock() {
-        for (_, w) in p.drain() {
+    let waiting = pending.lock().ok().and_then(|mut p| p.take());
+    if let Some(waiting) = waiting {
+        for (_, w) in waiting {
             let _ = w.send(Err(AppError::Closed(why.clone())));
         }
     }

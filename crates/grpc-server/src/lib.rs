@@ -183,7 +183,11 @@ macro_rules! serve_with {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             $(.add_service($svc))+
-            .serve_with_incoming_shutdown($crate::chipsite_tls::tls_incoming($listener, $tls), shutdown);
+            .serve_with_incoming_shutdown($crate::chipsite_tls::tls_incoming(
+                $listener,
+                $tls,
+                $crate::chipsite_tls::Admission::new($crate::chipsite_tls::AdmissionLimits::INTERNAL),
+            ), shutdown);
         $crate::serve_until(server, stopping).await
     }};
 }

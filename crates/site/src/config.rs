@@ -211,10 +211,20 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayLimits {
+    /// Open connections at most (more are closed at accept).
+    pub max_connections: u64,
+    /// Open connections from one source address (an IPv6 /64) at most.
+    pub max_connections_per_source: u64,
     /// TLS handshakes in progress at most.
     pub max_handshakes: u64,
+    /// TLS handshakes in progress from one source at most.
+    pub max_handshakes_per_source: u64,
+    /// Sessions one user may hold open on one gateway replica at most.
+    pub max_sessions_per_user: u64,
     /// How long a TLS handshake may take.
     pub handshake_timeout_ms: u64,
+    /// How long one write may wait for the app to read.
+    pub write_timeout_ms: u64,
     /// How long an enrollment connection may take to send its request.
     pub enroll_timeout_ms: u64,
     /// How long a session may stay silent.
@@ -230,8 +240,13 @@ pub struct GatewayLimits {
 impl Default for GatewayLimits {
     fn default() -> Self {
         Self {
+            max_connections: 4096,
+            max_connections_per_source: 64,
             max_handshakes: 512,
-            handshake_timeout_ms: 10_000,
+            max_handshakes_per_source: 16,
+            max_sessions_per_user: 8,
+            handshake_timeout_ms: 5_000,
+            write_timeout_ms: 10_000,
             enroll_timeout_ms: 10_000,
             session_idle_s: 300,
             frame_timeout_ms: 10_000,
@@ -243,14 +258,31 @@ impl Default for GatewayLimits {
 
 impl GatewayLimits {
     /// Each limit with its key and allowed range.
-    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 7] {
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 12] {
         [
+            ("gateway.max_connections", self.max_connections, 1..=1_000_000),
+            (
+                "gateway.max_connections_per_source",
+                self.max_connections_per_source,
+                1..=1_000_000,
+            ),
             ("gateway.max_handshakes", self.max_handshakes, 1..=65_536),
+            (
+                "gateway.max_handshakes_per_source",
+                self.max_handshakes_per_source,
+                1..=65_536,
+            ),
+            (
+                "gateway.max_sessions_per_user",
+                self.max_sessions_per_user,
+                1..=10_000,
+            ),
             (
                 "gateway.handshake_timeout_ms",
                 self.handshake_timeout_ms,
                 100..=60_000,
             ),
+            ("gateway.write_timeout_ms", self.write_timeout_ms, 100..=60_000),
             (
                 "gateway.enroll_timeout_ms",
                 self.enroll_timeout_ms,

@@ -65,6 +65,7 @@ use crate::{Ctx, Report, Service, Started, config::Addresses};
 /// The user gateway's settings from the configuration's (validated) limits.
 fn gateway_settings(l: &crate::config::GatewayLimits) -> GatewaySettings {
     use std::time::Duration;
+    let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     GatewaySettings {
         limits: chipsite_wire::Limits {
             max_frame: usize::try_from(l.max_frame_bytes).unwrap_or(usize::MAX),
@@ -73,8 +74,15 @@ fn gateway_settings(l: &crate::config::GatewayLimits) -> GatewaySettings {
         },
         enroll_timeout: Duration::from_millis(l.enroll_timeout_ms),
         cert_ttl: Duration::from_secs(l.cert_ttl_s),
-        max_handshakes: usize::try_from(l.max_handshakes).unwrap_or(usize::MAX),
+        admission: chipsite_tls::AdmissionLimits {
+            max_connections: size(l.max_connections),
+            max_connections_per_source: size(l.max_connections_per_source),
+            max_handshakes: size(l.max_handshakes),
+            max_handshakes_per_source: size(l.max_handshakes_per_source),
+        },
+        max_sessions_per_user: size(l.max_sessions_per_user),
         handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+        write_timeout: Duration::from_millis(l.write_timeout_ms),
     }
 }
 

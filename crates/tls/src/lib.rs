@@ -7,19 +7,21 @@
 //! call which RPC is a [`Policy`] enforced by [`AuthzLayer`] before any handler
 //! runs.
 
+pub mod admission;
 mod authz;
 mod client;
 mod material;
 mod pki;
 mod serve;
 
+pub use admission::{Admission, AdmissionLimits, ConnPermit, Shed};
 pub use authz::{AuthzLayer, Caller, Policy};
 /// Private files: 0600, whole or not at all, never through a symlink.
 pub use chipsite_model::files::write_private;
 pub use client::{ChannelError, connect_lazy};
 pub use material::{CertPaths, ReloadableTls, TlsMaterial};
 pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki};
-pub use serve::tls_incoming;
+pub use serve::{Admitted, HANDSHAKE_TIMEOUT, tls_incoming};
 
 /// The trust domain of internal identities.
 pub const TRUST_DOMAIN: &str = "chipsite.internal";

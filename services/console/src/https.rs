@@ -13,10 +13,9 @@ use axum::{
     response::Response,
     serve::{IncomingStream, Listener},
 };
-use chipsite_tls::ReloadableTls;
+use chipsite_tls::{Admitted, ReloadableTls};
 use futures::{Stream, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 
 use crate::Console;
 
@@ -38,7 +37,7 @@ impl Connected<IncomingStream<'_, CertListener>> for CertPeer {
 #[derive(Clone, Debug)]
 pub(crate) struct ClientIdentity(pub String);
 
-type Incoming = Pin<Box<dyn Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send>>;
+type Incoming = Pin<Box<dyn Stream<Item = std::io::Result<Admitted>> + Send>>;
 
 /// Mutual-TLS connections whose handshakes succeeded (done concurrently,
 /// with a timeout, by [`chipsite_tls::tls_incoming`]).
@@ -51,21 +50,25 @@ impl CertListener {
     pub fn new(listener: TcpListener, tls: Arc<ReloadableTls>) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            incoming: Box::pin(chipsite_tls::tls_incoming(listener, tls)),
+            incoming: Box::pin(chipsite_tls::tls_incoming(
+                listener,
+                tls,
+                chipsite_tls::Admission::new(chipsite_tls::AdmissionLimits::INTERNAL),
+            )),
             local,
         })
     }
 }
 
 impl Listener for CertListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Admitted;
     type Addr = CertPeer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.incoming.next().await {
                 Some(Ok(stream)) => {
-                    let (tcp, conn) = stream.get_ref();
+                    let (tcp, conn) = stream.get_ref().get_ref();
                     let Ok(addr) = tcp.peer_addr() else { continue };
                     let identity = conn
                         .peer_certificates()

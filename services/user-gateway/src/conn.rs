@@ -22,11 +22,13 @@ use subtle::ConstantTimeEq;
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
     net::TcpStream,
-    sync::OwnedSemaphorePermit,
+    time::Instant,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use chipsite_telemetry::metrics::{OutcomeLabels, metrics};
+use chipsite_tls::{ConnPermit, Shed};
+use std::time::Duration;
 
 use crate::{AppCertificate, CloseReason, Inner, source_of};
 
@@ -48,12 +50,26 @@ impl Drop for OpenSession {
 
 type Stream = TlsStream<TcpStream>;
 
+fn count_handshake(outcome: &'static str) {
+    let labels = OutcomeLabels { outcome };
+    metrics().gateway_handshakes.get_or_create(&labels).inc();
+}
+
+/// A connection over one of the caps: closed at once, before any TLS byte.
+pub(crate) fn shed(peer: SocketAddr, why: Shed) {
+    count_handshake("shed");
+    tracing::debug!(%peer, cap = why.label(), "connection shed");
+}
+
+/// One connection, from its accept to its end; `permit` holds its place
+/// (and its handshake slot until the handshake ends) for its whole life.
 pub(crate) async fn handle(
     inner: Arc<Inner>,
     tcp: TcpStream,
     peer: SocketAddr,
     config: Arc<ServerConfig>,
-    permit: OwnedSemaphorePermit,
+    mut permit: ConnPermit,
+    accepted_at: Instant,
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(
@@ -61,11 +77,8 @@ pub(crate) async fn handle(
         TlsAcceptor::from(config).accept(tcp),
     )
     .await;
-    drop(permit);
-    let counted = |outcome| {
-        let labels = OutcomeLabels { outcome };
-        metrics().gateway_handshakes.get_or_create(&labels).inc();
-    };
+    permit.handshake_done();
+    let counted = count_handshake;
     let stream = match handshake {
         Ok(Ok(s)) => {
             counted("ok");
@@ -89,19 +102,32 @@ pub(crate) async fn handle(
         .and_then(|c| c.first())
         .map(|c| AppCertificate::parse(c));
     match cert {
-        None => enroll(&inner, stream, peer).await,
+        None => enroll(&inner, stream, peer, accepted_at + inner.settings.enroll_timeout).await,
         Some(Ok(app)) => session(&inner, stream, app, peer).await,
         // The verifier accepted only parseable certificates.
         Some(Err(_)) => {}
     }
+    drop(permit);
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &str) -> std::io::Result<()> {
+/// Write one frame, giving up (an error) when the app has not taken it
+/// within `within`: an app that stops reading cannot pin its task.
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &str, within: Duration) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(frame.len() + 1);
     line.extend_from_slice(frame.as_bytes());
     line.push(b'\n');
-    w.write_all(&line).await?;
-    w.flush().await
+    let write = async {
+        w.write_all(&line).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(within, write)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer does not read"))?
+}
+
+/// End the TLS stream (close_notify), bounded like any write.
+async fn close<W: AsyncWrite + Unpin>(w: &mut W, within: Duration) {
+    let _ = tokio::time::timeout(within, w.shutdown()).await;
 }
 
 // ---------------------------------------------------------------- enrollment
@@ -114,7 +140,9 @@ struct EnrollParams {
 
 /// Read one `enroll` request. Valid: answer, close. Anything else: close
 /// without sending a byte (the stream is dropped without a TLS close_notify).
-async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr) {
+/// The request must have arrived by `deadline` (the enrollment timeout
+/// counted from the TCP accept, the handshake included).
+async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr, deadline: Instant) {
     let limits = Limits {
         idle: inner.settings.enroll_timeout,
         frame: inner.settings.enroll_timeout,
@@ -122,7 +150,7 @@ async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr) {
     };
     let mut reader = FrameReader::new(stream, limits);
     let enrollments = &metrics().gateway_enrollments;
-    let Ok(Some(frame)) = reader.next_frame().await else {
+    let Ok(Ok(Some(frame))) = tokio::time::timeout_at(deadline, reader.next_frame()).await else {
         enrollments
             .get_or_create(&OutcomeLabels {
                 outcome: "no_request",
@@ -140,8 +168,9 @@ async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr) {
             tracing::info!(chip_id, "app key enrolled");
             let reply = Response::result(id, json!({"enrolled": true, "chip_id": chip_id}));
             let stream = reader.get_mut();
-            if write_frame(stream, &reply.to_frame()).await.is_ok() {
-                let _ = stream.shutdown().await;
+            let within = inner.settings.write_timeout;
+            if write_frame(stream, &reply.to_frame(), within).await.is_ok() {
+                close(stream, within).await;
             }
         }
         Err(why) => tracing::info!(%peer, why, "enrollment refused (closed without a word)"),
@@ -313,10 +342,22 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
         chip_id: &app.chip_id,
         id: handle.id,
     };
-    if let Err(e) = admit(inner, &app).await {
+    let within = inner.settings.write_timeout;
+    let admitted = admit(inner, &app).await.and_then(|()| {
+        let max = inner.settings.max_sessions_per_user;
+        if inner.registry.admit(&app.chip_id, handle.id, max) {
+            Ok(())
+        } else {
+            Err(RpcError::new(
+                ErrorCode::RateLimited,
+                format!("too many open sessions for this user (at most {max})"),
+            ))
+        }
+    });
+    if let Err(e) = admitted {
         tracing::info!(%peer, chip_id = app.chip_id, error = e.message, "session refused");
-        let _ = write_frame(&mut write, &Response::error(Value::Null, e).to_frame()).await;
-        let _ = write.shutdown().await;
+        let _ = write_frame(&mut write, &Response::error(Value::Null, e).to_frame(), within).await;
+        close(&mut write, within).await;
         return;
     }
     tracing::debug!(%peer, chip_id = app.chip_id, "session open");
@@ -332,12 +373,12 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
                     method: "closed".into(),
                     params: json!({"code": reason.code().code(), "message": reason.message()}),
                 };
-                let _ = write_frame(&mut write, &note.to_frame()).await;
+                let _ = write_frame(&mut write, &note.to_frame(), within).await;
                 break "closed by the site";
             }
             Some(alarm) = handle.alarms.recv() => {
-                if write_frame(&mut write, &alarm).await.is_err() {
-                    break "write failed";
+                if write_frame(&mut write, &alarm, within).await.is_err() {
+                    break "the app does not read";
                 }
             }
             frame = reader.next_frame() => {
@@ -347,7 +388,7 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
                     Err(e @ (FrameError::TooLong(_) | FrameError::NotUtf8)) => {
                         let code = if matches!(e, FrameError::NotUtf8) { ErrorCode::ParseError } else { ErrorCode::InvalidRequest };
                         let reply = Response::error(Value::Null, RpcError::new(code, e.to_string()));
-                        let _ = write_frame(&mut write, &reply.to_frame()).await;
+                        let _ = write_frame(&mut write, &reply.to_frame(), within).await;
                         break "framing error";
                     }
                     Err(_) => break "timed out or broken",
@@ -361,15 +402,19 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
                     }),
                 };
                 if let Some(reply) = reply
-                    && write_frame(&mut write, &reply.to_frame()).await.is_err()
+                    && write_frame(&mut write, &reply.to_frame(), within).await.is_err()
                 {
-                    break "write failed";
+                    break "the app does not read";
                 }
             }
         }
     };
-    tracing::debug!(%peer, chip_id = app.chip_id, ended, "session ended");
-    let _ = write.shutdown().await;
+    if ended == "the app does not read" {
+        tracing::info!(%peer, chip_id = app.chip_id, "session closed: the app does not read what the site sends");
+    } else {
+        tracing::debug!(%peer, chip_id = app.chip_id, ended, "session ended");
+    }
+    close(&mut write, within).await;
 }
 
 struct Unregister<'a> {

@@ -37,10 +37,11 @@ use chipsite_proto::{
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::{Admission, AdmissionLimits};
 use chipsite_wire::Limits;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 pub use registry::{CloseReason, Registry};
@@ -69,10 +70,14 @@ pub struct Settings {
     pub enroll_timeout: Duration,
     /// Lifetime requested for the gateway's certificate.
     pub cert_ttl: Duration,
-    /// TLS handshakes in progress at most.
-    pub max_handshakes: usize,
+    /// Caps on connections and handshakes, in total and per source.
+    pub admission: AdmissionLimits,
+    /// Sessions one user may hold open on one replica at most.
+    pub max_sessions_per_user: usize,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// How long one write to an app may wait for the app to read.
+    pub write_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -81,8 +86,15 @@ impl Default for Settings {
             limits: Limits::default(),
             enroll_timeout: Duration::from_secs(10),
             cert_ttl: Duration::from_secs(24 * 3600),
-            max_handshakes: 512,
-            handshake_timeout: Duration::from_secs(10),
+            admission: AdmissionLimits {
+                max_connections: 4096,
+                max_connections_per_source: 64,
+                max_handshakes: 512,
+                max_handshakes_per_source: 16,
+            },
+            max_sessions_per_user: 8,
+            handshake_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -103,6 +115,7 @@ pub(crate) struct Inner {
     pub(crate) registry: Registry,
     pub(crate) cache: cache::AdmissionCache,
     pub(crate) settings: Settings,
+    admission: Arc<Admission>,
     tls: ArcSwapOption<ServerConfig>,
     not_after_ms: AtomicI64,
 }
@@ -131,6 +144,7 @@ impl UserGateway {
                 events: UserEventsClient::new(traced(clients.admin)),
                 registry: Registry::default(),
                 cache: cache::AdmissionCache::default(),
+                admission: Admission::new(settings.admission),
                 settings,
                 tls: ArcSwapOption::empty(),
                 not_after_ms: AtomicI64::new(0),
@@ -239,13 +253,9 @@ impl UserGateway {
         };
         tokio::pin!(ended);
         tracing::info!(addr = ?listener.local_addr().ok(), "user gateway certified by the site key; accepting apps");
-        let handshakes = Arc::new(Semaphore::new(self.inner.settings.max_handshakes));
+        // Never waits for a slot: a connection over a cap is closed at once
+        // (shed) and the loop goes on accepting.
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                task = &mut ended => return self.task_ended(task),
-                p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
                 task = &mut ended => return self.task_ended(task),
@@ -254,15 +264,31 @@ impl UserGateway {
             let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of file descriptors, most likely: let some close.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let accepted_at = tokio::time::Instant::now();
+            let permit = match self.inner.admission.admit(peer.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    conn::shed(peer, why);
                     continue;
                 }
             };
             let Some(config) = self.inner.tls.load_full() else {
                 continue;
             };
-            tokio::spawn(conn::handle(self.inner.clone(), tcp, peer, config, permit));
+            tokio::spawn(conn::handle(
+                self.inner.clone(),
+                tcp,
+                peer,
+                config,
+                permit,
+                accepted_at,
+            ));
         }
         self.inner.registry.close_all(CloseReason::ShuttingDown);
         Ok(())

@@ -51,6 +51,9 @@ const QUEUE: usize = 64;
 struct Entry {
     id: u64,
     key: Vec<u8>,
+    /// Admitted (key and lockdown checked): only these count against the
+    /// user's cap, so a stranger naming the user cannot fill it.
+    admitted: bool,
     subscribed: bool,
     alarms: mpsc::Sender<String>,
     close: watch::Sender<Option<CloseReason>>,
@@ -86,6 +89,7 @@ impl Registry {
             m.entry(chip_id.to_owned()).or_default().push(Entry {
                 id,
                 key: key.to_vec(),
+                admitted: false,
                 subscribed: false,
                 alarms: alarms_tx,
                 close: close_tx,
@@ -103,6 +107,21 @@ impl Registry {
                 }
             }
         });
+    }
+
+    /// Count the session as admitted, unless the user already has `max`
+    /// admitted sessions on this replica.
+    pub fn admit(&self, chip_id: &str, id: u64, max: usize) -> bool {
+        self.with(|m| {
+            let Some(v) = m.get_mut(chip_id) else { return false };
+            if v.iter().filter(|e| e.admitted).count() >= max {
+                return false;
+            }
+            v.iter_mut()
+                .find(|e| e.id == id)
+                .map(|e| e.admitted = true)
+                .is_some()
+        })
     }
 
     pub fn subscribe(&self, chip_id: &str, id: u64) {

@@ -8,6 +8,7 @@ mod alarms;
 mod browser;
 mod console;
 mod gateway;
+mod limits;
 mod python_client;
 mod site;
 mod tickets;

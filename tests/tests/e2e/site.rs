@@ -213,7 +213,11 @@ async fn internal_callers_are_authorized_per_rpc(store: Store) {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let incoming = chipsite_tls::tls_incoming(listener, rogue_tls);
+    let incoming = chipsite_tls::tls_incoming(
+        listener,
+        rogue_tls,
+        chipsite_tls::Admission::new(chipsite_tls::AdmissionLimits::INTERNAL),
+    );
     // Were the handshake accepted, this server would answer UNIMPLEMENTED.
     let (_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(
