@@ -600,7 +600,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     .into_inner();
                 match output {
                     Some(path) => {
-                        std::fs::write(&path, format!("{}\n", d.json))
+                        chipsite_tls::write_private(&path, format!("{}\n", d.json).as_bytes())
                             .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
                         emit(
                             out,
@@ -660,7 +660,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 if let Some(path) = &svg {
                     let s = chipsite_model::ticket::qr_svg(&t.uri)
                         .ok_or_else(|| CliError::Io("ticket too large for a QR code".into()))?;
-                    std::fs::write(path, s).map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+                    // The QR code carries the token: owner-only, like any secret.
+                    chipsite_tls::write_private(path, s.as_bytes())
+                        .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
                 }
                 let mut text = format!(
                     "ticket {} for {} (expires {})\n\nURI:\n{}\n\nJSON:\n{}\n\nsite key pin: {}\n",

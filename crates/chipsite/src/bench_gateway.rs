@@ -194,7 +194,7 @@ async fn measure(args: &Args, dir: &Path, site: &Child) -> anyhow::Result<()> {
         .into_inner()
         .site_public_key;
     std::fs::write(dir.join("site-key.b64"), URL_SAFE_NO_PAD.encode(&site_key))?;
-    std::fs::write(dir.join("app.key"), AppKey::generate()?.to_pem())?;
+    chipsite_tls::write_private(&dir.join("app.key"), AppKey::generate()?.to_pem().as_bytes())?;
     let work = Work::load(dir)?;
 
     // Users u00000.. with the same app key (the gateway compares keys per CHIP ID).

@@ -56,6 +56,100 @@ fn create_temporary(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     }
 }
 
+/// Create `dir` and any missing parents with mode 0700: only their owner
+/// may list or enter them. A directory that exists already keeps its mode
+/// (it may be shared, like `/tmp`).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Make an existing file 0600 (a file some other program created with
+/// default modes, such as SQLite's database files). Missing is fine.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_file() => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a regular file",
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn eloop() -> i32 {
+    libc::ELOOP
+}
+
+#[cfg(not(unix))]
+fn eloop() -> i32 {
+    -1
+}
+
+/// How strictly [`read_private`] checks a file's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// A file this program wrote (0600): refused if anyone else may read or
+    /// write it, or if it is a symlink.
+    Own,
+    /// A secret an operator mounted (a Kubernetes Secret is 0644 unless its
+    /// `defaultMode` says otherwise, and may be a symlink): refused only if
+    /// anyone else may write it.
+    Mounted,
+}
+
+/// Read a private file, checking its mode first (see [`Strictness`]). The
+/// error says what is wrong and how to fix it.
+pub fn read_private(path: &Path, strictness: Strictness) -> std::io::Result<Vec<u8>> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    if strictness == Strictness::Own {
+        // O_NOFOLLOW: a symlink in place of the file is refused.
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if cfg!(unix) && e.raw_os_error() == Some(eloop()) {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "is a symlink; refused")
+        } else {
+            e
+        }
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata()?.permissions().mode() & 0o777;
+        let loose = match strictness {
+            Strictness::Own => 0o077,
+            Strictness::Mounted => 0o022,
+        };
+        if mode & loose != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("mode {mode:04o} lets others read or change it; run chmod 600 on it"),
+            ));
+        }
+    }
+    let mut contents = vec![];
+    std::io::Read::read_to_end(&mut file, &mut contents)?;
+    Ok(contents)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -101,6 +195,36 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_files_with_loose_modes_or_symlinks_are_refused_on_read() {
+        let dir = std::env::temp_dir().join(format!("chipsite-model-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        private_dir(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let secret = dir.join("secret");
+        write_private(&secret, b"s3cret").unwrap();
+        assert_eq!(read_private(&secret, Strictness::Own).unwrap(), b"s3cret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_private(&secret, Strictness::Own).unwrap_err();
+        assert!(e.to_string().contains("mode 0644"), "{e}");
+        // A mounted secret may be readable by others, never writable.
+        assert_eq!(read_private(&secret, Strictness::Mounted).unwrap(), b"s3cret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(read_private(&secret, Strictness::Mounted).is_err());
+        // A symlink in place of one of our own files is refused.
+        make_private(&secret).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let e = read_private(&link, Strictness::Own).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert!(read_private(&link, Strictness::Mounted).is_ok());
+        assert!(make_private(&link).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -31,14 +31,22 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), SiteError> {
     chipsite_tls::write_private(path, contents).map_err(|e| SiteError::Io(format!("{}: {e}", path.display())))
 }
 
+/// Read one of the dev site's own private files: refused if it is a
+/// symlink or anyone but its owner may read or change it.
+fn read_own(path: &Path) -> Result<String, SiteError> {
+    let bytes = chipsite_model::files::read_private(path, chipsite_model::files::Strictness::Own)
+        .map_err(io_err(path))?;
+    String::from_utf8(bytes).map_err(|_| SiteError::Io(format!("{}: not UTF-8", path.display())))
+}
+
 /// Create the dev CA and every identity's certificate unless present.
 pub fn ensure_pki(data_dir: &Path, site_name: &str) -> Result<(), SiteError> {
     let dir = pki_dir(data_dir);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    chipsite_model::files::private_dir(&dir).map_err(io_err(&dir))?;
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let (ca, fresh) = if ca_cert.exists() && ca_key.exists() {
         let cert = std::fs::read_to_string(&ca_cert).map_err(io_err(&ca_cert))?;
-        let key = std::fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+        let key = read_own(&ca_key)?;
         (CertificateAuthority::from_pem(&cert, &key)?, false)
     } else {
         let ca = CertificateAuthority::generate(site_name)?;
@@ -66,9 +74,8 @@ pub fn passphrase_path(data_dir: &Path) -> PathBuf {
 /// does this; it says so loudly at every start.
 pub fn ensure_passphrase(data_dir: &Path) -> Result<String, SiteError> {
     let path = passphrase_path(data_dir);
-    if path.exists() {
-        let p = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        return Ok(p.trim().to_owned());
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return Ok(read_own(&path)?.trim().to_owned());
     }
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).map_err(|e| SiteError::Io(format!("random: {e}")))?;

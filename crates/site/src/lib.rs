@@ -360,7 +360,8 @@ impl Site {
     pub async fn start_dev(config: &Config) -> Result<Site, SiteError> {
         chipsite_tls::install_crypto_provider();
         let data = &config.data_dir;
-        std::fs::create_dir_all(data).map_err(|e| SiteError::Io(format!("{}: {e}", data.display())))?;
+        chipsite_model::files::private_dir(data)
+            .map_err(|e| SiteError::Io(format!("{}: {e}", data.display())))?;
         dev::ensure_pki(data, "dev")?;
         let passphrase = dev::ensure_passphrase(data)?;
 
@@ -557,13 +558,16 @@ pub async fn serve_one(
 /// `CHIPSITE_SITE_KEY_PASSPHRASE`; never from a flag, never written anywhere.
 fn passphrase_from_env() -> Result<Option<Zeroizing<String>>, SiteError> {
     if let Some(path) = std::env::var_os("CHIPSITE_SITE_KEY_PASSPHRASE_FILE") {
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let fail = |e: String| {
             SiteError::Config(format!(
                 "CHIPSITE_SITE_KEY_PASSPHRASE_FILE {}: {e}",
                 Path::new(&path).display()
             ))
-        })?;
-        let text = Zeroizing::new(text);
+        };
+        let bytes =
+            chipsite_model::files::read_private(Path::new(&path), chipsite_model::files::Strictness::Mounted)
+                .map_err(|e| fail(e.to_string()))?;
+        let text = Zeroizing::new(String::from_utf8(bytes).map_err(|_| fail("not UTF-8".into()))?);
         return Ok(Some(Zeroizing::new(
             text.trim_end_matches(['\r', '\n']).to_owned(),
         )));

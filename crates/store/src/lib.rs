@@ -12,7 +12,7 @@ pub use sea_orm::{DatabaseConnection, DbErr};
 pub enum StoreError {
     #[error("database URL must start with postgres://, postgresql:// or sqlite:// (got {0:?})")]
     BadUrl(String),
-    #[error("creating the database directory {path}: {source}")]
+    #[error("the database directory or file {path}: {source}")]
     Dir { path: String, source: std::io::Error },
     #[error("cannot connect to the database: {0}")]
     Connect(DbErr),
@@ -62,7 +62,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
                 .and_then(|p| Path::new(p).parent())
                 .filter(|d| !d.as_os_str().is_empty());
             if let Some(dir) = dir {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                chipsite_model::files::private_dir(dir).map_err(|source| StoreError::Dir {
                     path: dir.display().to_string(),
                     source,
                 })?;
@@ -78,7 +78,30 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
             opts.max_connections(32);
         }
     }
-    Database::connect(opts).await.map_err(StoreError::Connect)
+    let db = Database::connect(opts).await.map_err(StoreError::Connect)?;
+    if engine == Engine::Sqlite {
+        sqlite_files_private(url)?;
+    }
+    Ok(db)
+}
+
+/// SQLite creates its files with default modes: make the database, its
+/// write-ahead log and its shared-memory index owner-only.
+fn sqlite_files_private(url: &str) -> Result<(), StoreError> {
+    let Some(path) = url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) else {
+        return Ok(());
+    };
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{path}{suffix}");
+        chipsite_model::files::make_private(Path::new(&file)).map_err(|source| StoreError::Dir {
+            path: file.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// A URL with any password replaced, for messages and logs.
@@ -137,6 +160,19 @@ impl Clock {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
         self.0.fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Begin a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`:
+/// it takes the database's write lock at once, waiting its turn under the
+/// busy timeout, instead of starting as a reader and failing with "database
+/// is locked" (codes 5 and 517) when it tries to write after another writer
+/// committed. On PostgreSQL it is a plain `BEGIN`.
+pub async fn begin_write<C: sea_orm::TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
+    db.begin_with_options(sea_orm::TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..Default::default()
+    })
+    .await
 }
 
 /// Run a service's migrations. On PostgreSQL they run in one transaction

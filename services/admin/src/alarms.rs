@@ -5,8 +5,7 @@
 use std::collections::BTreeSet;
 
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
-    sea_query::Expr,
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Expr,
 };
 
 use chipsite_store::now_ms;
@@ -59,7 +58,7 @@ impl Admin {
             validate(a)?;
         }
         let wanted: BTreeSet<&str> = new.iter().map(|a| a.chip_id.as_str()).collect();
-        let txn = self.db.begin().await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
         let mut found = BTreeSet::new();
         let wanted_list: Vec<&str> = wanted.iter().copied().collect();
         for chunk in wanted_list.chunks(CHUNK) {

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::OnConflict,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::OnConflict,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -341,7 +341,7 @@ impl Admin {
                 }
                 continue;
             }
-            let txn = self.db.begin().await?;
+            let txn = chipsite_store::begin_write(&self.db).await?;
             txn.execute_unprepared(&sql)
                 .await
                 .map_err(|e| AdminError::InitScript {
@@ -626,7 +626,7 @@ impl Admin {
                 )));
             }
         }
-        let txn = self.db.begin().await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
         for k in reset {
             setting::Entity::delete_by_id((CONFIG.to_owned(), k.clone()))
                 .exec(&txn)

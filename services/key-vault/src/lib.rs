@@ -22,7 +22,7 @@ use rcgen::{
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, TransactionTrait, sea_query::OnConflict,
+    QueryOrder, sea_query::OnConflict,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, RwLock};
@@ -212,7 +212,7 @@ impl KeyVault {
             .into_vec();
         let certificate = site_certificate(&signer)?;
         let now = now_ms();
-        let txn = self.db.begin().await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
         site_key::Entity::update_many()
             .col_expr(
                 site_key::Column::RetiredAtMs,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, sea_query::Expr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, sea_query::Expr,
 };
 use sha2::{Digest, Sha256};
 
@@ -285,7 +285,7 @@ impl Tickets {
     async fn claim_in_transaction(&self, a: &Attempt<'_>) -> Result<Option<ticket::Model>, TicketError> {
         let backend = self.db.get_database_backend();
         let numbered = |sql: String| sql.replace('$', "?");
-        let txn = self.db.begin().await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
         let claim =
             Statement::from_sql_and_values(backend, numbered(format!("{CLAIM} RETURNING *")), a.values());
         let Some(t) = ticket::Entity::find().from_raw_sql(claim).one(&txn).await? else {
@@ -344,7 +344,7 @@ impl Tickets {
     /// Revoke an outstanding ticket. Revoking a closed ticket is an error.
     pub async fn revoke(&self, id: &str) -> Result<ticket::Model, TicketError> {
         let now = self.clock.now_ms();
-        let txn = self.db.begin().await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
         let closed = ticket::Entity::update_many()
             .col_expr(ticket::Column::State, Expr::value("revoked"))
             .col_expr(ticket::Column::ClosedAtMs, Expr::value(now))

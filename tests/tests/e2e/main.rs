@@ -6,6 +6,7 @@
 mod admin;
 mod alarms;
 mod browser;
+mod concurrency;
 mod console;
 mod gateway;
 mod limits;

@@ -607,3 +607,38 @@ fn health_turns_not_serving_when_a_server_drains() {
         stopping.await.unwrap();
     });
 }
+
+store_test!(a_dev_sites_files_are_owner_only);
+async fn a_dev_sites_files_are_owner_only(store: Store) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("site");
+    let config = chipsite_e2e::config_for(&data, &store);
+    chipsite_e2e::capture_logs();
+    let site = chipsite_site::Site::start_dev(&config).await.unwrap();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("pki")), 0o700);
+    assert_eq!(mode(&data.join("site-key.passphrase")), 0o600);
+    assert_eq!(mode(&data.join("pki").join("ca.key")), 0o600);
+    if matches!(store, Store::Sqlite) {
+        assert_eq!(mode(&data.join("db")), 0o700);
+        let files: Vec<_> = std::fs::read_dir(data.join("db")).unwrap().flatten().collect();
+        assert!(files.len() >= 4, "{files:?}");
+        for f in files {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+        }
+    }
+    site.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // A pass phrase file someone made readable by others is refused, with the fix named.
+    let phrase = data.join("site-key.passphrase");
+    std::fs::set_permissions(&phrase, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = chipsite_site::Site::start_dev(&config).await.unwrap_err().to_string();
+    assert!(e.contains("site-key.passphrase") && e.contains("chmod 600"), "{e}");
+    // Put right, the site starts again.
+    std::fs::set_permissions(&phrase, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let site = chipsite_site::Site::start_dev(&config).await.unwrap();
+    site.shutdown(Duration::from_secs(5)).await.unwrap();
+    store.drop_database().await;
+}
