@@ -211,20 +211,32 @@ pub enum KeyCmd {
     },
     Seal,
     /// Create a new site key under a new pass phrase (the old key is retired).
+    /// The current pass phrase first (--passphrase-file, else $CHIPSCTL_PASSPHRASE,
+    /// else the first line of stdin), then the new one.
     Create {
         #[command(flatten)]
         passphrase: Passphrase,
+        /// Read the new pass phrase from this file (else $CHIPSCTL_NEW_PASSPHRASE, else the next line of stdin).
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
     },
-    /// Write the site key as stored (encrypted PKCS#8 PEM) to a file or stdout.
+    /// Write the site key as stored (encrypted PKCS#8 PEM) to a file or stdout;
+    /// asks for the current pass phrase.
     Export {
         #[arg(short, long)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        passphrase: Passphrase,
     },
     /// Replace the site key with an encrypted PKCS#8 PEM file (for example from openssl).
+    /// The current pass phrase first, then the file's (which the key keeps).
     Import {
         file: PathBuf,
         #[command(flatten)]
         passphrase: Passphrase,
+        /// Read the file's pass phrase from this file (else $CHIPSCTL_NEW_PASSPHRASE, else the next line of stdin).
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
     },
     /// Encrypt the site key under a new pass phrase.
     Passphrase {
@@ -729,9 +741,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         },
         Command::Key(cmd) => {
             let v = match cmd {
-                KeyCmd::Export { output } => {
+                KeyCmd::Export { output, passphrase } => {
+                    let p = secrets.passphrase(&passphrase)?;
                     let pem = client
-                        .export_site_key(pb::ExportSiteKeyRequest {})
+                        .export_site_key(pb::ExportSiteKeyRequest { passphrase: p })
                         .await
                         .map_err(&err)?
                         .into_inner()
@@ -751,14 +764,20 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             .map_err(|e| CliError::Io(e.to_string())),
                     };
                 }
-                KeyCmd::Import { file, passphrase } => {
+                KeyCmd::Import {
+                    file,
+                    passphrase,
+                    new_passphrase_file,
+                } => {
                     let pem = std::fs::read_to_string(&file)
                         .map_err(|e| CliError::Io(format!("{}: {e}", file.display())))?;
-                    let p = secrets.passphrase(&passphrase)?;
+                    let current = secrets.passphrase(&passphrase)?;
+                    let p = secrets.read(&new_passphrase_file, "CHIPSCTL_NEW_PASSPHRASE")?;
                     client
                         .import_site_key(pb::ImportSiteKeyRequest {
                             encrypted_pem: pem,
                             passphrase: p,
+                            current_passphrase: current,
                         })
                         .await
                 }
@@ -770,10 +789,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await
                 }
                 KeyCmd::Seal => client.seal_vault(pb::SealVaultRequest {}).await,
-                KeyCmd::Create { passphrase } => {
-                    let p = secrets.passphrase(&passphrase)?;
+                KeyCmd::Create {
+                    passphrase,
+                    new_passphrase_file,
+                } => {
+                    let current = secrets.passphrase(&passphrase)?;
+                    let p = secrets.read(&new_passphrase_file, "CHIPSCTL_NEW_PASSPHRASE")?;
                     client
-                        .create_site_key(pb::CreateSiteKeyRequest { passphrase: p })
+                        .create_site_key(pb::CreateSiteKeyRequest {
+                            passphrase: p,
+                            current_passphrase: current,
+                        })
                         .await
                 }
                 KeyCmd::Passphrase {

@@ -192,7 +192,25 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     // Site key.
     assert!(ok(d, &["key", "status"]).starts_with("site key unsealed"));
     let exported = d.join("site-key.pem");
-    ok(d, &["key", "export", "-o", exported.to_str().unwrap()]);
+    // Export asks for the current pass phrase.
+    fails(
+        d,
+        &["key", "export", "-o", exported.to_str().unwrap()],
+        Some("not the pass phrase\n"),
+        "wrong pass phrase",
+    );
+    assert!(!exported.exists());
+    ok(
+        d,
+        &[
+            "key",
+            "export",
+            "-o",
+            exported.to_str().unwrap(),
+            "--passphrase-file",
+            pass_arg,
+        ],
+    );
     assert!(
         std::fs::read_to_string(&exported)
             .unwrap()
@@ -222,22 +240,50 @@ async fn every_admin_command_through_chipsctl(store: Store) {
         .as_str()
         .unwrap()
         .to_owned();
-    let r = chipsctl(d, &["--json", "key", "create"], Some("a brand new pass phrase\n"));
+    // Replacing the key takes the current pass phrase, then the new one.
+    fails(
+        d,
+        &["key", "create"],
+        Some("not the current one\na brand new pass phrase\n"),
+        "wrong pass phrase",
+    );
+    let r = chipsctl(
+        d,
+        &["--json", "key", "create"],
+        Some("new pass phrase 123\na brand new pass phrase\n"),
+    );
     assert!(r.ok, "{}", r.stderr);
     assert_ne!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
-    fails(d, &["key", "create"], Some("short\n"), "at least 8 characters");
+    fails(
+        d,
+        &["key", "create"],
+        Some("a brand new pass phrase\nshort\n"),
+        "at least 12 characters",
+    );
+    fails(
+        d,
+        &["key", "create"],
+        Some("a brand new pass phrase\nPassword123!\n"),
+        "well-known",
+    );
     fails(d, &["key", "unseal"], Some(""), "no pass phrase");
     // The exported (old) key comes back under its own pass phrase.
     fails(
         d,
         &["key", "import", exported.to_str().unwrap()],
-        Some("not the pass phrase\n"),
+        Some("a brand new pass phrase\nnot the pass phrase\n"),
         "cannot open the key",
+    );
+    fails(
+        d,
+        &["key", "import", exported.to_str().unwrap()],
+        Some(&format!("not the current one\n{pass}\n")),
+        "wrong pass phrase",
     );
     let r = chipsctl(
         d,
         &["--json", "key", "import", exported.to_str().unwrap()],
-        Some(&format!("{pass}\n")),
+        Some(&format!("a brand new pass phrase\n{pass}\n")),
     );
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);

@@ -48,15 +48,17 @@ macro_rules! redacted_debug {
 
 redacted_debug! {
     keyvault::v1::UnsealRequest {} redacting [passphrase];
-    keyvault::v1::CreateSiteKeyRequest {} redacting [passphrase];
+    keyvault::v1::CreateSiteKeyRequest {} redacting [passphrase, current_passphrase];
     keyvault::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
-    keyvault::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase];
+    keyvault::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase, current_passphrase];
+    keyvault::v1::ExportSiteKeyRequest {} redacting [passphrase];
     ticket::v1::IssuedTicket { info, site_key_pin } redacting [token];
     ticket::v1::RedeemTicketRequest { kind, chip_id, source } redacting [token];
     admin::v1::UnsealVaultRequest {} redacting [passphrase];
-    admin::v1::CreateSiteKeyRequest {} redacting [passphrase];
+    admin::v1::CreateSiteKeyRequest {} redacting [passphrase, current_passphrase];
     admin::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];
-    admin::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase];
+    admin::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase, current_passphrase];
+    admin::v1::ExportSiteKeyRequest {} redacting [passphrase];
     admin::v1::StartPeerServerRequest {} redacting [passphrase];
     admin::v1::IssuedTicketView { ticket_id, chip_id, expires_at_ms } redacting [json, uri];
     admin::v1::ConsoleTicket { ticket_id, expires_at_ms } redacting [url];
@@ -99,12 +101,17 @@ mod tests {
         let import = super::admin::v1::ImportSiteKeyRequest {
             encrypted_pem: "-----BEGIN ENCRYPTED PRIVATE KEY-----".into(),
             passphrase: "s3cret pass".into(),
+            current_passphrase: "s3cret current".into(),
         };
-        let shown = format!("{import:?}");
-        assert!(
-            !shown.contains("s3cret") && shown.contains("<redacted>"),
-            "{shown}"
-        );
+        let export = super::admin::v1::ExportSiteKeyRequest {
+            passphrase: "s3cret pass".into(),
+        };
+        for shown in [format!("{import:?}"), format!("{export:?}")] {
+            assert!(
+                !shown.contains("s3cret") && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

@@ -35,9 +35,10 @@ pub async fn serve_ticket(
     key_vault: Channel,
     listener: TcpListener,
     tls: Arc<ReloadableTls>,
+    bench: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    chipsite_ticket::serve(tickets, key_vault, listener, tls, shutdown)
+    chipsite_ticket::serve(tickets, key_vault, listener, tls, bench, shutdown)
         .await
         .map_err(served("ticket"))
 }
@@ -49,9 +50,10 @@ pub async fn serve_admin(
     tickets: Channel,
     listener: TcpListener,
     tls: Arc<ReloadableTls>,
+    bench: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    chipsite_admin::serve(admin, key_vault, tickets, listener, tls, shutdown)
+    chipsite_admin::serve(admin, key_vault, tickets, listener, tls, bench, shutdown)
         .await
         .map_err(served("admin"))
 }
@@ -146,7 +148,15 @@ pub(crate) async fn start_ticket(mut ctx: Ctx) -> Result<Started, SiteError> {
     tracing::info!(service = "ticket", addr = ?listener.local_addr().ok(), "serving");
     Ok(Started {
         report: Report::default(),
-        serving: serve_ticket(tickets, key_vault, listener, ctx.tls, ctx.shutdown.wait()).boxed(),
+        serving: serve_ticket(
+            tickets,
+            key_vault,
+            listener,
+            ctx.tls,
+            ctx.dev,
+            ctx.shutdown.wait(),
+        )
+        .boxed(),
     })
 }
 
@@ -183,7 +193,16 @@ pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
             init_scripts_ran,
             ..Report::default()
         },
-        serving: serve_admin(admin, key_vault, tickets, listener, ctx.tls, ctx.shutdown.wait()).boxed(),
+        serving: serve_admin(
+            admin,
+            key_vault,
+            tickets,
+            listener,
+            ctx.tls,
+            ctx.dev,
+            ctx.shutdown.wait(),
+        )
+        .boxed(),
     })
 }
 

@@ -22,26 +22,28 @@ use crate::{Admin, UserChanges, UserData, store::user};
 /// and console everything; gateways may read users and lockdown state.
 /// UserEvents (served beside it): gateways watch events and handle their
 /// users' alarms; the operator, console and benchmark raise alarms.
-pub fn policy() -> Policy {
+///
+/// The `bench` identity may raise alarms only when `bench` is set (a dev
+/// site); the console reads events by listing, it does not `Watch`.
+pub fn policy(bench: bool) -> Policy {
     const S: &str = "/chipsite.admin.v1.AdminService/";
     const E: &str = "/chipsite.events.v1.UserEvents/";
+    let mut raisers = vec![id::ADMIN_CLIENT, id::CONSOLE];
+    raisers.extend(bench.then_some(id::BENCH));
     Policy::new()
         .allow(S, &[id::ADMIN_CLIENT, id::CONSOLE])
-        .allow(&format!("{S}GetUser"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(
+            &format!("{S}GetUserStatus"),
+            &[id::USER_GATEWAY, id::PEER_GATEWAY],
+        )
         .allow(&format!("{S}GetLockdown"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
         .allow(
             &format!("{S}GetSiteConfig"),
             &[id::USER_GATEWAY, id::PEER_GATEWAY],
         )
         .allow(&format!("{S}GetPeerServer"), &[id::PEER_GATEWAY])
-        .allow(
-            &format!("{E}Watch"),
-            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE],
-        )
-        .allow(
-            &format!("{E}RaiseAlarms"),
-            &[id::ADMIN_CLIENT, id::CONSOLE, id::BENCH],
-        )
+        .allow(&format!("{E}Watch"), &[id::USER_GATEWAY, id::PEER_GATEWAY])
+        .allow(&format!("{E}RaiseAlarms"), &raisers)
         .allow(
             &format!("{E}ListAlarms"),
             &[id::USER_GATEWAY, id::ADMIN_CLIENT, id::CONSOLE],
@@ -169,6 +171,16 @@ impl AdminService for AdminGrpc {
     async fn get_user(&self, req: Request<pb::GetUserRequest>) -> R<pb::User> {
         let u = self.admin.user(&req.into_inner().chip_id).await?;
         Ok(Response::new(self.user_pb(u).await?))
+    }
+
+    async fn get_user_status(&self, req: Request<pb::GetUserRequest>) -> R<pb::UserStatus> {
+        let u = self.admin.user(&req.into_inner().chip_id).await?;
+        Ok(Response::new(pb::UserStatus {
+            chip_id: u.chip_id,
+            name: u.name,
+            status: u.status,
+            locked: u.locked,
+        }))
     }
 
     async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> R<pb::ListUsersResponse> {
@@ -467,12 +479,15 @@ impl AdminService for AdminGrpc {
 
     async fn create_site_key(&self, req: Request<pb::CreateSiteKeyRequest>) -> R<pb::VaultStatusView> {
         let caller = Caller::of(&req);
-        let passphrase = req.into_inner().passphrase;
+        let r = req.into_inner();
         self.audited(&caller, "create_site_key", "site key", async {
             let s = self
                 .vault
                 .clone()
-                .create_site_key(kv::CreateSiteKeyRequest { passphrase })
+                .create_site_key(kv::CreateSiteKeyRequest {
+                    passphrase: r.passphrase,
+                    current_passphrase: r.current_passphrase,
+                })
                 .await?
                 .into_inner();
             Ok(self.vault_view(s).await)
@@ -508,6 +523,7 @@ impl AdminService for AdminGrpc {
                 .import_site_key(kv::ImportSiteKeyRequest {
                     encrypted_pem: r.encrypted_pem,
                     passphrase: r.passphrase,
+                    current_passphrase: r.current_passphrase,
                 })
                 .await?
                 .into_inner();
@@ -518,11 +534,12 @@ impl AdminService for AdminGrpc {
 
     async fn export_site_key(&self, req: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
         let caller = Caller::of(&req);
+        let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "export_site_key", "site key", async {
             let k = self
                 .vault
                 .clone()
-                .export_site_key(kv::ExportSiteKeyRequest {})
+                .export_site_key(kv::ExportSiteKeyRequest { passphrase })
                 .await?
                 .into_inner();
             Ok(pb::ExportSiteKeyResponse {
@@ -686,5 +703,28 @@ impl AdminService for AdminGrpc {
         entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
         entries.truncate(limit as usize);
         Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_identity_raises_alarms_only_on_a_dev_site_and_the_console_does_not_watch() {
+        let raise = "/chipsite.events.v1.UserEvents/RaiseAlarms";
+        assert!(policy(true).permits(raise, id::BENCH));
+        assert!(!policy(false).permits(raise, id::BENCH));
+        assert!(policy(false).permits(raise, id::CONSOLE));
+        // Gateways read a user's status, not their contact details.
+        let get_user = "/chipsite.admin.v1.AdminService/GetUser";
+        let get_status = "/chipsite.admin.v1.AdminService/GetUserStatus";
+        for gateway in [id::USER_GATEWAY, id::PEER_GATEWAY] {
+            assert!(!policy(false).permits(get_user, gateway));
+            assert!(policy(false).permits(get_status, gateway));
+        }
+        let watch = "/chipsite.events.v1.UserEvents/Watch";
+        assert!(!policy(true).permits(watch, id::CONSOLE));
+        assert!(policy(false).permits(watch, id::USER_GATEWAY));
     }
 }

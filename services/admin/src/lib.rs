@@ -707,6 +707,7 @@ pub async fn serve(
     tickets: tonic::transport::Channel,
     listener: tokio::net::TcpListener,
     tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
+    bench: bool,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), chipsite_grpc_server::ServeError> {
     use chipsite_proto::{
@@ -722,7 +723,7 @@ pub async fn serve(
     let served = async {
         chipsite_grpc_server::serve_with!(
             [svc => S, events => E],
-            policy(),
+            policy(bench),
             true,
             listener,
             tls,

@@ -212,6 +212,7 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
                         @if v.has_key { p.error { "A new site key changes the pin: every app and peer must be told of it." } }
                         form method="post" action="/key/create" {
                             input type="hidden" name="csrf" value=(chrome.csrf);
+                            @if v.has_key { (secret("old", "Current pass phrase")) }
                             (secret("new", "Pass phrase"))
                             (secret("confirm", "Pass phrase again"))
                             button type="submit" { "Create" }
@@ -300,7 +301,10 @@ pub(crate) async fn create_key(
         Ok(passphrase) => {
             let r = c
                 .admin()
-                .create_site_key(ad::CreateSiteKeyRequest { passphrase })
+                .create_site_key(ad::CreateSiteKeyRequest {
+                    passphrase,
+                    current_passphrase: f.old.clone(),
+                })
                 .await;
             outcome(r, "A new site key was created; it is unsealed.")
         }

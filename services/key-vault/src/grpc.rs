@@ -66,8 +66,11 @@ impl KeyVaultRpc for KeyVaultGrpc {
     }
 
     async fn create_site_key(&self, req: Request<pb::CreateSiteKeyRequest>) -> R<pb::VaultStatus> {
+        let req = req.into_inner();
         Ok(Response::new(status_pb(
-            self.0.create_site_key(&req.into_inner().passphrase).await?,
+            self.0
+                .create_site_key(&req.passphrase, &req.current_passphrase)
+                .await?,
         )))
     }
 
@@ -84,14 +87,14 @@ impl KeyVaultRpc for KeyVaultGrpc {
         let req = req.into_inner();
         Ok(Response::new(status_pb(
             self.0
-                .import_site_key(&req.encrypted_pem, &req.passphrase)
+                .import_site_key(&req.encrypted_pem, &req.passphrase, &req.current_passphrase)
                 .await?,
         )))
     }
 
-    async fn export_site_key(&self, _: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
+    async fn export_site_key(&self, req: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
         Ok(Response::new(pb::ExportSiteKeyResponse {
-            encrypted_pem: self.0.export_site_key().await?,
+            encrypted_pem: self.0.export_site_key(&req.into_inner().passphrase).await?,
         }))
     }
 

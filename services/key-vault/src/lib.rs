@@ -35,8 +35,9 @@ use store::{peer_key, site_key, user_key};
 
 /// Longest lifetime of a gateway certificate.
 pub const MAX_SERVICE_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Shortest acceptable new pass phrase.
-pub const MIN_PASSPHRASE_LEN: usize = 8;
+/// Shortest acceptable new pass phrase. The key's scrypt parameters sit at
+/// what `openssl pkey` accepts, so the phrase carries the strength.
+pub const MIN_PASSPHRASE_LEN: usize = 12;
 /// Wrong pass phrases tolerated before attempts are spaced out.
 const FREE_FAILURES: u32 = 3;
 
@@ -164,21 +165,42 @@ impl KeyVault {
         })
     }
 
-    /// First launch: create a site key under `passphrase` unless one exists.
+    /// First launch: create a site key under `passphrase` unless one exists
+    /// (nothing to prove then: there is no current key).
     /// Returns whether a key was created.
     pub async fn ensure_site_key(&self, passphrase: &str) -> Result<bool, VaultError> {
         if self.current().await?.is_some() {
             return Ok(false);
         }
-        self.create_site_key(passphrase).await?;
+        check_new_passphrase(passphrase)?;
+        let _changing = self.key_changes.lock().await;
+        let secret = SecretKey::try_generate().map_err(crypto)?;
+        let encrypted_pem = encrypt(secret.clone(), passphrase).await?;
+        self.install(encrypted_pem, &secret).await?;
         Ok(true)
     }
 
+    /// Whoever replaces or exports the current key must hold its pass phrase
+    /// (checked, and throttled, as an unseal is). With no key yet there is
+    /// nothing to prove.
+    async fn prove_current(&self, current_passphrase: &str) -> Result<(), VaultError> {
+        if self.current().await?.is_none() {
+            return Ok(());
+        }
+        self.open_current(current_passphrase).await.map(|_| ())
+    }
+
     /// Generate a new site key, encrypted under `passphrase`; the old key is
-    /// retired. The vault is left unsealed with the new key.
-    pub async fn create_site_key(&self, passphrase: &str) -> Result<Status, VaultError> {
+    /// retired (its pass phrase, `current_passphrase`, is required). The
+    /// vault is left unsealed with the new key.
+    pub async fn create_site_key(
+        &self,
+        passphrase: &str,
+        current_passphrase: &str,
+    ) -> Result<Status, VaultError> {
         check_new_passphrase(passphrase)?;
         let _changing = self.key_changes.lock().await;
+        self.prove_current(current_passphrase).await?;
         let secret = SecretKey::try_generate().map_err(crypto)?;
         let encrypted_pem = encrypt(secret.clone(), passphrase).await?;
         self.install(encrypted_pem, &secret).await
@@ -188,10 +210,17 @@ impl KeyVault {
     /// `passphrase`. The file's key-derivation parameters are bounded before
     /// anything is derived, and the key is stored re-encrypted under this
     /// vault's own parameters, never as given.
-    pub async fn import_site_key(&self, encrypted_pem: &str, passphrase: &str) -> Result<Status, VaultError> {
+    /// The current key's pass phrase, `current_passphrase`, is required.
+    pub async fn import_site_key(
+        &self,
+        encrypted_pem: &str,
+        passphrase: &str,
+        current_passphrase: &str,
+    ) -> Result<Status, VaultError> {
         check_new_passphrase(passphrase)?;
         check_key_derivation(encrypted_pem)?;
         let _changing = self.key_changes.lock().await;
+        self.prove_current(current_passphrase).await?;
         let secret = decrypt(encrypted_pem.to_owned(), passphrase).await.map_err(|e| match e {
             VaultError::WrongPassphrase => VaultError::InvalidArgument(
                 "cannot open the key: it must be a P-256 key in encrypted PKCS#8 PEM and the pass phrase must match"
@@ -310,9 +339,12 @@ impl KeyVault {
         self.status().await
     }
 
-    /// The current key as stored: encrypted PKCS#8 PEM.
-    pub async fn export_site_key(&self) -> Result<String, VaultError> {
-        Ok(self.current().await?.ok_or(VaultError::NoKey)?.encrypted_pem)
+    /// The current key as stored: encrypted PKCS#8 PEM, for whoever holds
+    /// its pass phrase (an exported key could otherwise be guessed at
+    /// offline, around the unseal throttle).
+    pub async fn export_site_key(&self, passphrase: &str) -> Result<String, VaultError> {
+        let (current, _) = self.open_current(passphrase).await?;
+        Ok(current.encrypted_pem)
     }
 
     async fn signer(&self) -> Result<(Arc<KeyPair>, Vec<u8>), VaultError> {
@@ -437,14 +469,116 @@ impl KeyVault {
     }
 }
 
-fn check_new_passphrase(passphrase: &str) -> Result<(), VaultError> {
+/// A new pass phrase: at least [`MIN_PASSPHRASE_LEN`] characters, at least
+/// six different ones, and not a well-known password or phrase (compared
+/// without case, spaces or punctuation).
+pub fn check_new_passphrase(passphrase: &str) -> Result<(), VaultError> {
     if passphrase.chars().count() < MIN_PASSPHRASE_LEN {
         return Err(VaultError::InvalidArgument(format!(
             "the pass phrase must have at least {MIN_PASSPHRASE_LEN} characters"
         )));
     }
+    let distinct: std::collections::BTreeSet<char> = passphrase.chars().collect();
+    if distinct.len() < 6 {
+        return Err(VaultError::InvalidArgument(
+            "the pass phrase must use at least six different characters".into(),
+        ));
+    }
+    let folded: String = passphrase
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect();
+    let common = COMMON_PHRASES.iter().any(|c| {
+        // A common phrase, perhaps repeated or with a few digits after it.
+        folded == *c || folded.trim_end_matches(|ch: char| ch.is_ascii_digit()) == *c || folded == c.repeat(2)
+    });
+    if common {
+        return Err(VaultError::InvalidArgument(
+            "the pass phrase is a well-known one: choose another".into(),
+        ));
+    }
     Ok(())
 }
+
+/// Well-known passwords and phrases, folded (lower case, letters and digits
+/// only), refused as pass phrases whatever their length.
+const COMMON_PHRASES: &[&str] = &[
+    "password",
+    "passphrase",
+    "password1",
+    "password123",
+    "passw0rd",
+    "123456789012",
+    "123456789",
+    "1234567890",
+    "12345678",
+    "qwertyuiop",
+    "qwertyuiopasdfghjkl",
+    "qwerty123456",
+    "1q2w3e4r5t6y",
+    "1qaz2wsx3edc",
+    "asdfghjkl",
+    "zxcvbnm",
+    "iloveyou",
+    "letmein",
+    "welcome",
+    "welcometo",
+    "administrator",
+    "admin",
+    "adminadmin",
+    "changeme",
+    "changemeplease",
+    "secret",
+    "topsecret",
+    "trustno1",
+    "monkey",
+    "dragon",
+    "football",
+    "baseball",
+    "superman",
+    "batman",
+    "sunshine",
+    "princess",
+    "master",
+    "shadow",
+    "whatever",
+    "starwars",
+    "pokemon",
+    "computer",
+    "internet",
+    "correcthorsebatterystaple",
+    "thequickbrownfoxjumpsoverthelazydog",
+    "opensesame",
+    "letmeinplease",
+    "mypassword",
+    "mypassphrase",
+    "thisismypassword",
+    "thisismypassphrase",
+    "sitekey",
+    "sitekeypassphrase",
+    "chipsite",
+    "chipsitesitekey",
+    "mychips",
+    "chips",
+    "abcdefghijkl",
+    "abcdefghijklmnopqrstuvwxyz",
+    "abc123456789",
+    "aaaaaaaaaaaa",
+    "hello",
+    "helloworld",
+    "testtest",
+    "test1234",
+    "testpassword",
+    "default",
+    "defaultpassword",
+    "p4ssw0rd",
+    "p455w0rd",
+    "pa55word",
+    "passwordpassword",
+    "00000000",
+    "11111111",
+];
 
 /// Names (CHIP IDs, hosts) are short printable text: anything else is a
 /// clear error, not a database failure.

@@ -13,15 +13,22 @@ use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{Kind, TicketError, Tickets, store, visible_state};
 
-/// Which internal identities may call which Tickets RPC.
-pub fn policy() -> Policy {
+/// Which internal identities may call which Tickets RPC. The `bench`
+/// identity (the benchmark driver, which issues and redeems user tickets
+/// directly) is allowed only when `bench` is set: on a dev site.
+pub fn policy(bench: bool) -> Policy {
     const S: &str = "/chipsite.ticket.v1.Tickets/";
     let m = |name: &str| format!("{S}{name}");
+    let and_bench = |ids: &[&'static str]| {
+        let mut ids = ids.to_vec();
+        ids.extend(bench.then_some(id::BENCH));
+        ids
+    };
     Policy::new()
-        .allow(&m("IssueTicket"), &[id::ADMIN, id::USER_GATEWAY, id::BENCH])
+        .allow(&m("IssueTicket"), &and_bench(&[id::ADMIN, id::USER_GATEWAY]))
         .allow(
             &m("RedeemTicket"),
-            &[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE, id::BENCH],
+            &and_bench(&[id::USER_GATEWAY, id::PEER_GATEWAY, id::CONSOLE]),
         )
         .allow(&m("ListTickets"), &[id::ADMIN])
         .allow(&m("RevokeTicket"), &[id::ADMIN])
@@ -40,15 +47,24 @@ pub struct TicketsGrpc {
     tickets: Arc<Tickets>,
     key_vault: KeyVaultClient<TracedChannel>,
     vault_status: Arc<std::sync::Mutex<CachedStatus>>,
+    /// Whether the `bench` identity has its rights (a dev site only).
+    bench: bool,
 }
 
 impl TicketsGrpc {
-    pub fn new(tickets: Arc<Tickets>, key_vault: Channel) -> Self {
+    pub fn new(tickets: Arc<Tickets>, key_vault: Channel, bench: bool) -> Self {
         Self {
             tickets,
             key_vault: KeyVaultClient::new(traced(key_vault)),
             vault_status: Default::default(),
+            bench,
         }
+    }
+
+    /// Whether `caller` is one of `allowed`, or the benchmark driver where
+    /// it has rights.
+    fn may(&self, caller: &str, allowed: &[&str], bench: bool) -> bool {
+        allowed.contains(&caller) || (bench && self.bench && caller == id::BENCH)
     }
 
     async fn vault_status(&self) -> Result<VaultStatus, Status> {
@@ -119,12 +135,12 @@ impl TicketsRpc for TicketsGrpc {
         let kind = kind_of(req.kind)?;
         // A user's connection ticket is the operator's to issue (admin checks
         // the user first); a gateway issues only tally tickets, for its users.
-        let allowed: &[&str] = match kind {
-            Kind::User => &[id::ADMIN, id::BENCH],
-            Kind::Tally => &[id::ADMIN, id::USER_GATEWAY],
-            Kind::Console => &[id::ADMIN],
+        let (allowed, bench): (&[&str], bool) = match kind {
+            Kind::User => (&[id::ADMIN], true),
+            Kind::Tally => (&[id::ADMIN, id::USER_GATEWAY], false),
+            Kind::Console => (&[id::ADMIN], false),
         };
-        if !allowed.contains(&caller.as_str()) {
+        if !self.may(&caller, allowed, bench) {
             return Err(status(
                 ErrorCode::Forbidden,
                 format!("{caller} may not issue {} tickets", kind.as_str()),
@@ -163,12 +179,12 @@ impl TicketsRpc for TicketsGrpc {
         let kind = kind_of(req.kind)?;
         // Each redeemer redeems only its own kind: the console cannot spend a
         // user's ticket, nor a gateway an operator's sign-in.
-        let redeemers: &[&str] = match kind {
-            Kind::Console => &[id::CONSOLE],
-            Kind::User => &[id::USER_GATEWAY, id::BENCH],
-            Kind::Tally => &[id::PEER_GATEWAY, id::USER_GATEWAY, id::BENCH],
+        let (redeemers, bench): (&[&str], bool) = match kind {
+            Kind::Console => (&[id::CONSOLE], false),
+            Kind::User => (&[id::USER_GATEWAY], true),
+            Kind::Tally => (&[id::PEER_GATEWAY, id::USER_GATEWAY], true),
         };
-        if !redeemers.contains(&caller.as_str()) {
+        if !self.may(&caller, redeemers, bench) {
             return Err(status(
                 ErrorCode::Forbidden,
                 format!("{caller} may not redeem this kind of ticket"),
@@ -216,5 +232,21 @@ impl TicketsRpc for TicketsGrpc {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The benchmark driver's rights exist only on a dev site.
+    #[test]
+    fn the_bench_identity_has_rights_only_on_a_dev_site() {
+        for method in ["IssueTicket", "RedeemTicket"] {
+            let path = format!("/chipsite.ticket.v1.Tickets/{method}");
+            assert!(policy(true).permits(&path, id::BENCH), "{method}");
+            assert!(!policy(false).permits(&path, id::BENCH), "{method}");
+            assert!(policy(false).permits(&path, id::USER_GATEWAY), "{method}");
+        }
     }
 }

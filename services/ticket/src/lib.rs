@@ -448,12 +448,13 @@ pub async fn serve(
     key_vault: tonic::transport::Channel,
     listener: tokio::net::TcpListener,
     tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
+    bench: bool,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), chipsite_grpc_server::ServeError> {
     type S = chipsite_proto::ticket::v1::tickets_server::TicketsServer<TicketsGrpc>;
-    let svc = S::new(TicketsGrpc::new(tickets, key_vault));
+    let svc = S::new(TicketsGrpc::new(tickets, key_vault, bench));
     // Every ticket operation is a single atomic statement (or transaction), so
     // a call cut short leaves nothing half done: no extra task per call on
     // this hot path.
-    chipsite_grpc_server::serve_with!([svc => S], policy(), false, listener, tls, shutdown)
+    chipsite_grpc_server::serve_with!([svc => S], policy(bench), false, listener, tls, shutdown)
 }

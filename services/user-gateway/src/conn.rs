@@ -497,7 +497,7 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
             // The user and the pending alarms, asked at the same time.
             let (mut admin, mut events) = (inner.admin.clone(), inner.events.clone());
             let (user, alarms) = tokio::join!(
-                admin.get_user(ad::GetUserRequest {
+                admin.get_user_status(ad::GetUserRequest {
                     chip_id: chip_id.to_owned(),
                 }),
                 events.list_alarms(ev::ListAlarmsRequest {

@@ -295,6 +295,7 @@ async fn events_reach_every_replica(store: Store) {
             channel(&endpoints.ticket, id::TICKET, id::ADMIN),
             listener,
             site.tls(id::ADMIN),
+            false,
             stopped(stop.clone()),
         ));
     }

@@ -553,7 +553,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         "/key/passphrase",
         c,
         Some(&f(&format!(
-            "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-2"
+            "old={passphrase}&new=apple-berry-cherry-1&confirm=apple-berry-cherry-2"
         ))),
     )
     .await;
@@ -564,7 +564,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         "/key/passphrase",
         c,
         Some(&f(
-            "old=nope-nope-nope&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1",
+            "old=nope-nope-nope&new=apple-berry-cherry-1&confirm=apple-berry-cherry-1",
         )),
     )
     .await;
@@ -575,17 +575,17 @@ async fn console_pages_do_what_they_say(store: Store) {
         "/key/passphrase",
         c,
         Some(&f(&format!(
-            "old={passphrase}&new=aaaa-bbbb-cccc-1&confirm=aaaa-bbbb-cccc-1"
+            "old={passphrase}&new=apple-berry-cherry-1&confirm=apple-berry-cherry-1"
         ))),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(!r.body.contains("aaaa-bbbb-cccc-1"));
+    assert!(!r.body.contains("apple-berry-cherry-1"));
     let mut admin = site.admin();
     admin.seal_vault(pb::SealVaultRequest {}).await.unwrap();
     admin
         .unseal_vault(pb::UnsealVaultRequest {
-            passphrase: "aaaa-bbbb-cccc-1".into(),
+            passphrase: "apple-berry-cherry-1".into(),
         })
         .await
         .expect("the new pass phrase opens the key");
@@ -605,7 +605,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         "POST",
         "/peer/start",
         c,
-        Some(&f("passphrase=aaaa-bbbb-cccc-1")),
+        Some(&f("passphrase=apple-berry-cherry-1")),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -658,7 +658,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         "{}",
         a.body
     );
-    assert!(!a.body.contains("aaaa-bbbb-cccc-1") && !a.body.contains(passphrase));
+    assert!(!a.body.contains("apple-berry-cherry-1") && !a.body.contains(passphrase));
     let a = http(&site, "GET", "/audit?source=ticket", c, None).await;
     assert!(
         a.body.contains("revoked") && !a.body.contains("create_user"),
@@ -717,11 +717,13 @@ async fn console_pages_do_what_they_say(store: Store) {
         "POST",
         "/key/create",
         c,
-        Some(&f("new=zzzz-yyyy-xxxx-1&confirm=zzzz-yyyy-xxxx-1")),
+        Some(&f(
+            "old=apple-berry-cherry-1&new=zebra-yak-xerus-1&confirm=zebra-yak-xerus-1",
+        )),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.body.contains("A new site key was created") && !r.body.contains("zzzz-yyyy-xxxx-1"));
+    assert!(r.body.contains("A new site key was created") && !r.body.contains("zebra-yak-xerus-1"));
     let after = admin
         .get_vault_status(pb::GetVaultStatusRequest {})
         .await
@@ -734,8 +736,8 @@ async fn console_pages_do_what_they_say(store: Store) {
     assert!(logs.contains("console sign-in"), "the logs were captured");
     for secret in [
         passphrase,
-        "aaaa-bbbb-cccc-1",
-        "zzzz-yyyy-xxxx-1",
+        "apple-berry-cherry-1",
+        "zebra-yak-xerus-1",
         "Wrong-Phrase-xyzzy",
         "nope-nope-nope",
     ] {

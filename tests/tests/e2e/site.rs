@@ -132,7 +132,7 @@ async fn internal_callers_are_authorized_per_rpc(store: Store) {
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = site
         .key_vault_as(id::ADMIN_CLIENT)
-        .export_site_key(kv::ExportSiteKeyRequest {})
+        .export_site_key(kv::ExportSiteKeyRequest::default())
         .await
         .unwrap_err();
     assert_eq!(
@@ -634,8 +634,14 @@ async fn a_dev_sites_files_are_owner_only(store: Store) {
     // A pass phrase file someone made readable by others is refused, with the fix named.
     let phrase = data.join("site-key.passphrase");
     std::fs::set_permissions(&phrase, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = chipsite_site::Site::start_dev(&config).await.unwrap_err().to_string();
-    assert!(e.contains("site-key.passphrase") && e.contains("chmod 600"), "{e}");
+    let e = chipsite_site::Site::start_dev(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("site-key.passphrase") && e.contains("chmod 600"),
+        "{e}"
+    );
     // Put right, the site starts again.
     std::fs::set_permissions(&phrase, std::fs::Permissions::from_mode(0o600)).unwrap();
     let site = chipsite_site::Site::start_dev(&config).await.unwrap();

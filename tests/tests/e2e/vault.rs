@@ -177,7 +177,7 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
     let after = admin
         .change_passphrase(pb::ChangePassphraseRequest {
             old_passphrase: pass.clone(),
-            new_passphrase: "correct horse battery staple".into(),
+            new_passphrase: "plum orchard lantern seven".into(),
         })
         .await
         .unwrap()
@@ -200,14 +200,27 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
     );
     admin
         .unseal_vault(pb::UnsealVaultRequest {
-            passphrase: "correct horse battery staple".into(),
+            passphrase: "plum orchard lantern seven".into(),
         })
         .await
         .unwrap();
 
-    // What we store, openssl opens.
+    // What we store, openssl opens; only for whoever holds the pass phrase.
+    let e = vault
+        .export_site_key(kv::ExportSiteKeyRequest {
+            passphrase: pass.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::PermissionDenied,
+        "export needs the current pass phrase"
+    );
     let pem = vault
-        .export_site_key(kv::ExportSiteKeyRequest {})
+        .export_site_key(kv::ExportSiteKeyRequest {
+            passphrase: "plum orchard lantern seven".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -219,7 +232,7 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
     let opened = openssl_ok(&[
         "pkey",
         "-passin",
-        "pass:correct horse battery staple",
+        "pass:plum orchard lantern seven",
         "-pubout",
         "-outform",
         "DER",
@@ -283,16 +296,27 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
         &scrypt,
     ]);
     let plain_spki = openssl_ok(&["pkey", "-pubout", "-outform", "DER", "-in", &plain]);
+    let mut current = "plum orchard lantern seven";
     for file in [&pbkdf2, &scrypt] {
         let pem = std::fs::read_to_string(file).unwrap();
-        let import = |passphrase: &str| kv::ImportSiteKeyRequest {
+        let import = |passphrase: &str, current: &str| kv::ImportSiteKeyRequest {
             encrypted_pem: pem.clone(),
             passphrase: passphrase.into(),
+            current_passphrase: current.into(),
         };
-        let e = vault.import_site_key(import("nope")).await.unwrap_err();
+        let e = vault.import_site_key(import("nope", current)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
+        let e = vault
+            .import_site_key(import("openssl pass", "not the current one"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::PermissionDenied,
+            "import needs the current pass phrase"
+        );
         let s = vault
-            .import_site_key(import("openssl pass"))
+            .import_site_key(import("openssl pass", current))
             .await
             .unwrap()
             .into_inner();
@@ -301,6 +325,7 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
             "the imported key is the site key now"
         );
         assert!(!s.sealed);
+        current = "openssl pass";
     }
     // A file whose key derivation is out of bounds is refused before any
     // derivation runs (scrypt N patched from 2^14 to 2^14 + 1).
@@ -337,6 +362,7 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
         .import_site_key(kv::ImportSiteKeyRequest {
             encrypted_pem: pem_text,
             passphrase: "openssl pass".into(),
+            current_passphrase: current.into(),
         })
         .await
         .unwrap_err();
@@ -347,6 +373,7 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
         .import_site_key(kv::ImportSiteKeyRequest {
             encrypted_pem: std::fs::read_to_string(&plain).unwrap(),
             passphrase: String::new(),
+            current_passphrase: current.into(),
         })
         .await
         .unwrap_err();
@@ -359,10 +386,35 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
         .unwrap()
         .into_inner()
         .site_key_pin;
+    let create = |new: &str, current: &str| pb::CreateSiteKeyRequest {
+        passphrase: new.into(),
+        current_passphrase: current.into(),
+    };
+    // Not without the current pass phrase; not a weak or well-known new one.
+    let e = admin
+        .create_site_key(create("another long pass phrase", "not the current one"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    for (weak, why) in [
+        ("eleven char", "at least 12"),
+        ("abababababababab", "six different"),
+        ("Correct Horse Battery Staple", "well-known"),
+        ("password1234", "well-known"),
+    ] {
+        let e = admin.create_site_key(create(weak, current)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{weak}");
+        assert!(e.message().contains(why), "{weak}: {}", e.message());
+    }
+    let unchanged = admin
+        .get_vault_status(pb::GetVaultStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .site_key_pin;
+    assert_eq!(unchanged, old_pin, "nothing refused replaced the key");
     let s = admin
-        .create_site_key(pb::CreateSiteKeyRequest {
-            passphrase: "another long pass phrase".into(),
-        })
+        .create_site_key(create("another long pass phrase", current))
         .await
         .unwrap()
         .into_inner();
