@@ -313,6 +313,19 @@ impl TestSite {
         (port, stop)
     }
 
+    /// The ticket service's audit records, newest first (up to 1,000).
+    pub async fn ticket_audit(&self) -> Vec<chipsite_proto::ticket::v1::AuditRecord> {
+        self.tickets_as(id::ADMIN)
+            .list_audit(chipsite_proto::ticket::v1::ListAuditRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("the ticket audit")
+            .into_inner()
+            .records
+    }
+
     /// UserEvents (alarms) as the operator.
     pub fn events(&self) -> UserEventsClient<Channel> {
         UserEventsClient::new(self.channel(&self.site.endpoints.admin, id::ADMIN, id::ADMIN_CLIENT))

@@ -156,6 +156,7 @@ async fn run_load(
                         ttl_seconds: 600,
                         host: "127.0.0.1".into(),
                         port: 44301,
+                        issuer: String::new(),
                     })
                     .await?
                     .into_inner();
@@ -166,6 +167,7 @@ async fn run_load(
                         token: issued.token,
                         chip_id: chip_id.clone(),
                         source: format!("bench-{w}"),
+                        refusal: String::new(),
                     })
                     .await?;
                 let t2 = Instant::now();

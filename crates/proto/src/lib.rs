@@ -53,7 +53,7 @@ redacted_debug! {
     keyvault::v1::ImportSiteKeyRequest { encrypted_pem } redacting [passphrase, current_passphrase];
     keyvault::v1::ExportSiteKeyRequest {} redacting [passphrase];
     ticket::v1::IssuedTicket { info, site_key_pin } redacting [token];
-    ticket::v1::RedeemTicketRequest { kind, chip_id, source } redacting [token];
+    ticket::v1::RedeemTicketRequest { kind, chip_id, source, refusal } redacting [token];
     admin::v1::UnsealVaultRequest {} redacting [passphrase];
     admin::v1::CreateSiteKeyRequest {} redacting [passphrase, current_passphrase];
     admin::v1::ChangePassphraseRequest {} redacting [old_passphrase, new_passphrase];

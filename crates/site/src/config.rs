@@ -204,6 +204,9 @@ pub struct Config {
     pub log: String,
     /// The user gateway's limits (`[gateway]`, `CHIPSITE_GATEWAY__…`).
     pub gateway: GatewayLimits,
+    /// Days the ticket service keeps closed or expired tickets and its
+    /// audit records (1 to 3650; a sweep runs every hour).
+    pub ticket_retention_days: u64,
 }
 
 /// The user gateway's limits, each checked against its range at start. The
@@ -322,6 +325,7 @@ impl std::fmt::Debug for Config {
             .field("otlp_endpoint", &self.otlp_endpoint)
             .field("log", &self.log)
             .field("gateway", &self.gateway)
+            .field("ticket_retention_days", &self.ticket_retention_days)
             .finish()
     }
 }
@@ -338,6 +342,7 @@ impl Default for Config {
             otlp_endpoint: String::new(),
             log: "info,sea_orm_migration=warn".into(),
             gateway: GatewayLimits::default(),
+            ticket_retention_days: 90,
         }
     }
 }
@@ -424,6 +429,12 @@ impl Config {
             .gateway
             .validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
+        if !(1..=3650).contains(&config.ticket_retention_days) {
+            return Err(Box::new(figment::Error::from(format!(
+                "ticket_retention_days = {} is out of range (1..=3650)",
+                config.ticket_retention_days
+            ))));
+        }
         Ok(config)
     }
 

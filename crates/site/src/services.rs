@@ -143,7 +143,14 @@ pub(crate) async fn start_ticket(mut ctx: Ctx) -> Result<Started, SiteError> {
     let listener = main_listener(&mut ctx, Service::Ticket)?.bind().await?;
     let db = chipsite_store::connect(&ctx.config.database_url_for(Service::Ticket)).await?;
     store_ready(&ctx, "ticket", &db);
-    let tickets = Arc::new(Tickets::open(db).await?.with_clock(ctx.clock.clone()));
+    let tickets = Arc::new(
+        Tickets::open(db)
+            .await?
+            .with_clock(ctx.clock.clone())
+            .with_retention(std::time::Duration::from_secs(
+                ctx.config.ticket_retention_days.saturating_mul(86_400),
+            )),
+    );
     let key_vault = ctx.channel_to(Service::KeyVault)?;
     tracing::info!(service = "ticket", addr = ?listener.local_addr().ok(), "serving");
     Ok(Started {

@@ -13,6 +13,7 @@ mod client;
 mod material;
 mod pki;
 mod serve;
+mod throttle;
 
 pub use admission::{Admission, AdmissionLimits, ConnPermit, Shed};
 pub use authz::{AuthzLayer, Caller, Policy};
@@ -22,6 +23,7 @@ pub use client::{ChannelError, connect_lazy};
 pub use material::{CertPaths, ReloadableTls, TlsMaterial};
 pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki};
 pub use serve::{Admitted, HANDSHAKE_TIMEOUT, tls_incoming};
+pub use throttle::{Attempt, Throttle};
 
 /// The trust domain of internal identities.
 pub const TRUST_DOMAIN: &str = "chipsite.internal";

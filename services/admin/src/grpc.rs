@@ -144,6 +144,7 @@ fn ticket_pb(t: tk::TicketInfo) -> pb::TicketInfo {
         created_at_ms: t.created_at_ms,
         expires_at_ms: t.expires_at_ms,
         state: t.state,
+        issued_by: t.issued_by,
     }
 }
 
@@ -332,6 +333,7 @@ impl AdminService for AdminGrpc {
                     ttl_seconds: ttl,
                     host: host.clone(),
                     port: u32::from(port),
+                    issuer: caller.clone(),
                 })
                 .await?
                 .into_inner();
@@ -396,6 +398,7 @@ impl AdminService for AdminGrpc {
                     ttl_seconds: ttl,
                     host,
                     port: u32::from(port),
+                    issuer: caller.clone(),
                 })
                 .await?
                 .into_inner();
@@ -674,6 +677,7 @@ impl AdminService for AdminGrpc {
                     action: a.action,
                     subject: a.subject,
                     outcome: a.outcome,
+                    count: 1,
                 });
             }
         }
@@ -697,6 +701,7 @@ impl AdminService for AdminGrpc {
                     action: "ticket".into(),
                     subject: t.ticket_id,
                     outcome: t.outcome,
+                    count: t.count,
                 });
             }
         }

@@ -53,12 +53,15 @@ pub const COOKIE: &str = "__Host-chipsite_console";
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions held at most (the oldest go first).
 const MAX_SESSIONS: usize = 1000;
-/// Sign-in attempts one source address may make per [`SIGNIN_WINDOW`]
-/// before the console answers 429 without asking the ticket service.
+/// Sign-in attempts one source address may make at once before the console
+/// answers 429 without asking the ticket service; then one more every
+/// [`SIGNIN_REFILL`]. The same token bucket (and numbers) as the ticket
+/// service's throttle, which refuses throttled attempts without spending
+/// the ticket they name.
 pub const SIGNIN_ATTEMPTS: u32 = 10;
-pub const SIGNIN_WINDOW: Duration = Duration::from_secs(60);
-/// Source addresses the sign-in limiter remembers at most (past it, the
-/// oldest window is forgotten).
+pub const SIGNIN_REFILL: Duration = Duration::from_secs(6);
+/// Source addresses the sign-in limiter remembers at most (past it, those
+/// that have refilled are forgotten, or all of them).
 const MAX_SOURCES: usize = 10_000;
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; \
@@ -91,8 +94,8 @@ pub struct Console {
     tickets: TicketsClient<TracedChannel>,
     /// By SHA-256 of the cookie value.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
-    /// Sign-in attempts by source: (window start, attempts in it).
-    attempts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Sign-in attempts by source (every attempt counts, either kind).
+    attempts: chipsite_tls::Throttle,
     probes: Vec<Probe>,
 }
 
@@ -129,35 +132,14 @@ impl Console {
             admin: AdminServiceClient::new(traced(admin)),
             tickets: TicketsClient::new(traced(tickets)),
             sessions: Mutex::new(HashMap::new()),
-            attempts: Mutex::new(HashMap::new()),
+            attempts: chipsite_tls::Throttle::new(SIGNIN_ATTEMPTS, SIGNIN_REFILL).with_capacity(MAX_SOURCES),
             probes,
         })
     }
 
     /// Whether `ip` may try to sign in now (counts the attempt).
     fn may_sign_in(&self, ip: IpAddr) -> bool {
-        let mut m = match self.attempts.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let now = Instant::now();
-        if !m.contains_key(&ip) && m.len() >= MAX_SOURCES {
-            m.retain(|_, (start, _)| now.duration_since(*start) < SIGNIN_WINDOW);
-            if m.len() >= MAX_SOURCES {
-                // Still full of live windows: a flood from many sources. Make
-                // room by forgetting the oldest window, so that a flood cannot
-                // lock every new source (the operator's own) out.
-                if let Some(oldest) = m.iter().min_by_key(|(_, (start, _))| *start).map(|(ip, _)| *ip) {
-                    m.remove(&oldest);
-                }
-            }
-        }
-        let entry = m.entry(ip).or_insert((now, 0));
-        if now.duration_since(entry.0) >= SIGNIN_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        entry.1 <= SIGNIN_ATTEMPTS
+        self.attempts.try_charge(&ip.to_string())
     }
 
     /// Each probed service's state, in order: (name, address, healthy, detail).
@@ -367,11 +349,11 @@ fn rate_limited(peer: SocketAddr) -> Response {
     tracing::warn!(%peer, "console sign-in rate limited");
     (
         StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, SIGNIN_WINDOW.as_secs().to_string())],
+        [(header::RETRY_AFTER, SIGNIN_REFILL.as_secs().to_string())],
         pages::signin(
             "",
             None,
-            Some("Too many sign-in attempts from this address: wait a minute and try again."),
+            Some("Too many sign-in attempts from this address: wait a few seconds and try again."),
         ),
     )
         .into_response()
@@ -455,6 +437,7 @@ async fn signin(
             token,
             chip_id: chipsite_model::ticket::CONSOLE_SUBJECT.to_owned(),
             source: format!("console:{}", peer.ip()),
+            refusal: String::new(),
         })
         .await;
     if redeemed.is_err() {
@@ -572,7 +555,7 @@ mod tests {
     }
 
     /// The sign-in limit, without a site: per source, and a full table
-    /// forgets its oldest source to admit a new one.
+    /// still admits a new source.
     #[tokio::test]
     async fn sign_in_attempts_are_limited_per_source() {
         let c = console();
@@ -581,7 +564,7 @@ mod tests {
         for _ in 0..SIGNIN_ATTEMPTS {
             assert!(c.may_sign_in(a));
         }
-        assert!(!c.may_sign_in(a), "the 11th attempt in a window is refused");
+        assert!(!c.may_sign_in(a), "the 11th attempt at once is refused");
         assert!(c.may_sign_in(b), "another source is not affected");
         for i in 0..MAX_SOURCES {
             let octets = u32::try_from(i).unwrap_or(0).to_be_bytes();
@@ -589,9 +572,9 @@ mod tests {
         }
         assert!(
             c.may_sign_in([203, 0, 113, 9].into()),
-            "a full table admits a new source (the operator's) by forgetting the oldest"
+            "a full table admits a new source (the operator's)"
         );
-        let remembered = c.attempts.lock().map(|m| m.len()).unwrap_or(0);
+        let remembered = c.attempts.sources();
         assert!(remembered <= MAX_SOURCES, "bounded: {remembered}");
     }
 }

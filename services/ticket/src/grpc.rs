@@ -122,6 +122,7 @@ pub(crate) fn info_pb(t: &store::ticket::Model, now_ms: i64) -> pb::TicketInfo {
         created_at_ms: t.created_at_ms,
         expires_at_ms: t.expires_at_ms,
         state: visible_state(t, now_ms).to_owned(),
+        issued_by: t.issued_by.clone(),
     }
 }
 
@@ -160,6 +161,13 @@ impl TicketsRpc for TicketsGrpc {
                 Duration::from_secs(u64::from(req.ttl_seconds)),
                 &req.host,
                 port,
+                // admin issues on an operator's behalf and names them; any
+                // other caller is the issuer itself.
+                if caller == id::ADMIN && !req.issuer.is_empty() {
+                    &req.issuer
+                } else {
+                    &caller
+                },
             )
             .await?;
         Ok(Response::new(pb::IssuedTicket {
@@ -192,7 +200,13 @@ impl TicketsRpc for TicketsGrpc {
         }
         let t = self
             .tickets
-            .redeem(kind, &req.token, &req.chip_id, &req.source)
+            .redeem(
+                kind,
+                &req.token,
+                &req.chip_id,
+                &req.source,
+                (!req.refusal.is_empty()).then_some(req.refusal.as_str()),
+            )
             .await?;
         Ok(Response::new(pb::RedeemTicketResponse {
             ticket_id: t.id,
@@ -229,6 +243,7 @@ impl TicketsRpc for TicketsGrpc {
                     outcome: r.outcome,
                     source: r.source,
                     at_ms: r.at_ms,
+                    count: r.count,
                 })
                 .collect(),
         }))

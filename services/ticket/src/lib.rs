@@ -14,7 +14,6 @@
 mod grpc;
 pub mod render;
 pub mod store;
-mod throttle;
 
 use std::time::Duration;
 
@@ -27,9 +26,9 @@ use sha2::{Digest, Sha256};
 
 use chipsite_proto::status::ErrorCode;
 use chipsite_store::Clock;
+pub use chipsite_tls::Throttle;
 pub use grpc::{TicketsGrpc, policy};
 use store::{audit, ticket};
-pub use throttle::Throttle;
 
 /// Lifetime of a ticket when the issuer names none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -111,7 +110,13 @@ pub struct Tickets {
     db: DatabaseConnection,
     throttle: Throttle,
     clock: Clock,
+    retention: Duration,
 }
+
+/// How long closed tickets and audit records are kept unless configured.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 86_400);
+/// How often the retention sweep runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 impl std::fmt::Debug for Tickets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -136,7 +141,27 @@ impl Tickets {
             db,
             throttle: Throttle::default(),
             clock: Clock::default(),
+            retention: DEFAULT_RETENTION,
         })
+    }
+
+    /// Keep closed tickets and audit records this long.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sweep by the configured retention every hour, for ever; a failed
+    /// sweep is logged and retried at the next.
+    pub async fn sweep_forever(&self) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if let Err(e) = self.sweep(self.retention).await {
+                tracing::warn!(error = %e, "ticket retention sweep failed; retrying in an hour");
+            }
+        }
     }
 
     /// Judge issue and expiry times by `clock` (tests move it forward).
@@ -157,6 +182,7 @@ impl Tickets {
         ttl: Duration,
         host: &str,
         port: u16,
+        issued_by: &str,
     ) -> Result<Issued, TicketError> {
         if !is_chip_id(chip_id) {
             return Err(TicketError::InvalidArgument(
@@ -193,33 +219,47 @@ impl Tickets {
             expires_at_ms: Set(now + ttl.as_millis() as i64),
             state: Set("outstanding".to_owned()),
             closed_at_ms: Set(None),
+            issued_by: Set(issued_by.chars().filter(|c| !c.is_control()).take(80).collect()),
         }
         .insert(&self.db)
         .await?;
         Ok(Issued { ticket: row, token })
     }
 
-    /// Redeem a ticket. The first attempt of any kind burns it; only a
-    /// valid, unexpired ticket of the right kind for the right CHIP ID,
-    /// from a source that is not throttled, succeeds.
+    /// Redeem a ticket. The first attempt that is not throttled burns it;
+    /// only a valid, unexpired ticket of the right kind for the right CHIP
+    /// ID, with no `refusal` from the redeemer, succeeds. A throttled source
+    /// claims nothing.
     pub async fn redeem(
         &self,
         kind: Kind,
         token: &str,
         chip_id: &str,
         source: &str,
+        refusal: Option<&str>,
     ) -> Result<ticket::Model, TicketError> {
+        let refusal = refusal.unwrap_or("");
+        if refusal.len() > 16 || !refusal.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            return Err(TicketError::InvalidArgument(
+                "a refusal is 1-16 of a-z and '_'".into(),
+            ));
+        }
         // Whatever arrives must reach the database as valid text (PostgreSQL
         // refuses NUL), so that every attempt burns and leaves its record.
         let source: String = source.chars().filter(|c| !c.is_control()).take(128).collect();
         let chip_id = if is_chip_id(chip_id) { chip_id } else { "" };
-        // Charged before the attempt and refunded on success, so that an
-        // attempt whose caller goes away mid-call still counts.
-        let allowed = self.throttle.allows(&source);
-        self.throttle.record_failure(&source);
+        // Checked and charged in one step before anything else, refunded on
+        // success (an attempt whose caller goes away mid-call still counts).
+        // A throttled attempt claims nothing: the ticket it names stays good
+        // for its owner, whoever else shares the address.
+        let Some(charged) = self.throttle.begin(&source) else {
+            self.record_refusal(None, "throttled", &source).await?;
+            tracing::info!(source = %source, "ticket attempt throttled (nothing claimed)");
+            return Err(TicketError::Refused);
+        };
         let hash = hash_token(if token.len() > MAX_TOKEN_LEN { "" } else { token });
         let attempt = Attempt {
-            allowed,
+            refusal,
             kind: kind.as_str(),
             now: self.clock.now_ms(),
             chip_id,
@@ -232,7 +272,7 @@ impl Tickets {
         };
         match claimed {
             Some(t) if t.state == "redeemed" => {
-                self.throttle.refund(&source);
+                charged.succeeded();
                 Ok(t)
             }
             Some(t) => {
@@ -241,40 +281,104 @@ impl Tickets {
                 Err(TicketError::Refused)
             }
             None => {
-                // Nothing to claim: used, revoked or unknown. The lookup and
-                // the audit row are one statement.
-                let sql = "INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) SELECT \
-                     (SELECT id FROM ticket_tickets WHERE token_hash = $5), \
-                     COALESCE((SELECT CASE WHEN state = 'revoked' THEN 'refused_revoked' ELSE 'refused_used' END \
-                               FROM ticket_tickets WHERE token_hash = $5), 'refused_unknown'), \
-                     $6, $3";
-                self.execute(sql, attempt.values()).await?;
-                tracing::info!(source = %source, "ticket refused (nothing to claim)");
+                // Nothing to claim: used, revoked or unknown.
+                let known = ticket::Entity::find()
+                    .filter(ticket::Column::TokenHash.eq(hash.clone()))
+                    .one(&self.db)
+                    .await?;
+                let outcome = match &known {
+                    None => "refused_unknown",
+                    Some(t) if t.state == "revoked" => "refused_revoked",
+                    Some(_) => "refused_used",
+                };
+                self.record_refusal(known.as_ref().map(|t| t.id.as_str()), outcome, &source)
+                    .await?;
+                tracing::info!(source = %source, outcome, "ticket refused (nothing to claim)");
                 Err(TicketError::Refused)
             }
         }
     }
 
-    /// One statement with `$N` parameters, on either engine.
-    async fn execute(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<(), TicketError> {
+    /// Audit a refusal that claimed nothing. Repeats from one source (same
+    /// outcome, same ticket or none) within [`COLLAPSE_WINDOW_MS`] of the last
+    /// one add to that record's `count` instead of adding rows, so a flood
+    /// costs one row per source and minute, not one per attempt.
+    async fn record_refusal(
+        &self,
+        ticket_id: Option<&str>,
+        outcome: &str,
+        source: &str,
+    ) -> Result<(), TicketError> {
+        let now = self.clock.now_ms();
+        let collapsed = self
+            .execute(
+                "UPDATE ticket_audit SET count = count + 1, at_ms = $1 WHERE id = \
+                 (SELECT id FROM ticket_audit WHERE source = $2 AND outcome = $3 \
+                  AND COALESCE(ticket_id, '') = $4 AND at_ms > $5 ORDER BY id DESC LIMIT 1)",
+                vec![
+                    now.into(),
+                    source.into(),
+                    outcome.into(),
+                    ticket_id.unwrap_or("").into(),
+                    (now - COLLAPSE_WINDOW_MS).into(),
+                ],
+            )
+            .await?;
+        if collapsed == 0 {
+            self.audit(&self.db, ticket_id, outcome, source).await?;
+        }
+        Ok(())
+    }
+
+    /// One statement with `$N` parameters, on either engine; the rows it changed.
+    async fn execute(&self, sql: &str, values: Vec<sea_orm::Value>) -> Result<u64, TicketError> {
         let backend = self.db.get_database_backend();
         let sql = if backend == DbBackend::Postgres {
             sql.to_owned()
         } else {
             sql.replace('$', "?")
         };
-        self.db
+        Ok(self
+            .db
             .execute_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?;
-        Ok(())
+            .await?
+            .rows_affected())
+    }
+
+    /// Delete tickets closed (or expired) and audit records older than
+    /// `retention`. Returns how many of each went.
+    pub async fn sweep(&self, retention: Duration) -> Result<(u64, u64), TicketError> {
+        let cutoff = self.clock.now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let tickets = ticket::Entity::delete_many()
+            .filter(
+                sea_orm::Condition::any()
+                    .add(ticket::Column::ClosedAtMs.lt(cutoff))
+                    .add(
+                        sea_orm::Condition::all()
+                            .add(ticket::Column::ClosedAtMs.is_null())
+                            .add(ticket::Column::ExpiresAtMs.lt(cutoff)),
+                    ),
+            )
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        let audits = audit::Entity::delete_many()
+            .filter(audit::Column::AtMs.lt(cutoff))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        if tickets + audits > 0 {
+            tracing::info!(tickets, audit_records = audits, "retention sweep");
+        }
+        Ok((tickets, audits))
     }
 
     /// PostgreSQL: claim, decide and audit in one statement (one round trip).
     async fn claim_postgres(&self, a: &Attempt<'_>) -> Result<Option<ticket::Model>, TicketError> {
         let sql = format!(
-            "WITH claimed AS ({CLAIM} RETURNING *), \
-             audited AS (INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) \
-                         SELECT id, {OUTCOME}, $6, $3 FROM claimed) \
+            "WITH claimed AS ({CLAIM} RETURNING {COLUMNS}), \
+             audited AS (INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms, count) \
+                         SELECT id, {OUTCOME}, $5, $2, 1 FROM claimed) \
              SELECT * FROM claimed"
         );
         let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, a.values());
@@ -286,8 +390,11 @@ impl Tickets {
         let backend = self.db.get_database_backend();
         let numbered = |sql: String| sql.replace('$', "?");
         let txn = chipsite_store::begin_write(&self.db).await?;
-        let claim =
-            Statement::from_sql_and_values(backend, numbered(format!("{CLAIM} RETURNING *")), a.values());
+        let claim = Statement::from_sql_and_values(
+            backend,
+            numbered(format!("{CLAIM} RETURNING {COLUMNS}")),
+            a.values(),
+        );
         let Some(t) = ticket::Entity::find().from_raw_sql(claim).one(&txn).await? else {
             txn.rollback().await?;
             return Ok(None);
@@ -295,8 +402,8 @@ impl Tickets {
         let mut values = a.values();
         values.push(t.id.clone().into());
         let audit = numbered(format!(
-            "INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms) \
-             SELECT id, {OUTCOME}, $6, $3 FROM ticket_tickets WHERE id = $7"
+            "INSERT INTO ticket_audit (ticket_id, outcome, source, at_ms, count) \
+             SELECT id, {OUTCOME}, $5, $2, 1 FROM ticket_tickets WHERE id = $7"
         ));
         txn.execute_raw(Statement::from_sql_and_values(backend, audit, values))
             .await?;
@@ -316,6 +423,7 @@ impl Tickets {
             outcome: Set(outcome.to_owned()),
             source: Set(source.to_owned()),
             at_ms: Set(self.clock.now_ms()),
+            count: Set(1),
             ..Default::default()
         }
         .insert(db)
@@ -394,8 +502,8 @@ impl Tickets {
 
 /// One redemption attempt, as the parameters of [`CLAIM`] and [`OUTCOME`].
 struct Attempt<'a> {
-    /// A well-formed kind from a source that is not throttled.
-    allowed: bool,
+    /// The redeemer's own reason to refuse ("" for none).
+    refusal: &'a str,
     kind: &'a str,
     now: i64,
     chip_id: &'a str,
@@ -404,15 +512,16 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    /// `$1` allowed, `$2` kind, `$3` now, `$4` CHIP ID, `$5` token hash, `$6` source.
+    /// `$1` kind, `$2` now, `$3` CHIP ID, `$4` token hash, `$5` source,
+    /// `$6` the redeemer's refusal.
     fn values(&self) -> Vec<sea_orm::Value> {
         vec![
-            self.allowed.into(),
             self.kind.into(),
             self.now.into(),
             self.chip_id.into(),
             self.hash.to_vec().into(),
             self.source.into(),
+            self.refusal.into(),
         ]
     }
 }
@@ -422,17 +531,27 @@ impl Attempt<'_> {
 /// attempts exactly one sees the row (PostgreSQL re-checks the `WHERE` after
 /// the row lock; SQLite serializes writers).
 const CLAIM: &str = "UPDATE ticket_tickets SET \
-     state = CASE WHEN $1 AND kind = $2 AND expires_at_ms > $3 AND chip_id = $4 \
+     state = CASE WHEN kind = $1 AND expires_at_ms > $2 AND chip_id = $3 AND $6 = '' \
                   THEN 'redeemed' ELSE 'burned' END, \
-     closed_at_ms = $3 \
-     WHERE token_hash = $5 AND closed_at_ms IS NULL";
+     closed_at_ms = $2 \
+     WHERE token_hash = $4 AND closed_at_ms IS NULL";
+
+/// The ticket columns a claim returns, named: with `RETURNING *`, an SQLite
+/// connection opened before a migration added a column prepares the
+/// statement against the old schema, re-prepares it when it runs, and the
+/// driver (sqlx 0.9) panics on the extra column.
+const COLUMNS: &str = "id, kind, chip_id, host, port, token_hash, created_at_ms, expires_at_ms, state, \
+     closed_at_ms, issued_by";
 
 /// Why, for the audit record: the same judgement as [`CLAIM`], spelled out.
-const OUTCOME: &str = "CASE WHEN kind <> $2 THEN 'refused_kind' \
-     WHEN expires_at_ms <= $3 THEN 'refused_expired' \
-     WHEN chip_id <> $4 THEN 'refused_chip_id' \
-     WHEN NOT $1 THEN 'throttled' \
+const OUTCOME: &str = "CASE WHEN kind <> $1 THEN 'refused_kind' \
+     WHEN expires_at_ms <= $2 THEN 'refused_expired' \
+     WHEN chip_id <> $3 THEN 'refused_chip_id' \
+     WHEN $6 <> '' THEN 'refused_' || $6 \
      ELSE 'redeemed' END";
+
+/// Repeated refusals from one source within this window share one audit record.
+pub const COLLAPSE_WINDOW_MS: i64 = 60_000;
 
 pub use chipsite_model::is_chip_id;
 
@@ -452,9 +571,19 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), chipsite_grpc_server::ServeError> {
     type S = chipsite_proto::ticket::v1::tickets_server::TicketsServer<TicketsGrpc>;
+    let sweeper = tickets.clone();
     let svc = S::new(TicketsGrpc::new(tickets, key_vault, bench));
     // Every ticket operation is a single atomic statement (or transaction), so
     // a call cut short leaves nothing half done: no extra task per call on
     // this hot path.
-    chipsite_grpc_server::serve_with!([svc => S], policy(bench), false, listener, tls, shutdown)
+    let served = async {
+        chipsite_grpc_server::serve_with!([svc => S], policy(bench), false, listener, tls, shutdown)
+    };
+    // The sweeper never ends by itself; the server's end ends it.
+    tokio::select! {
+        served = served => served,
+        () = sweeper.sweep_forever() => Err(chipsite_grpc_server::ServeError::TaskEnded(
+            "ticket: the retention sweeper ended".into(),
+        )),
+    }
 }

@@ -23,6 +23,8 @@ pub mod ticket {
         /// "outstanding", "redeemed", "burned" or "revoked".
         pub state: String,
         pub closed_at_ms: Option<i64>,
+        /// Who issued it (an operator identity through admin, or the service).
+        pub issued_by: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -43,6 +45,9 @@ pub mod audit {
         pub outcome: String,
         pub source: String,
         pub at_ms: i64,
+        /// How many attempts this record stands for (repeated refusals from
+        /// one source are collapsed into one record).
+        pub count: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -67,6 +72,7 @@ enum TicketTickets {
     ExpiresAtMs,
     State,
     ClosedAtMs,
+    IssuedBy,
 }
 
 #[derive(DeriveIden)]
@@ -77,6 +83,7 @@ enum TicketAudit {
     Outcome,
     Source,
     AtMs,
+    Count,
 }
 
 pub struct Migrator;
@@ -84,7 +91,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial), Box::new(M0002HotClaims)]
+        vec![
+            Box::new(M0001Initial),
+            Box::new(M0002HotClaims),
+            Box::new(M0003AuditCounts),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -190,5 +201,76 @@ impl MigrationTrait for M0002HotClaims {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Collapsed refusals carry a count and tickets their issuer; the sweeper
+/// deletes by age and the collapse looks up a source's latest record, so
+/// both get an index.
+struct M0003AuditCounts;
+
+impl MigrationName for M0003AuditCounts {
+    fn name(&self) -> &str {
+        "m0003_ticket_audit_counts"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003AuditCounts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(TicketAudit::Table)
+                    .add_column(
+                        ColumnDef::new(TicketAudit::Count)
+                            .big_integer()
+                            .not_null()
+                            .default(1),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(TicketTickets::Table)
+                    .add_column(
+                        ColumnDef::new(TicketTickets::IssuedBy)
+                            .string_len(80)
+                            .not_null()
+                            .default(""),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ticket_audit_source")
+                    .table(TicketAudit::Table)
+                    .col(TicketAudit::Source)
+                    .col(TicketAudit::AtMs)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ticket_audit_at")
+                    .table(TicketAudit::Table)
+                    .col(TicketAudit::AtMs)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ticket_tickets_expires")
+                    .table(TicketTickets::Table)
+                    .col(TicketTickets::ExpiresAtMs)
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -185,11 +185,70 @@ async fn enroll_request(
     let Ok(Incoming::Request(req)) = rpc::parse(frame) else {
         return Err("not a JSON-RPC request");
     };
-    // Burn the token whatever else is wrong with the request.
+    // A request without a token spends nothing and is not an attempt; one
+    // with a token burns it, whatever else is wrong with the request.
     let Some(token) = req.params.get("token").and_then(Value::as_str) else {
         return Err("no token");
     };
+    let source = source_of(peer);
+    // Failed attempts from one source are throttled here, before any
+    // internal call; a throttled attempt spends nothing (the ticket stays
+    // good for its owner, whoever else shares the address).
+    let Some(attempt) = inner.enroll_throttle.begin(&source) else {
+        return Err("too many failed attempts from this source");
+    };
+    let result = enroll_checked(inner, &req, token, &source).await;
+    if result.is_ok() {
+        attempt.succeeded();
+    }
+    result
+}
+
+async fn enroll_checked(
+    inner: &Inner,
+    req: &chipsite_wire::Request,
+    token: &str,
+    source: &str,
+) -> Result<(Value, String), &'static str> {
     let claimed_chip = req.params.get("chip_id").and_then(Value::as_str).unwrap_or("");
+    // Judge the request first, so that the ticket's audit record says why
+    // it was refused instead of "redeemed".
+    let judged: Result<(EnrollParams, Vec<u8>), &'static str> = (|| {
+        if req.method != "enroll" {
+            return Err("not an enroll request");
+        }
+        let params: EnrollParams =
+            serde_json::from_value(req.params.clone()).map_err(|_| "bad parameters")?;
+        let key = URL_SAFE_NO_PAD
+            .decode(params.public_key.as_bytes())
+            .map_err(|_| "public key not base64url")?;
+        {
+            use p256::pkcs8::DecodePublicKey;
+            p256::PublicKey::from_public_key_der(&key).map_err(|_| "public key not a P-256 SPKI")?;
+        }
+        Ok((params, key))
+    })();
+    let locked = match &judged {
+        Ok((params, _)) => {
+            // The site cannot tell: nothing is spent, the app may retry.
+            let lock = inner
+                .admin
+                .clone()
+                .get_lockdown(ad::GetLockdownRequest {
+                    chip_id: params.chip_id.clone(),
+                })
+                .await
+                .map_err(|_| "lockdown state unavailable")?
+                .into_inner();
+            lock.site_locked || lock.user_locked
+        }
+        Err(_) => false,
+    };
+    let refusal = match (&judged, locked) {
+        (Err(_), _) => "request",
+        (Ok(_), true) => "locked",
+        (Ok(_), false) => "",
+    };
     let redeemed = inner
         .tickets
         .clone()
@@ -197,36 +256,18 @@ async fn enroll_request(
             kind: TicketKind::User as i32,
             token: token.to_owned(),
             chip_id: claimed_chip.to_owned(),
-            source: source_of(peer),
+            source: source.to_owned(),
+            refusal: refusal.to_owned(),
         })
         .await
         .map_err(|_| "ticket refused")?
         .into_inner();
-    if req.method != "enroll" {
-        return Err("not an enroll request");
-    }
-    let params: EnrollParams = serde_json::from_value(req.params).map_err(|_| "bad parameters")?;
-    let key = URL_SAFE_NO_PAD
-        .decode(params.public_key.as_bytes())
-        .map_err(|_| "public key not base64url")?;
-    {
-        use p256::pkcs8::DecodePublicKey;
-        p256::PublicKey::from_public_key_der(&key).map_err(|_| "public key not a P-256 SPKI")?;
+    let (params, key) = judged?;
+    if locked {
+        return Err("locked down");
     }
     if redeemed.chip_id != params.chip_id {
         return Err("ticket of another user");
-    }
-    let lock = inner
-        .admin
-        .clone()
-        .get_lockdown(ad::GetLockdownRequest {
-            chip_id: params.chip_id.clone(),
-        })
-        .await
-        .map_err(|_| "lockdown state unavailable")?
-        .into_inner();
-    if lock.site_locked || lock.user_locked {
-        return Err("locked down");
     }
     inner
         .vault
@@ -254,7 +295,7 @@ async fn enroll_request(
     {
         tracing::warn!(error = %e, "could not announce a key change to other gateway replicas");
     }
-    Ok((req.id, params.chip_id))
+    Ok((req.id.clone(), params.chip_id))
 }
 
 // ------------------------------------------------------------------- session
@@ -343,7 +384,23 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
         id: handle.id,
     };
     let within = inner.settings.write_timeout;
-    let admitted = admit(inner, &app).await.and_then(|()| {
+    // Failed admissions from one source are throttled before any internal
+    // call, so made-up CHIP IDs cannot turn into key-vault queries.
+    let source = source_of(peer);
+    let admitted = match inner.session_throttle.begin(&source) {
+        Some(attempt) => {
+            let admitted = admit(inner, &app).await;
+            if admitted.is_ok() {
+                attempt.succeeded();
+            }
+            admitted
+        }
+        None => Err(RpcError::new(
+            ErrorCode::RateLimited,
+            "too many failed attempts from this address; try again later",
+        )),
+    };
+    let admitted = admitted.and_then(|()| {
         let max = inner.settings.max_sessions_per_user;
         if inner.registry.admit(&app.chip_id, handle.id, max) {
             Ok(())
@@ -552,6 +609,7 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                     ttl_seconds: ttl,
                     host: host.clone(),
                     port: u32::from(port),
+                    issuer: String::new(),
                 })
                 .await
                 .map_err(grpc)?

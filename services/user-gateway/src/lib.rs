@@ -37,7 +37,7 @@ use chipsite_proto::{
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
-use chipsite_tls::{Admission, AdmissionLimits};
+use chipsite_tls::{Admission, AdmissionLimits, Throttle};
 use chipsite_wire::Limits;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::ServerConfig;
@@ -116,6 +116,10 @@ pub(crate) struct Inner {
     pub(crate) cache: cache::AdmissionCache,
     pub(crate) settings: Settings,
     admission: Arc<Admission>,
+    /// Failed enrollments and session admissions per source (burst 10,
+    /// then one every 6 s), checked before any internal call.
+    pub(crate) enroll_throttle: Throttle,
+    pub(crate) session_throttle: Throttle,
     tls: ArcSwapOption<ServerConfig>,
     not_after_ms: AtomicI64,
 }
@@ -145,6 +149,8 @@ impl UserGateway {
                 registry: Registry::default(),
                 cache: cache::AdmissionCache::default(),
                 admission: Admission::new(settings.admission),
+                enroll_throttle: Throttle::default(),
+                session_throttle: Throttle::default(),
                 settings,
                 tls: ArcSwapOption::empty(),
                 not_after_ms: AtomicI64::new(0),

@@ -8,7 +8,6 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chipsite_app::{AppError, AppKey, PinnedSiteKey, enroll, enroll_from};
 use chipsite_e2e::{Store, TestSite, store_test};
-use chipsite_proto::ticket::v1 as tk;
 use chipsite_ticket::render::PublishedTicket;
 use chipsite_tls::identity as id;
 use serde_json::{Value, json};
@@ -108,6 +107,52 @@ async fn refusals_are_silent_and_burn_the_ticket(store: Store) {
     let mut forged = site.user_ticket("alice", 0).await;
     forged.token = "bm90LWEtdG9rZW4tYXQtYWxsLXJlYWxseS1ub3QtYXQtYWxs".into();
     refused(enroll(&forged, "alice", &AppKey::generate().unwrap()).await);
+
+    // A valid ticket in a request the gateway refuses (a malformed key, a
+    // locked user): burned, and audited as refused, not as redeemed.
+    let bad_key = site.user_ticket("alice", 0).await;
+    let mut c = raw_enrollment(&site).await;
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "enroll",
+        "params": {"token": bad_key.token, "chip_id": "alice", "public_key": "bm90IGEga2V5"}});
+    c.write_all(format!("{request}\n").as_bytes()).await.unwrap();
+    assert!(read_all(c).await.is_empty());
+    site.create_user("carol").await;
+    let locked = site.user_ticket("carol", 0).await;
+    site.admin()
+        .set_lockdown(chipsite_proto::admin::v1::SetLockdownRequest {
+            chip_id: "carol".into(),
+            locked: true,
+        })
+        .await
+        .unwrap();
+    refused(enroll(&locked, "carol", &AppKey::generate().unwrap()).await);
+    let tickets = site
+        .admin()
+        .list_tickets(chipsite_proto::admin::v1::ListTicketsRequest {
+            chip_id: String::new(),
+            include_closed: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tickets;
+    let audit = site.ticket_audit().await;
+    for (ticket, outcome) in [(&bad_key, "refused_request"), (&locked, "refused_locked")] {
+        let row = tickets.iter().find(|t| {
+            t.state == "burned" && audit.iter().any(|r| r.ticket_id == t.id && r.outcome == outcome)
+        });
+        assert!(
+            row.is_some(),
+            "{} {outcome}: {audit:?}",
+            ticket.chip_id.clone().unwrap_or_default()
+        );
+    }
+    assert!(!audit.iter().any(|r| r.outcome == "redeemed"), "{audit:?}");
+    // Tickets say who issued them.
+    assert!(
+        tickets.iter().all(|t| t.issued_by == id::ADMIN_CLIENT),
+        "{tickets:?}"
+    );
 
     // Sessions: a key that is not registered, another user's CHIP ID
     // with one's own key, and a CHIP ID nobody has.
@@ -267,30 +312,23 @@ async fn a_flood_of_bad_tokens_is_throttled_per_source(store: Store) {
         forged.token = format!("Zm9yZ2VkLXRva2VuLW51bWJlci0{i}AAAAAAAAAAAAAAAAAAA");
         refused(enroll_from(&forged, "alice", &AppKey::generate().unwrap(), Some(flood)).await);
     }
-    // A valid ticket from the flooding source is refused (and burned)…
+    // A valid ticket from the flooding source is refused, before the
+    // gateway calls anything, and not spent: from another source (its owner
+    // behind the same NAT would be the same after the throttle refills) it
+    // still enrolls.
     let ticket = site.user_ticket("alice", 0).await;
     refused(enroll_from(&ticket, "alice", &AppKey::generate().unwrap(), Some(flood)).await);
-    // …while another source still enrolls.
-    let ticket = site.user_ticket("alice", 0).await;
     enroll_from(&ticket, "alice", &AppKey::generate().unwrap(), Some(other))
         .await
         .unwrap();
-    let audit = site
-        .tickets_as(id::ADMIN)
-        .list_audit(tk::ListAuditRequest {
-            ticket_id: String::new(),
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
-    assert!(
-        audit
-            .iter()
-            .any(|r| r.source == "127.0.0.1" && r.outcome == "throttled"),
-        "{audit:?}"
+    let audit = site.ticket_audit().await;
+    // The gateway let ten failures through to the ticket service (one
+    // collapsed record); the rest it refused itself.
+    let flooded: Vec<_> = audit.iter().filter(|r| r.source == "127.0.0.1").collect();
+    assert_eq!(flooded.len(), 1, "{flooded:?}");
+    assert_eq!(
+        (flooded[0].outcome.as_str(), flooded[0].count),
+        ("refused_unknown", 10)
     );
     assert!(
         audit

@@ -242,3 +242,37 @@ async fn one_user_holds_a_bounded_number_of_sessions(store: Store) {
     );
     site.finish().await;
 }
+
+store_test!(failed_session_admissions_are_throttled_per_source);
+async fn failed_session_admissions_are_throttled_per_source(store: Store) {
+    let site = TestSite::start(&store).await;
+    let alice = site.enrolled("alice").await;
+    let (host, port) = site.gateway();
+    let site_key = site.site_key().await;
+    let from = |source: &'static str, chip: String, key: AppKey| {
+        let (host, site_key) = (host.clone(), site_key.clone());
+        async move {
+            let s = Session::connect_from(&host, port, &site_key, &chip, &key, Some(ip(source)))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), s.next_notification())
+                .await
+                .expect("an answer in time")
+        }
+    };
+    // Made-up CHIP IDs from one address: ten are looked up and refused,
+    // then the address is refused before any lookup.
+    let mut codes = vec![];
+    for i in 0..12 {
+        let note = from("127.0.0.4", format!("nobody{i}"), AppKey::generate().unwrap()).await;
+        codes.push(note.map(|n| n.params["code"].as_i64().unwrap_or(0)));
+    }
+    assert_eq!(codes[..10], [Some(-32001); 10], "{codes:?}");
+    assert_eq!(codes[10..], [Some(-32003); 2], "{codes:?}");
+    // Another address is not affected.
+    let s = Session::connect_from(&host, port, &site_key, "alice", &alice, Some(ip("127.0.0.5")))
+        .await
+        .unwrap();
+    s.call("ping", json!({})).await.unwrap();
+    site.finish().await;
+}

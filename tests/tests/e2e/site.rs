@@ -147,6 +147,7 @@ async fn internal_callers_are_authorized_per_rpc(store: Store) {
         ttl_seconds: 60,
         host: "127.0.0.1".into(),
         port: 1,
+        issuer: String::new(),
     };
     let mut gateway_tickets = site.tickets_as(id::USER_GATEWAY);
     let e = gateway_tickets

@@ -39,6 +39,7 @@ fn redeem(token: &str, chip_id: &str, source: &str) -> tk::RedeemTicketRequest {
         token: token.into(),
         chip_id: chip_id.into(),
         source: source.into(),
+        refusal: String::new(),
     }
 }
 
@@ -212,7 +213,7 @@ async fn failed_attempts_are_throttled_per_source(store: Store) {
             .redeem_ticket(redeem("Z3Vlc3M", "alice", "203.0.113.9"))
             .await;
     }
-    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    let (ticket_id, token) = user_with_ticket(&site, "alice", 0).await;
     let s = gateway
         .redeem_ticket(redeem(&token, "alice", "203.0.113.9"))
         .await
@@ -222,12 +223,13 @@ async fn failed_attempts_are_throttled_per_source(store: Store) {
         "ticket refused",
         "a flooding source is refused even with a good ticket"
     );
-    let (_, token) = user_with_ticket(&site, "alice", 0).await;
+    // …but the refusal claimed nothing: the ticket stays good for its
+    // owner, who may share the flooder's address (NAT, a proxy).
     gateway
         .redeem_ticket(redeem(&token, "alice", "198.51.100.7"))
         .await
-        .expect("another source still redeems");
-    let throttled = site
+        .expect("the ticket a throttled attempt named still redeems");
+    let records = site
         .tickets_as(id::ADMIN)
         .list_audit(tk::ListAuditRequest {
             ticket_id: String::new(),
@@ -237,12 +239,72 @@ async fn failed_attempts_are_throttled_per_source(store: Store) {
         .await
         .unwrap()
         .into_inner()
-        .records
-        .into_iter()
-        .filter(|r| r.outcome == "throttled")
-        .count();
-    assert_eq!(throttled, 1);
+        .records;
+    // Repeated refusals from one source are one record with a count: the
+    // first ten unknown tokens, then the three throttled attempts.
+    let from_flood: Vec<_> = records.iter().filter(|r| r.source == "203.0.113.9").collect();
+    assert_eq!(from_flood.len(), 2, "{from_flood:?}");
+    let count_of = |outcome: &str| from_flood.iter().find(|r| r.outcome == outcome).map(|r| r.count);
+    assert_eq!(count_of("refused_unknown"), Some(10), "{from_flood:?}");
+    assert_eq!(count_of("throttled"), Some(3), "{from_flood:?}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r.ticket_id == ticket_id && r.outcome == "redeemed" && r.count == 1),
+        "{records:?}"
+    );
     site.finish().await;
+}
+
+store_test!(old_tickets_and_audit_records_are_swept);
+async fn old_tickets_and_audit_records_are_swept(store: Store) {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut config = chipsite_e2e::config_for(dir.path(), &store);
+    config.ticket_retention_days = 1;
+    let url = config.database_url_for(chipsite_site::Service::Ticket);
+    let db = chipsite_store::connect(&url).await.unwrap();
+    let clock = chipsite_store::Clock::default();
+    let tickets = chipsite_ticket::Tickets::open(db)
+        .await
+        .unwrap()
+        .with_clock(clock.clone());
+    let issue = || {
+        tickets.issue(
+            chipsite_ticket::Kind::User,
+            "alice",
+            Duration::from_secs(3600),
+            "127.0.0.1",
+            1,
+            "test",
+        )
+    };
+    let redeemed = issue().await.unwrap();
+    tickets
+        .redeem(chipsite_ticket::Kind::User, &redeemed.token, "alice", "s", None)
+        .await
+        .unwrap();
+    let outstanding = issue().await.unwrap();
+    assert!(
+        tickets
+            .redeem(chipsite_ticket::Kind::User, "bm9wZQ", "alice", "s", None)
+            .await
+            .is_err()
+    );
+    // Nothing is old yet.
+    assert_eq!(tickets.sweep(Duration::from_secs(86_400)).await.unwrap(), (0, 0));
+    // Two days on: the redeemed ticket, the expired one and every record go;
+    // a ticket issued now stays.
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let fresh = issue().await.unwrap();
+    assert_eq!(tickets.sweep(Duration::from_secs(86_400)).await.unwrap(), (2, 2));
+    let left = tickets.list(None, true, 100).await.unwrap();
+    assert_eq!(
+        left.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        [fresh.ticket.id.as_str()]
+    );
+    assert!(tickets.audit_log(None, 100, "").await.unwrap().is_empty());
+    let _ = outstanding;
+    store.drop_database().await;
 }
 
 store_test!(tokens_never_appear_in_the_clear_in_the_database_or_the_logs);
