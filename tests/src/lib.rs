@@ -294,7 +294,17 @@ impl TestSite {
     /// service at `admin_addr`; it serves on the returned port until the
     /// returned sender says stop.
     pub async fn extra_gateway(&self, admin_addr: &str) -> (u16, tokio::sync::watch::Sender<bool>) {
-        use chipsite_user_gateway::{Clients, Settings, UserGateway};
+        self.extra_gateway_with(admin_addr, chipsite_user_gateway::Settings::default())
+            .await
+    }
+
+    /// [`TestSite::extra_gateway`] with its own settings.
+    pub async fn extra_gateway_with(
+        &self,
+        admin_addr: &str,
+        settings: chipsite_user_gateway::Settings,
+    ) -> (u16, tokio::sync::watch::Sender<bool>) {
+        use chipsite_user_gateway::{Clients, UserGateway};
         let e = &self.site.endpoints;
         let gateway = UserGateway::new(
             Clients {
@@ -302,7 +312,7 @@ impl TestSite {
                 tickets: self.channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
                 admin: self.channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
             },
-            Settings::default(),
+            settings,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

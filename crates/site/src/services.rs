@@ -85,6 +85,7 @@ fn gateway_settings(l: &crate::config::GatewayLimits) -> GatewaySettings {
         max_sessions_per_user: size(l.max_sessions_per_user),
         handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
         write_timeout: Duration::from_millis(l.write_timeout_ms),
+        ..GatewaySettings::default()
     }
 }
 

@@ -121,29 +121,67 @@ impl Hub {
     /// Publish events to every watcher on every replica. On PostgreSQL the
     /// whole batch is one statement.
     pub async fn publish(&self, events: Vec<UserEvent>) -> Result<(), AdminError> {
+        match &self.postgres {
+            None => {
+                self.fan_out(events);
+                Ok(())
+            }
+            Some(db) => Self::notify(db, &events).await,
+        }
+    }
+
+    /// Publish events as part of the transaction `txn` that makes the change
+    /// they announce, so that the change is never committed unannounced. On
+    /// PostgreSQL the `NOTIFY` is in `txn` (delivered at its commit, or not
+    /// at all); in process, nothing can fail, and the events go out when
+    /// [`AfterCommit::done`] is called after the commit.
+    pub async fn publish_in(
+        &self,
+        txn: &impl ConnectionTrait,
+        events: Vec<UserEvent>,
+    ) -> Result<AfterCommit, AdminError> {
+        match &self.postgres {
+            None => Ok(AfterCommit(Some((self.clone(), events)))),
+            Some(_) => {
+                Self::notify(txn, &events).await?;
+                Ok(AfterCommit(None))
+            }
+        }
+    }
+
+    fn fan_out(&self, events: Vec<UserEvent>) {
+        for e in events {
+            let _ = self.tx.send(HubMessage::Event(Arc::new(e)));
+        }
+    }
+
+    async fn notify(db: &impl ConnectionTrait, events: &[UserEvent]) -> Result<(), AdminError> {
         if events.is_empty() {
             return Ok(());
         }
-        match &self.postgres {
-            None => {
-                for e in events {
-                    let _ = self.tx.send(HubMessage::Event(Arc::new(e)));
-                }
-            }
-            Some(db) => {
-                let payloads: Vec<String> = events
-                    .iter()
-                    .map(|e| STANDARD.encode(e.encode_to_vec()))
-                    .collect();
-                db.execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    format!("SELECT pg_notify('{CHANNEL}', p) FROM unnest($1::text[]) AS p"),
-                    [sea_orm::Value::from(payloads)],
-                ))
-                .await?;
-            }
-        }
+        let payloads: Vec<String> = events
+            .iter()
+            .map(|e| STANDARD.encode(e.encode_to_vec()))
+            .collect();
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("SELECT pg_notify('{CHANNEL}', p) FROM unnest($1::text[]) AS p"),
+            [sea_orm::Value::from(payloads)],
+        ))
+        .await?;
         Ok(())
+    }
+}
+
+/// What is left to publish once the transaction committed (the in-process hub).
+#[must_use = "call done() after the commit"]
+pub struct AfterCommit(Option<(Hub, Vec<UserEvent>)>);
+
+impl AfterCommit {
+    pub fn done(self) {
+        if let Some((hub, events)) = self.0 {
+            hub.fan_out(events);
+        }
     }
 }
 

@@ -294,15 +294,25 @@ impl Admin {
             .await
     }
 
-    async fn publish_lockdown(&self, chip_id: &str, locked: bool) -> Result<(), AdminError> {
+    /// Announce a lockdown change inside the transaction that writes it
+    /// (see [`Hub::publish_in`]); call `done()` on the result after commit.
+    async fn publish_lockdown_in(
+        &self,
+        txn: &impl ConnectionTrait,
+        chip_id: &str,
+        locked: bool,
+    ) -> Result<events::AfterCommit, AdminError> {
         use chipsite_proto::events::v1::{Lockdown, UserEvent, user_event::Event};
         self.hub
-            .publish(vec![UserEvent {
-                event: Some(Event::Lockdown(Lockdown {
-                    chip_id: chip_id.to_owned(),
-                    locked,
-                })),
-            }])
+            .publish_in(
+                txn,
+                vec![UserEvent {
+                    event: Some(Event::Lockdown(Lockdown {
+                        chip_id: chip_id.to_owned(),
+                        locked,
+                    })),
+                }],
+            )
             .await
     }
 
@@ -441,11 +451,18 @@ impl Admin {
         let status_changed = status != current_status;
         row.status = Set(status);
         row.updated_at_ms = Set(now_ms());
-        let u = row.update(&self.db).await?;
-        if status_changed {
-            // Gateways treat a user who is not active as locked down: their
-            // sessions close, and none opens until the user is active again.
-            self.publish_lockdown(chip_id, is_barred(&u)).await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
+        let u = row.update(&txn).await?;
+        // Gateways treat a user who is not active as locked down: their
+        // sessions close, and none opens until the user is active again.
+        let announced = if status_changed {
+            Some(self.publish_lockdown_in(&txn, chip_id, is_barred(&u)).await?)
+        } else {
+            None
+        };
+        txn.commit().await?;
+        if let Some(a) = announced {
+            a.done();
         }
         Ok(u)
     }
@@ -535,8 +552,11 @@ impl Admin {
         let mut row: user::ActiveModel = self.user(chip_id).await?.into();
         row.locked = Set(locked);
         row.updated_at_ms = Set(now_ms());
-        let u = row.update(&self.db).await?;
-        self.publish_lockdown(chip_id, is_barred(&u)).await?;
+        let txn = chipsite_store::begin_write(&self.db).await?;
+        let u = row.update(&txn).await?;
+        let announced = self.publish_lockdown_in(&txn, chip_id, is_barred(&u)).await?;
+        txn.commit().await?;
+        announced.done();
         Ok(u)
     }
 
@@ -547,6 +567,16 @@ impl Admin {
     }
 
     async fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<setting::Model, AdminError> {
+        self.put_setting_in(&self.db, scope, key, value).await
+    }
+
+    async fn put_setting_in(
+        &self,
+        db: &impl ConnectionTrait,
+        scope: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<setting::Model, AdminError> {
         let row = setting::ActiveModel {
             scope: Set(scope.to_owned()),
             key: Set(key.to_owned()),
@@ -559,9 +589,10 @@ impl Admin {
                     .update_columns([setting::Column::Value, setting::Column::ChangedAtMs])
                     .to_owned(),
             )
-            .exec(&self.db)
+            .exec(db)
             .await?;
-        self.setting(scope, key)
+        setting::Entity::find_by_id((scope.to_owned(), key.to_owned()))
+            .one(db)
             .await?
             .ok_or_else(|| AdminError::FailedPrecondition(format!("setting {scope}/{key} vanished")))
     }
@@ -574,9 +605,13 @@ impl Admin {
     }
 
     pub async fn set_site_locked(&self, locked: bool) -> Result<(), AdminError> {
-        self.put_setting(STATE, "site_locked", if locked { "true" } else { "false" })
+        let txn = chipsite_store::begin_write(&self.db).await?;
+        self.put_setting_in(&txn, STATE, "site_locked", if locked { "true" } else { "false" })
             .await?;
-        self.publish_lockdown("", locked).await
+        let announced = self.publish_lockdown_in(&txn, "", locked).await?;
+        txn.commit().await?;
+        announced.done();
+        Ok(())
     }
 
     /// The peer server's desired state ("running"/"stopped") and when it changed.

@@ -3,11 +3,18 @@
 //! to them arrives on that stream (key changes from enrollments and user
 //! loads, lockdowns), so a remembered value is current. When the stream is
 //! down, nothing is remembered and admission asks key-vault and admin.
+//!
+//! Every entry also has a bounded lifetime ([`AdmissionCache::new`]'s
+//! `ttl`): should an announcement be lost while the stream stays up, a
+//! replaced key or a lockdown is seen at the latest when the entry expires.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 /// Users remembered at most; past this the cache starts over.
 const MAX_USERS: usize = 200_000;
@@ -18,9 +25,9 @@ struct State {
     /// Bumped by every event and every (re)connection, so an answer fetched
     /// before a change cannot be stored after it.
     generation: u64,
-    site_locked: Option<bool>,
-    keys: HashMap<String, Arc<[u8]>>,
-    user_locked: HashMap<String, bool>,
+    site_locked: Option<(bool, Instant)>,
+    keys: HashMap<String, (Arc<[u8]>, Instant)>,
+    user_locked: HashMap<String, (bool, Instant)>,
 }
 
 /// What the cache knows about one user, and when it knew it.
@@ -31,12 +38,22 @@ pub(crate) struct Known {
     pub lockdown: Option<(bool, bool)>,
 }
 
-#[derive(Default)]
-pub(crate) struct AdmissionCache(Mutex<State>);
+pub(crate) struct AdmissionCache {
+    state: Mutex<State>,
+    ttl: Duration,
+}
 
 impl AdmissionCache {
+    /// A cache whose entries live at most `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            ttl,
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        let mut g = match self.0.lock() {
+        let mut g = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
@@ -44,12 +61,26 @@ impl AdmissionCache {
     }
 
     pub fn known(&self, chip_id: &str) -> Known {
+        let now = Instant::now();
+        let fresh = |at: Instant| now.duration_since(at) < self.ttl;
         self.with(|s| Known {
             generation: s.generation,
-            key: s.live.then(|| s.keys.get(chip_id).cloned()).flatten(),
+            key: s
+                .live
+                .then(|| {
+                    s.keys
+                        .get(chip_id)
+                        .filter(|(_, at)| fresh(*at))
+                        .map(|(k, _)| k.clone())
+                })
+                .flatten(),
             lockdown: s
                 .live
-                .then(|| Some((s.site_locked?, *s.user_locked.get(chip_id)?)))
+                .then(|| {
+                    let site = s.site_locked.filter(|(_, at)| fresh(*at))?.0;
+                    let user = s.user_locked.get(chip_id).filter(|(_, at)| fresh(*at))?.0;
+                    Some((site, user))
+                })
                 .flatten(),
         })
     }
@@ -66,7 +97,7 @@ impl AdmissionCache {
         self.with(|s| {
             if s.live && s.generation == generation {
                 Self::room(s);
-                s.keys.insert(chip_id.to_owned(), key.into());
+                s.keys.insert(chip_id.to_owned(), (key.into(), Instant::now()));
             }
         });
     }
@@ -76,8 +107,9 @@ impl AdmissionCache {
         self.with(|s| {
             if s.live && s.generation == generation {
                 Self::room(s);
-                s.site_locked = Some(site);
-                s.user_locked.insert(chip_id.to_owned(), user);
+                let now = Instant::now();
+                s.site_locked = Some((site, now));
+                s.user_locked.insert(chip_id.to_owned(), (user, now));
             }
         });
     }
@@ -86,7 +118,7 @@ impl AdmissionCache {
         self.with(|s| {
             s.generation += 1;
             if s.live {
-                s.keys.insert(chip_id.to_owned(), key.into());
+                s.keys.insert(chip_id.to_owned(), (key.into(), Instant::now()));
             }
         });
     }
@@ -95,10 +127,11 @@ impl AdmissionCache {
     pub fn lockdown(&self, chip_id: &str, locked: bool) {
         self.with(|s| {
             s.generation += 1;
+            let now = Instant::now();
             if chip_id.is_empty() {
-                s.site_locked = s.live.then_some(locked);
+                s.site_locked = s.live.then_some((locked, now));
             } else if s.live {
-                s.user_locked.insert(chip_id.to_owned(), locked);
+                s.user_locked.insert(chip_id.to_owned(), (locked, now));
             }
         });
     }

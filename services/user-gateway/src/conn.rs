@@ -284,18 +284,60 @@ async fn enroll_checked(
     inner
         .registry
         .close_user(&params.chip_id, CloseReason::KeyReplaced, Some(&key));
-    if let Err(e) = inner
-        .events
-        .clone()
-        .key_changed(ev::KeyChangedRequest {
-            chip_id: params.chip_id.clone(),
-            public_key: key,
-        })
-        .await
-    {
-        tracing::warn!(error = %e, "could not announce a key change to other gateway replicas");
-    }
+    tokio::spawn(announce_key_change(
+        inner.events.clone(),
+        inner.settings.fail_announcements.clone(),
+        params.chip_id.clone(),
+        key,
+    ));
     Ok((req.id.clone(), params.chip_id))
+}
+
+/// Tell admin (and through it every other replica) of a new key, retrying
+/// until admin acknowledges it: 0.1 s, 0.2 s, … then every 5 s, for up to
+/// ten minutes. Meanwhile other replicas' caches still expire on their own.
+async fn announce_key_change(
+    mut events: chipsite_proto::events::v1::user_events_client::UserEventsClient<
+        chipsite_telemetry::TracedChannel,
+    >,
+    fail: Arc<std::sync::atomic::AtomicU32>,
+    chip_id: String,
+    public_key: Vec<u8>,
+) {
+    let give_up = Instant::now() + Duration::from_secs(600);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let injected = fail
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        let sent = if injected {
+            Err(tonic::Status::unavailable("injected failure"))
+        } else {
+            events
+                .key_changed(ev::KeyChangedRequest {
+                    chip_id: chip_id.clone(),
+                    public_key: public_key.clone(),
+                })
+                .await
+                .map(|_| ())
+        };
+        match sent {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= give_up => {
+                tracing::error!(chip_id, error = %e, "gave up announcing a key change; other replicas learn it when their caches expire");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(chip_id, error = %e, "could not announce a key change yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------- session

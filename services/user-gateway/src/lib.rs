@@ -78,6 +78,13 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// How long one write to an app may wait for the app to read.
     pub write_timeout: Duration,
+    /// How long the admission cache trusts what it learned (a lost
+    /// announcement is healed by then).
+    pub admission_cache_ttl: Duration,
+    /// Test hook: this many of the next key-change announcements fail as if
+    /// admin had refused them (they are retried until one goes through).
+    #[doc(hidden)]
+    pub fail_announcements: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Default for Settings {
@@ -95,6 +102,8 @@ impl Default for Settings {
             max_sessions_per_user: 8,
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
+            admission_cache_ttl: Duration::from_secs(30),
+            fail_announcements: Arc::default(),
         }
     }
 }
@@ -147,7 +156,7 @@ impl UserGateway {
                 admin: AdminServiceClient::new(traced(clients.admin.clone())),
                 events: UserEventsClient::new(traced(clients.admin)),
                 registry: Registry::default(),
-                cache: cache::AdmissionCache::default(),
+                cache: cache::AdmissionCache::new(settings.admission_cache_ttl),
                 admission: Admission::new(settings.admission),
                 enroll_throttle: Throttle::default(),
                 session_throttle: Throttle::default(),

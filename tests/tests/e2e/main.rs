@@ -11,6 +11,7 @@ mod console;
 mod gateway;
 mod limits;
 mod python_client;
+mod replicas;
 mod site;
 mod tickets;
 mod transcript;
