@@ -207,6 +207,44 @@ pub struct Config {
     /// Days the ticket service keeps closed or expired tickets and its
     /// audit records (1 to 3650; a sweep runs every hour).
     pub ticket_retention_days: u64,
+    /// How the console guards its ports (`[console]`, `CHIPSITE_CONSOLE__…`).
+    pub console: ConsoleSettings,
+}
+
+/// The console's guards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// Host names, besides IP addresses and `localhost`, that browsers may
+    /// use to reach the console (comma-separated); any other `Host` gets 421.
+    pub hosts: String,
+    /// Seconds a console connection may stay idle (1 to 3600).
+    pub idle_s: u64,
+    /// Allow the plain-HTTP port on an address that is not loopback. Off:
+    /// such an address stops the start (use `addresses.console_https`, or
+    /// put a TLS proxy in front and allow it).
+    pub plain_remote: bool,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            hosts: String::new(),
+            idle_s: 60,
+            plain_remote: false,
+        }
+    }
+}
+
+impl ConsoleSettings {
+    pub fn host_names(&self) -> Vec<String> {
+        self.hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// The user gateway's limits, each checked against its range at start. The
@@ -326,6 +364,7 @@ impl std::fmt::Debug for Config {
             .field("log", &self.log)
             .field("gateway", &self.gateway)
             .field("ticket_retention_days", &self.ticket_retention_days)
+            .field("console", &self.console)
             .finish()
     }
 }
@@ -343,6 +382,7 @@ impl Default for Config {
             log: "info,sea_orm_migration=warn".into(),
             gateway: GatewayLimits::default(),
             ticket_retention_days: 90,
+            console: ConsoleSettings::default(),
         }
     }
 }
@@ -429,6 +469,12 @@ impl Config {
             .gateway
             .validate()
             .map_err(|e| Box::new(figment::Error::from(e)))?;
+        if !(1..=3600).contains(&config.console.idle_s) {
+            return Err(Box::new(figment::Error::from(format!(
+                "console.idle_s = {} is out of range (1..=3600)",
+                config.console.idle_s
+            ))));
+        }
         if !(1..=3650).contains(&config.ticket_retention_days) {
             return Err(Box::new(figment::Error::from(format!(
                 "ticket_retention_days = {} is out of range (1..=3650)",

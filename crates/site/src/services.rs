@@ -62,7 +62,7 @@ use chipsite_console::Console;
 use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};
 use futures::FutureExt;
 
-use crate::{Ctx, Report, Service, Started, config::Addresses};
+use crate::{Ctx, Report, Service, Started};
 
 /// The user gateway's settings from the configuration's (validated) limits.
 fn gateway_settings(l: &crate::config::GatewayLimits) -> GatewaySettings {
@@ -261,7 +261,17 @@ pub(crate) async fn start_console(mut ctx: Ctx) -> Result<Started, SiteError> {
         Some(l) => Some(l.bind().await?),
         None => None,
     };
-    let console = console(&ctx.config.addresses, &ctx.tls)?;
+    if let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+        && !ctx.config.console.plain_remote
+    {
+        return Err(SiteError::Config(format!(
+            "addresses.console is {addr}: the console's plain-HTTP port listens on loopback only \
+             (sign-in links and cookies would cross the network in the clear); use \
+             addresses.console_https, or set console.plain_remote = true behind a TLS proxy"
+        )));
+    }
+    let console = console(&ctx.config, &ctx.tls)?;
     tracing::info!(service = "console", addr = ?listener.local_addr().ok(), https = ?https.as_ref().and_then(|l| l.local_addr().ok()), "serving");
     let shutdown = ctx.shutdown.wait().shared();
     let tls = ctx.tls;
@@ -284,8 +294,9 @@ pub(crate) async fn start_console(mut ctx: Ctx) -> Result<Started, SiteError> {
 }
 
 /// The console, with the services its health page checks and where they listen.
-fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, SiteError> {
+fn console(config: &crate::Config, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, SiteError> {
     use chipsite_console::{Check, Probe};
+    let at = &config.addresses;
     let grpc = |name: &'static str, addr: &str, identity: &str| -> Result<Probe, SiteError> {
         Ok(Probe {
             name,
@@ -315,10 +326,15 @@ fn console(at: &Addresses, tls: &Arc<ReloadableTls>) -> Result<Arc<Console>, Sit
             check: Check::Accepts,
         });
     }
-    Ok(Console::with_probes(
+    Ok(Console::with_options(
         crate::channel(&at.admin, id::ADMIN, tls)?,
         crate::channel(&at.ticket, id::TICKET, tls)?,
         probes,
+        chipsite_console::Options {
+            hosts: config.console.host_names(),
+            idle: std::time::Duration::from_secs(config.console.idle_s),
+            ..Default::default()
+        },
     ))
 }
 

@@ -39,29 +39,38 @@ pub(crate) struct ClientIdentity(pub String);
 
 type Incoming = Pin<Box<dyn Stream<Item = std::io::Result<Admitted>> + Send>>;
 
+/// An HTTPS connection, closed when idle.
+pub type Io = chipsite_tls::IdleTimeout<Admitted>;
+
 /// Mutual-TLS connections whose handshakes succeeded (done concurrently,
 /// with a timeout, by [`chipsite_tls::tls_incoming`]).
 pub struct CertListener {
     incoming: Incoming,
     local: SocketAddr,
+    idle: std::time::Duration,
 }
 
 impl CertListener {
-    pub fn new(listener: TcpListener, tls: Arc<ReloadableTls>) -> std::io::Result<Self> {
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<ReloadableTls>,
+        options: &crate::Options,
+    ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
             incoming: Box::pin(chipsite_tls::tls_incoming(
                 listener,
                 tls,
-                chipsite_tls::Admission::new(chipsite_tls::AdmissionLimits::INTERNAL),
+                chipsite_tls::Admission::new(options.admission),
             )),
             local,
+            idle: options.idle,
         })
     }
 }
 
 impl Listener for CertListener {
-    type Io = Admitted;
+    type Io = Io;
     type Addr = CertPeer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -74,7 +83,10 @@ impl Listener for CertListener {
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|c| chipsite_tls::identity_of(c.as_ref()));
-                    return (stream, CertPeer { addr, identity });
+                    return (
+                        chipsite_tls::IdleTimeout::new(stream, self.idle),
+                        CertPeer { addr, identity },
+                    );
                 }
                 Some(Err(_)) => {}
                 // The accept loop ended: nothing more will come.
@@ -109,11 +121,9 @@ pub async fn serve_https(
     tls: Arc<ReloadableTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = CertListener::new(listener, tls, console.options())?;
     let app = crate::router(console).layer(axum::middleware::from_fn(peer_info));
-    axum::serve(
-        CertListener::new(listener, tls)?,
-        app.into_make_service_with_connect_info::<CertPeer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, app.into_make_service_with_connect_info::<CertPeer>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -14,6 +14,7 @@
 
 mod https;
 mod pages;
+mod plain;
 mod site;
 mod users;
 
@@ -97,6 +98,35 @@ pub struct Console {
     /// Sign-in attempts by source (every attempt counts, either kind).
     attempts: chipsite_tls::Throttle,
     probes: Vec<Probe>,
+    options: Options,
+}
+
+/// How the console guards its ports.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Host names (besides IP addresses and `localhost`) the console
+    /// answers to; a request naming any other `Host` gets 421, so a page
+    /// whose name was rebound to 127.0.0.1 (DNS rebinding) reads nothing.
+    pub hosts: Vec<String>,
+    /// A connection that moves no byte for this long is closed.
+    pub idle: Duration,
+    /// Connection caps of each port, in total and per source.
+    pub admission: chipsite_tls::AdmissionLimits,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            hosts: vec![],
+            idle: Duration::from_secs(60),
+            admission: chipsite_tls::AdmissionLimits {
+                max_connections: 512,
+                max_connections_per_source: 32,
+                max_handshakes: 64,
+                max_handshakes_per_source: 16,
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for Console {
@@ -134,7 +164,45 @@ impl Console {
             sessions: Mutex::new(HashMap::new()),
             attempts: chipsite_tls::Throttle::new(SIGNIN_ATTEMPTS, SIGNIN_REFILL).with_capacity(MAX_SOURCES),
             probes,
+            options: Options::default(),
         })
+    }
+
+    /// The same, guarded as `options` say.
+    pub fn with_options(admin: Channel, tickets: Channel, probes: Vec<Probe>, options: Options) -> Arc<Self> {
+        let mut console = Self::with_probes(admin, tickets, probes);
+        if let Some(c) = Arc::get_mut(&mut console) {
+            c.options = options;
+        }
+        console
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Whether a request's `Host` names this console: an IP address (any
+    /// port), `localhost`, or one of the configured names.
+    fn serves_host(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => {
+                return rest
+                    .split(']')
+                    .next()
+                    .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+            }
+            None => host.rsplit_once(':').map_or(host, |(name, port)| {
+                if port.chars().all(|c| c.is_ascii_digit()) {
+                    name
+                } else {
+                    host
+                }
+            }),
+        };
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || self.options.hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 
     /// Whether `ip` may try to sign in now (counts the attempt).
@@ -312,8 +380,32 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/health", get(site::health))
         .route("/style.css", get(pages::style))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(console.clone(), known_host))
         .layer(axum::middleware::map_response(secured))
         .with_state(console)
+}
+
+/// Refuse a request whose `Host` is not this console's (DNS rebinding): 421.
+async fn known_host(
+    State(c): App,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if c.serves_host(host) {
+        return next.run(request).await;
+    }
+    tracing::info!(host = %host.chars().take(100).collect::<String>(), "console request for another host refused");
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        "This console answers to its own address only (see console.hosts).\n",
+    )
+        .into_response()
 }
 
 /// Serve on `listener` until `shutdown`.
@@ -322,8 +414,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let guarded = plain::GuardedListener::new(listener, &console.options);
     axum::serve(
-        listener,
+        guarded.tap_io(|_| {}),
         router(console).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)

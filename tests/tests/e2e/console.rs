@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use chipsite_e2e::{Store, TestSite, store_test};
 use chipsite_proto::admin::v1 as pb;
 use chipsite_tls::identity as id;
@@ -873,4 +875,92 @@ async fn the_admin_certificate_signs_in_over_https(store: Store) {
     // No client certificate: the handshake is refused, nothing is served.
     assert!(https(&site, None, "GET", "/signin", None).await.is_none());
     site.finish().await;
+}
+
+/// One raw request from `source` to the plain port, with this `Host`.
+async fn raw_from(site: &TestSite, source: &str, host: &str, path: &str) -> Reply {
+    let addr: std::net::SocketAddr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let mut out = vec![];
+    let _ = tcp.read_to_end(&mut out).await;
+    reply(&out)
+}
+
+store_test!(the_console_guards_its_plain_port);
+async fn the_console_guards_its_plain_port(store: Store) {
+    let site = TestSite::start_with(&store, |c| {
+        c.console.idle_s = 5;
+        c.console.hosts = "console.example.org".into();
+    })
+    .await;
+    let port = site.site.endpoints.console.rsplit(':').next().unwrap().to_owned();
+
+    // DNS rebinding: a page on another name that resolves to 127.0.0.1
+    // reads nothing; the console's own names work.
+    let r = raw_from(&site, "127.0.0.1", &format!("attacker.example:{port}"), "/signin").await;
+    assert_eq!(r.status, 421, "{}", r.body);
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("console.example.org:{port}"),
+        "[::1]".to_owned(),
+    ] {
+        let r = raw_from(&site, "127.0.0.1", &host, "/signin").await;
+        assert_eq!(r.status, 200, "{host}: {}", r.head);
+    }
+
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+
+    // One address holds at most 32 connections; past that they are closed
+    // at once, and another address is still served.
+    let mut held = vec![];
+    for _ in 0..32 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.6:0".parse().unwrap()).unwrap();
+        held.push(socket.connect(addr.parse().unwrap()).await.unwrap());
+    }
+    let shed = raw_from(&site, "127.0.0.6", &addr, "/signin").await;
+    assert_eq!(shed.status, 0, "closed without an answer: {}", shed.head);
+    let served = raw_from(&site, "127.0.0.7", &addr, "/signin").await;
+    assert_eq!(served.status, 200);
+    drop(held);
+
+    // A connection that says nothing is closed once idle (5 s here).
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf))
+        .await
+        .expect("the console closes an idle connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    site.finish().await;
+}
+
+#[test]
+fn the_plain_console_port_stays_on_loopback_unless_allowed() {
+    chipsite_e2e::run_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = chipsite_e2e::Store::Sqlite;
+        let mut config = chipsite_e2e::config_for(dir.path(), &store);
+        config.addresses.console = "0.0.0.0:0".into();
+        let e = chipsite_site::Site::start_dev(&config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback only"), "{e}");
+    });
 }
