@@ -69,6 +69,17 @@ impl AdminGrpc {
         }
     }
 
+    /// Have key-vault forget the key of `chip_id`, if it holds one.
+    async fn forget_key(&self, chip_id: &str) -> Result<(), Status> {
+        self.vault
+            .clone()
+            .delete_user_key(kv::GetUserKeyRequest {
+                chip_id: chip_id.to_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Run one command and leave one audit record of it.
     async fn audited<T, F>(
         &self,
@@ -164,6 +175,16 @@ impl AdminService for AdminGrpc {
                 phone: contact.phone,
             };
             let u = self.admin.create_user(&r.chip_id, data).await?;
+            // A key key-vault still holds for this CHIP ID belongs to no
+            // one (a load that did not finish): it must not pass to the new
+            // user. If it cannot be checked, nothing is created.
+            if let Err(s) = self.forget_key(&u.chip_id).await {
+                self.admin.unload_user(&u.chip_id).await?;
+                return Err(status(
+                    code_of(&s),
+                    format!("key-vault: {}; nothing was created", s.message()),
+                ));
+            }
             self.user_pb(u).await
         })
         .await
@@ -266,32 +287,63 @@ impl AdminService for AdminGrpc {
             }
         };
         self.audited(&caller, "load_user", &dump.chip_id.clone(), async {
-            let u = self.admin.load_user(&dump).await?;
-            if let Some(key) = &dump.public_key {
-                let public_key = URL_SAFE_NO_PAD.decode(key).unwrap_or_default();
-                let registered = self
+            // All or nothing, from the operator's side: loading the same dump
+            // again after any failure finishes the job (the user found as
+            // dumped counts as loaded), and a failure here takes back what
+            // this call wrote.
+            let (u, inserted) = self.admin.load_user(&dump).await?;
+            let key = dump
+                .public_key
+                .as_ref()
+                .map(|k| URL_SAFE_NO_PAD.decode(k).unwrap_or_default());
+            let stored = match &key {
+                Some(public_key) => self
                     .vault
                     .clone()
                     .register_user_key(kv::RegisterUserKeyRequest {
                         chip_id: u.chip_id.clone(),
                         public_key: public_key.clone(),
                     })
-                    .await;
-                if registered.is_ok() {
-                    // Gateways that remember keys learn of it.
-                    self.admin.publish_key_changed(&u.chip_id, public_key).await?;
-                }
-                if let Err(s) = registered {
-                    // Nothing half-written: take the user back out.
+                    .await
+                    .map(|_| ()),
+                // A dump without a key: no key may stay behind from before.
+                None => self.forget_key(&u.chip_id).await,
+            };
+            if let Err(s) = stored {
+                if inserted {
+                    // A registration that timed out may still have
+                    // committed: forget it too (best effort; a later
+                    // CreateUser forgets it anyway).
+                    let _ = self.forget_key(&u.chip_id).await;
                     self.admin.unload_user(&u.chip_id).await?;
-                    return Err(match code_of(&s) {
-                        ErrorCode::InvalidArgument => status(
-                            ErrorCode::InvalidArgument,
-                            format!("bad user dump: public_key: {}", s.message()),
-                        ),
-                        code => status(code, format!("key-vault: {}; nothing was loaded", s.message())),
-                    });
                 }
+                return Err(match code_of(&s) {
+                    ErrorCode::InvalidArgument => status(
+                        ErrorCode::InvalidArgument,
+                        format!("bad user dump: public_key: {}", s.message()),
+                    ),
+                    code => status(
+                        code,
+                        format!("key-vault: {}; nothing was loaded (loading it again is safe)", s.message()),
+                    ),
+                });
+            }
+            if let Some(public_key) = key {
+                // Gateways that remember keys learn of it; retried until
+                // admin's hub takes it (their caches expire meanwhile).
+                let admin = self.admin.clone();
+                let chip_id = u.chip_id.clone();
+                tokio::spawn(async move {
+                    let mut wait = std::time::Duration::from_millis(100);
+                    for _ in 0..100 {
+                        match admin.publish_key_changed(&chip_id, public_key.clone()).await {
+                            Ok(()) => return,
+                            Err(e) => tracing::warn!(chip_id, error = %e, "could not announce a loaded key yet; retrying"),
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                });
             }
             self.user_pb(u).await
         })

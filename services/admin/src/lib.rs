@@ -525,7 +525,28 @@ impl Admin {
     }
 
     /// Insert a user exactly as dumped. The caller registers the key.
-    pub async fn load_user(&self, dump: &UserDump) -> Result<user::Model, AdminError> {
+    /// Insert the dumped user; returns it and whether this call inserted it.
+    /// Loading the same dump again (a retry after a failure further on)
+    /// finds the same user and is not an error; a different user of that
+    /// CHIP ID is.
+    pub async fn load_user(&self, dump: &UserDump) -> Result<(user::Model, bool), AdminError> {
+        if let Some(u) = user::Entity::find_by_id(dump.chip_id.clone())
+            .one(&self.db)
+            .await?
+        {
+            let same = u.name == dump.name
+                && u.address == dump.address
+                && u.email == dump.contact.email
+                && u.phone == dump.contact.phone
+                && u.status == dump.status
+                && u.locked == dump.locked
+                && u.created_at_ms == dump.created_at_ms;
+            return if same {
+                Ok((u, false))
+            } else {
+                Err(AdminError::UserExists(dump.chip_id.clone()))
+            };
+        }
         self.insert_user(user::Model {
             chip_id: dump.chip_id.clone(),
             name: dump.name.clone(),
@@ -538,6 +559,7 @@ impl Admin {
             updated_at_ms: dump.updated_at_ms,
         })
         .await
+        .map(|u| (u, true))
     }
 
     /// Undo [`Admin::load_user`] when a later step of loading fails.

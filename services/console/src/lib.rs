@@ -639,6 +639,31 @@ async fn not_found(State(c): App, headers: HeaderMap) -> Response {
     }
 }
 
+/// For the fuzzers (`fuzz/`): decode `body` as the form `which` names, as
+/// the console's handlers do, and run the checks that need no site.
+#[doc(hidden)]
+pub fn decode_form_for_fuzzing(which: u8, body: &[u8]) {
+    fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+        serde_urlencoded::from_bytes(body).ok()
+    }
+    match which % 10 {
+        0 => drop(decode::<SigninForm>(body)),
+        1 => drop(decode::<CsrfForm>(body)),
+        2 => {
+            if let Some(f) = decode::<site::SecretForm>(body) {
+                let _ = f.confirmed();
+            }
+        }
+        3 => drop(decode::<site::ConfigForm>(body)),
+        4 => drop(decode::<users::CreateForm>(body)),
+        5 => drop(decode::<users::EditForm>(body)),
+        6 => drop(decode::<HomeQuery>(body)),
+        7 => drop(decode::<site::TicketsQuery>(body)),
+        8 => drop(decode::<site::AuditQuery>(body)),
+        _ => drop(decode::<users::LockQuery>(body)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,7 +251,7 @@ impl Drop for SecretForm {
 
 impl SecretForm {
     /// The new pass phrase, if it was typed the same twice.
-    fn confirmed(&self) -> Result<String, Notice> {
+    pub(crate) fn confirmed(&self) -> Result<String, Notice> {
         if self.new.is_empty() {
             return Err(Notice::Error("type a pass phrase".into()));
         }

@@ -29,6 +29,7 @@ pub fn policy() -> Policy {
         )
         .allow(&m("RegisterUserKey"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("GetUserKey"), &[id::USER_GATEWAY, id::ADMIN])
+        .allow(&m("DeleteUserKey"), &[id::ADMIN])
         .allow(&m("RegisterPeerKey"), &[id::PEER_GATEWAY])
         .allow(&m("GetPeerKey"), &[id::PEER_GATEWAY])
 }
@@ -129,6 +130,12 @@ impl KeyVaultRpc for KeyVaultGrpc {
             chip_id: k.chip_id,
             public_key: k.public_key,
             registered_at_ms: k.registered_at_ms,
+        }))
+    }
+
+    async fn delete_user_key(&self, req: Request<pb::GetUserKeyRequest>) -> R<pb::DeleteUserKeyResponse> {
+        Ok(Response::new(pb::DeleteUserKeyResponse {
+            deleted: self.0.delete_user_key(&req.into_inner().chip_id).await?,
         }))
     }
 

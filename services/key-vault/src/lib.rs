@@ -428,6 +428,15 @@ impl KeyVault {
         Ok(replaced)
     }
 
+    /// Forget a user's key; whether there was one.
+    pub async fn delete_user_key(&self, chip_id: &str) -> Result<bool, VaultError> {
+        Ok(user_key::Entity::delete_by_id(chip_id.to_owned())
+            .exec(&self.db)
+            .await?
+            .rows_affected
+            > 0)
+    }
+
     pub async fn user_key(&self, chip_id: &str) -> Result<user_key::Model, VaultError> {
         user_key::Entity::find_by_id(chip_id.to_owned())
             .one(&self.db)

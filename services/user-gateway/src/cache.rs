@@ -26,14 +26,18 @@ struct State {
     /// before a change cannot be stored after it.
     generation: u64,
     site_locked: Option<(bool, Instant)>,
-    keys: HashMap<String, (Arc<[u8]>, Instant)>,
+    /// `None`: no key is registered for the CHIP ID (or no such user), so
+    /// a repeated probe of an unknown CHIP ID is answered as fast as one of
+    /// a known user and the timing tells nothing.
+    keys: HashMap<String, (Option<Arc<[u8]>>, Instant)>,
     user_locked: HashMap<String, (bool, Instant)>,
 }
 
 /// What the cache knows about one user, and when it knew it.
 pub(crate) struct Known {
     pub generation: u64,
-    pub key: Option<Arc<[u8]>>,
+    /// `Some(None)`: known to have no key.
+    pub key: Option<Option<Arc<[u8]>>>,
     /// (site locked, user locked), when both are known.
     pub lockdown: Option<(bool, bool)>,
 }
@@ -92,12 +96,14 @@ impl AdmissionCache {
         }
     }
 
-    /// Remember a fetched key, unless something changed since `generation`.
-    pub fn store_key(&self, generation: u64, chip_id: &str, key: &[u8]) {
+    /// Remember a fetched key (or that there is none), unless something
+    /// changed since `generation`.
+    pub fn store_key(&self, generation: u64, chip_id: &str, key: Option<&[u8]>) {
         self.with(|s| {
             if s.live && s.generation == generation {
                 Self::room(s);
-                s.keys.insert(chip_id.to_owned(), (key.into(), Instant::now()));
+                s.keys
+                    .insert(chip_id.to_owned(), (key.map(Arc::from), Instant::now()));
             }
         });
     }
@@ -118,7 +124,8 @@ impl AdmissionCache {
         self.with(|s| {
             s.generation += 1;
             if s.live {
-                s.keys.insert(chip_id.to_owned(), (key.into(), Instant::now()));
+                s.keys
+                    .insert(chip_id.to_owned(), (Some(key.into()), Instant::now()));
             }
         });
     }
@@ -145,5 +152,31 @@ impl AdmissionCache {
                 ..State::default()
             };
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repeated probe of an unknown CHIP ID is answered from the cache,
+    /// as one of a known user is: its timing tells nothing.
+    #[tokio::test]
+    async fn unknown_and_known_chip_ids_are_both_remembered_and_both_expire() {
+        let cache = AdmissionCache::new(Duration::from_millis(300));
+        cache.set_live(true);
+        let g = cache.known("alice").generation;
+        cache.store_key(g, "alice", Some(b"key"));
+        cache.store_key(g, "nobody", None);
+        assert_eq!(cache.known("alice").key, Some(Some(Arc::from(&b"key"[..]))));
+        assert_eq!(cache.known("nobody").key, Some(None), "known to have no key");
+        assert_eq!(cache.known("stranger").key, None, "never looked up");
+        // A key enrolled for the unknown one replaces what was remembered.
+        cache.key_changed("nobody", b"new");
+        assert_eq!(cache.known("nobody").key, Some(Some(Arc::from(&b"new"[..]))));
+        // Entries expire.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(cache.known("alice").key, None);
+        assert_eq!(cache.known("nobody").key, None);
     }
 }

@@ -370,7 +370,8 @@ async fn admit(inner: &Inner, app: &AppCertificate) -> Result<(), RpcError> {
     let unauthorized = || RpcError::new(ErrorCode::Unauthorized, "unknown CHIP ID or key not registered");
     let known = inner.cache.known(&app.chip_id);
     let registered: std::sync::Arc<[u8]> = match known.key {
-        Some(k) => k,
+        Some(Some(k)) => k,
+        Some(None) => return Err(unauthorized()),
         None => match inner
             .vault
             .clone()
@@ -381,10 +382,13 @@ async fn admit(inner: &Inner, app: &AppCertificate) -> Result<(), RpcError> {
         {
             Ok(k) => {
                 let k = k.into_inner().public_key;
-                inner.cache.store_key(known.generation, &app.chip_id, &k);
+                inner.cache.store_key(known.generation, &app.chip_id, Some(&k));
                 k.into()
             }
-            Err(s) if code_of(&s) == SiteCode::NotFound => return Err(unauthorized()),
+            Err(s) if code_of(&s) == SiteCode::NotFound => {
+                inner.cache.store_key(known.generation, &app.chip_id, None);
+                return Err(unauthorized());
+            }
             Err(s) => return Err(rpc_error(&s)),
         },
     };

@@ -5,6 +5,7 @@
 
 use chipsite_e2e::{Store, TestSite, store_test};
 use chipsite_proto::admin::v1 as pb;
+use chipsite_tls::identity as id;
 use tonic::Code;
 
 fn create(chip_id: &str, name: &str) -> pb::CreateUserRequest {
@@ -154,11 +155,39 @@ async fn dump_and_load_round_trip_exactly_and_bad_dumps_write_nothing(store: Sto
         .unwrap()
         .into_inner()
         .json;
-    let e = admin_a
+    // Loading the same dump again is a retry, and succeeds (a load that
+    // failed half-way is finished so); another user of that CHIP ID is refused.
+    let again = admin_a
         .load_user(pb::LoadUserRequest { json: dump.clone() })
+        .await
+        .expect("the same dump loads again")
+        .into_inner();
+    assert_eq!(again.chip_id, "bob");
+    let mut other: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    other["name"] = "Someone Else".into();
+    let e = admin_a
+        .load_user(pb::LoadUserRequest {
+            json: other.to_string(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "a conflicting CHIP ID is refused");
+    // A key key-vault holds for a CHIP ID nobody has (left by a load cut
+    // short) does not pass to a new user of that CHIP ID.
+    let orphan = chipsite_app::AppKey::generate().unwrap().spki_der();
+    a.key_vault_as(id::ADMIN)
+        .register_user_key(chipsite_proto::keyvault::v1::RegisterUserKeyRequest {
+            chip_id: "ghost".into(),
+            public_key: orphan,
+        })
+        .await
+        .unwrap();
+    let ghost = admin_a
+        .create_user(create("ghost", "Ghost"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ghost.has_key, "the new user inherits no key");
     a.finish().await;
 
     let fresh = store.another().await;
