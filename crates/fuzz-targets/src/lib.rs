@@ -7,9 +7,12 @@ use std::{sync::OnceLock, time::Duration};
 
 use chipsite_wire::{FrameReader, Limits, rpc};
 
+/// One fuzz target: any bytes in, nothing out; a panic is a finding.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/` call it.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("frames", frames),
     ("jsonrpc", jsonrpc),
     ("ticket", ticket),

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 /// Users remembered at most; past this the cache starts over.
 const MAX_USERS: usize = 200_000;
 
+/// A registered key (SPKI DER), shared.
+type Key = Arc<[u8]>;
+
 #[derive(Default)]
 struct State {
     live: bool,
@@ -29,7 +32,7 @@ struct State {
     /// `None`: no key is registered for the CHIP ID (or no such user), so
     /// a repeated probe of an unknown CHIP ID is answered as fast as one of
     /// a known user and the timing tells nothing.
-    keys: HashMap<String, (Option<Arc<[u8]>>, Instant)>,
+    keys: HashMap<String, (Option<Key>, Instant)>,
     user_locked: HashMap<String, (bool, Instant)>,
 }
 
