@@ -135,9 +135,16 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     ok(d, &["user", "dump", "alice", "-o", dump_file.to_str().unwrap()]);
     let dumped = std::fs::read_to_string(&dump_file).unwrap();
     assert_eq!(json(&dumped)["format"], "chipsite.user.v1");
+    // The same dump again is a retry: it succeeds. Another user of that
+    // CHIP ID is refused.
+    ok(d, &["user", "load", dump_file.to_str().unwrap()]);
+    let mut other = json(&dumped);
+    other["name"] = "Not Alice".into();
+    let other_file = d.join("other-alice.json");
+    std::fs::write(&other_file, other.to_string()).unwrap();
     fails(
         d,
-        &["user", "load", dump_file.to_str().unwrap()],
+        &["user", "load", other_file.to_str().unwrap()],
         None,
         "already exists",
     );

@@ -464,7 +464,20 @@ async fn console_pages_do_what_they_say(store: Store) {
             d.body.replace("\"u01\"", "\"Bad Id!\"").into_bytes(),
             "bad user dump",
         ),
-        (d.body.as_bytes().to_vec(), "already exists"),
+        (
+            d.body
+                .replace("\"name\":", "\"name\":\"Not U01\",\"was\":")
+                .into_bytes(),
+            "bad user dump",
+        ),
+        (
+            {
+                let mut other: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+                other["name"] = "Not U01".into();
+                other.to_string().into_bytes()
+            },
+            "already exists",
+        ),
         (vec![], "choose a user dump file"),
     ] {
         let r = upload(&site, &cookie, &csrf, &bad).await;
