@@ -276,3 +276,42 @@ async fn failed_session_admissions_are_throttled_per_source(store: Store) {
     s.call("ping", json!({})).await.unwrap();
     site.finish().await;
 }
+
+store_test!(the_enrollment_deadline_counts_from_the_accept);
+/// The request must arrive within the enrollment timeout of the TCP accept,
+/// the TLS handshake included: a client that takes longer than that before
+/// it even starts its handshake (here 1.5 s against 1 s) is closed without
+/// a word, though it sends a valid request right after the handshake.
+async fn the_enrollment_deadline_counts_from_the_accept(store: Store) {
+    let site = TestSite::start_with(&store, |c| c.gateway.enroll_timeout_ms = 1_000).await;
+    site.create_user("alice").await;
+    let ticket = site.user_ticket("alice", 0).await;
+    let (host, port) = site.gateway();
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .unwrap();
+    // The slow client: nothing for 1.5 s (the handshake alone may take 5 s).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let config = chipsite_external_tls::client_config(&site.site_key().await, None).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(host.clone().try_into().unwrap(), tcp)
+        .await
+        .expect("the handshake itself is within its own timeout");
+    let key = AppKey::generate().unwrap();
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "enroll", "params": {
+        "token": ticket.token, "chip_id": "alice",
+        "public_key": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, key.spki_der())}});
+    let _ = tls.write_all(format!("{request}\n").as_bytes()).await;
+    let mut answer = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut answer))
+        .await
+        .expect("the site closes");
+    assert!(
+        answer.is_empty(),
+        "closed without a word: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Nothing was spent: the ticket still enrolls.
+    chipsite_app::enroll(&ticket, "alice", &key).await.unwrap();
+    site.finish().await;
+}
