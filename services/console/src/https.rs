@@ -123,7 +123,5 @@ pub async fn serve_https(
 ) -> std::io::Result<()> {
     let listener = CertListener::new(listener, tls, console.options())?;
     let app = crate::router(console).layer(axum::middleware::from_fn(peer_info));
-    axum::serve(listener, app.into_make_service_with_connect_info::<CertPeer>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::conn::serve(listener, app, shutdown).await
 }

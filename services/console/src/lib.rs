@@ -12,6 +12,7 @@
 //! Sign-in attempts are limited per source address. Every response carries
 //! a strict Content-Security-Policy.
 
+mod conn;
 mod https;
 mod pages;
 mod plain;
@@ -414,14 +415,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let guarded = plain::GuardedListener::new(listener, &console.options);
-    axum::serve(
-        guarded.tap_io(|_| {}),
-        router(console).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    conn::serve(guarded, router(console), shutdown).await
 }
 
 #[derive(Deserialize)]

@@ -960,6 +960,36 @@ async fn the_console_guards_its_plain_port(store: Store) {
         .await
         .expect("the console closes an idle connection");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    // A client that trickles its headers, a line every half second (never
+    // idle), is cut off at the header-read deadline (10 s).
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /signin HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut cut_off = false;
+    for i in 0..60 {
+        if slow
+            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            cut_off = true;
+            break;
+        }
+        // The pace of the slow client, and the moment to see if it was cut off.
+        match tokio::time::timeout(Duration::from_millis(500), slow.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(_) => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        cut_off,
+        "a trickled request is cut off at the header-read deadline"
+    );
     site.finish().await;
 }
 
