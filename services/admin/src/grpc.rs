@@ -69,6 +69,22 @@ impl AdminGrpc {
         }
     }
 
+    /// Whether key-vault holds a key for `chip_id`.
+    async fn has_key(&self, chip_id: &str) -> Result<bool, Status> {
+        match self
+            .vault
+            .clone()
+            .get_user_key(kv::GetUserKeyRequest {
+                chip_id: chip_id.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if code_of(&s) == ErrorCode::NotFound => Ok(false),
+            Err(s) => Err(s),
+        }
+    }
+
     /// Have key-vault forget the key of `chip_id`, if it holds one.
     async fn forget_key(&self, chip_id: &str) -> Result<(), Status> {
         self.vault
@@ -296,6 +312,11 @@ impl AdminService for AdminGrpc {
                 .public_key
                 .as_ref()
                 .map(|k| URL_SAFE_NO_PAD.decode(k).unwrap_or_default());
+            if !inserted && self.has_key(&u.chip_id).await? {
+                // The user was loaded before and holds a key (perhaps enrolled
+                // since): a repeated load never replaces or removes it.
+                return self.user_pb(u).await;
+            }
             let stored = match &key {
                 Some(public_key) => self
                     .vault

@@ -163,6 +163,29 @@ async fn dump_and_load_round_trip_exactly_and_bad_dumps_write_nothing(store: Sto
         .expect("the same dump loads again")
         .into_inner();
     assert_eq!(again.chip_id, "bob");
+    // …and never replaces a key the user holds now (enrolled since).
+    let enrolled = chipsite_app::AppKey::generate().unwrap().spki_der();
+    a.key_vault_as(id::ADMIN)
+        .register_user_key(chipsite_proto::keyvault::v1::RegisterUserKeyRequest {
+            chip_id: "bob".into(),
+            public_key: enrolled.clone(),
+        })
+        .await
+        .unwrap();
+    admin_a
+        .load_user(pb::LoadUserRequest { json: dump.clone() })
+        .await
+        .unwrap();
+    let held = a
+        .key_vault_as(id::ADMIN)
+        .get_user_key(chipsite_proto::keyvault::v1::GetUserKeyRequest {
+            chip_id: "bob".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    assert_eq!(held, enrolled, "a repeated load leaves the current key alone");
     let mut other: serde_json::Value = serde_json::from_str(&dump).unwrap();
     other["name"] = "Someone Else".into();
     let e = admin_a
