@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "chipsite/ticket/v1/ticket.proto",
         "chipsite/admin/v1/admin.proto",
         "chipsite/events/v1/events.proto",
+        "chipsite/peer/v1/peer.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -19,7 +19,8 @@ use std::{
 use chipsite_app::{AppKey, Session};
 use chipsite_proto::{
     admin::v1::admin_service_client::AdminServiceClient, events::v1::user_events_client::UserEventsClient,
-    keyvault::v1::key_vault_client::KeyVaultClient, ticket::v1::tickets_client::TicketsClient,
+    keyvault::v1::key_vault_client::KeyVaultClient, peer::v1::peer_gateway_client::PeerGatewayClient,
+    ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_site::{Config, Site, config::Addresses};
 use chipsite_ticket::render::PublishedTicket;
@@ -253,6 +254,39 @@ impl TestSite {
         KeyVaultClient::new(self.channel(&self.site.endpoints.key_vault, id::KEY_VAULT, identity))
     }
 
+    pub fn peer_gateway_as(&self, identity: &str) -> PeerGatewayClient<Channel> {
+        PeerGatewayClient::new(self.channel(&self.site.endpoints.peer_gateway, id::PEER_GATEWAY, identity))
+    }
+
+    /// The peer links of a local user (all users: empty), as admin reads them.
+    pub async fn peer_links(&self, chip_id: &str) -> Vec<chipsite_proto::peer::v1::PeerLink> {
+        self.peer_gateway_as(id::ADMIN)
+            .list_links(chipsite_proto::peer::v1::ListLinksRequest {
+                chip_id: chip_id.into(),
+                limit: 1000,
+            })
+            .await
+            .expect("the peer links")
+            .into_inner()
+            .links
+    }
+
+    /// The peer port (peer sites connect here).
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        self.site.endpoints.peer.parse().expect("peer address")
+    }
+
+    /// Whether the peer port takes connections now (the peer server runs).
+    pub async fn peer_port_open(&self) -> bool {
+        tokio::net::TcpStream::connect(self.peer_addr()).await.is_ok()
+    }
+
+    /// The site's pass phrase (dev keeps it in a file).
+    pub fn passphrase(&self) -> String {
+        std::fs::read_to_string(chipsite_site::dev::passphrase_path(&self.data_dir()))
+            .expect("the dev pass phrase")
+    }
+
     /// Create a user (ignoring "already exists").
     pub async fn create_user(&self, chip_id: &str) {
         let _ = self
@@ -311,6 +345,7 @@ impl TestSite {
                 key_vault: self.channel(&e.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
                 tickets: self.channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
                 admin: self.channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
+                peer_gateway: self.channel(&e.peer_gateway, id::PEER_GATEWAY, id::USER_GATEWAY),
             },
             settings,
         );

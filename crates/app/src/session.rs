@@ -253,6 +253,13 @@ impl Session {
         }
     }
 
+    /// Hand in another site's tally ticket (its URI or JSON): `tally.redeem`.
+    /// The result names the linked user and their site
+    /// (`{"linked":{"chip_id","host","port","site_pin"}}`).
+    pub async fn redeem_tally_ticket(&self, ticket: &str) -> Result<Value, AppError> {
+        self.call("tally.redeem", json!({"ticket": ticket})).await
+    }
+
     /// Send bytes as they are (for testing what the site does with bad input).
     pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), AppError> {
         let mut w = self.write.lock().await;

@@ -296,7 +296,9 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     assert_eq!(json(&r.stdout)["site_key_pin"].as_str().unwrap(), before);
 
     // Peer server.
-    assert!(ok(d, &["peer", "status"]).starts_with("peer server stopped"));
+    // A dev site starts its peer server on its first launch.
+    assert!(ok(d, &["peer", "status"]).starts_with("peer server running"));
+    assert!(ok(d, &["peer", "stop"]).starts_with("peer server stopped"));
     fails(
         d,
         &["peer", "start"],

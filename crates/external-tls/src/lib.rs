@@ -8,6 +8,7 @@
 
 mod claimed;
 mod pinned;
+mod site_chain;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     server::{NoServerSessionStorage, danger::ClientCertVerifier},
 };
+pub use site_chain::{SiteChainVerifier, site_key_of_chain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalTlsError {

@@ -37,6 +37,12 @@ pub struct Endpoints {
     pub ticket: String,
     /// The user gateway's external port (apps connect here).
     pub user_gateway: String,
+    /// The peer gateway's internal gRPC port.
+    #[serde(default)]
+    pub peer_gateway: String,
+    /// The peer gateway's external port (peer sites connect here).
+    #[serde(default)]
+    pub peer: String,
     /// The admin web console (`http://…`).
     pub console: String,
     /// The console's HTTPS port for the admin client certificate

@@ -22,6 +22,11 @@ pub mod events {
         tonic::include_proto!("chipsite.events.v1");
     }
 }
+pub mod peer {
+    pub mod v1 {
+        tonic::include_proto!("chipsite.peer.v1");
+    }
+}
 
 /// Encoded `FileDescriptorSet` of every chipsite proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chipsite_descriptor.bin"));
@@ -62,6 +67,7 @@ redacted_debug! {
     admin::v1::StartPeerServerRequest {} redacting [passphrase];
     admin::v1::IssuedTicketView { ticket_id, chip_id, expires_at_ms } redacting [json, uri];
     admin::v1::ConsoleTicket { ticket_id, expires_at_ms } redacting [url];
+    peer::v1::RedeemTallyTicketRequest { chip_id, source } redacting [ticket];
 }
 
 #[cfg(test)]

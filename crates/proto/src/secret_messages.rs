@@ -1,7 +1,7 @@
 /// Messages that carry a secret (a pass phrase, a token, or a ticket or
 /// sign-in link that holds one): their `Debug` prints `<redacted>` for it
 /// (`redacted_debug!` in lib.rs). `build.rs` includes this file too.
-pub const SECRET_MESSAGES: [&str; 15] = [
+pub const SECRET_MESSAGES: [&str; 16] = [
     ".chipsite.keyvault.v1.UnsealRequest",
     ".chipsite.keyvault.v1.CreateSiteKeyRequest",
     ".chipsite.keyvault.v1.ChangePassphraseRequest",
@@ -17,4 +17,5 @@ pub const SECRET_MESSAGES: [&str; 15] = [
     ".chipsite.admin.v1.StartPeerServerRequest",
     ".chipsite.admin.v1.IssuedTicketView",
     ".chipsite.admin.v1.ConsoleTicket",
+    ".chipsite.peer.v1.RedeemTallyTicketRequest",
 ];

@@ -18,15 +18,17 @@ pub enum Service {
     KeyVault,
     Ticket,
     UserGateway,
+    PeerGateway,
     Console,
 }
 
 impl Service {
-    pub const ALL: [Service; 5] = [
+    pub const ALL: [Service; 6] = [
         Service::Admin,
         Service::KeyVault,
         Service::Ticket,
         Service::UserGateway,
+        Service::PeerGateway,
         Service::Console,
     ];
 
@@ -37,6 +39,7 @@ impl Service {
             Self::KeyVault => chipsite_tls::identity::KEY_VAULT,
             Self::Ticket => chipsite_tls::identity::TICKET,
             Self::UserGateway => chipsite_tls::identity::USER_GATEWAY,
+            Self::PeerGateway => chipsite_tls::identity::PEER_GATEWAY,
             Self::Console => chipsite_tls::identity::CONSOLE,
         }
     }
@@ -46,7 +49,7 @@ impl Service {
     }
 
     /// Every service's name, as `chipsite serve` takes it.
-    pub fn names() -> [&'static str; 5] {
+    pub fn names() -> [&'static str; 6] {
         Self::ALL.map(Self::identity)
     }
 
@@ -58,6 +61,8 @@ impl Service {
             Self::KeyVault => &["key-vault"],
             Self::Ticket => &["ticket"],
             Self::UserGateway => &["user-gateway"],
+            // Its internal gRPC port, then the peer sites' port.
+            Self::PeerGateway => &["peer-gateway", "peer"],
             Self::Console => &["console", "console-https"],
         }
     }
@@ -72,6 +77,11 @@ pub struct Addresses {
     pub ticket: String,
     /// The user gateway's external port (apps connect here).
     pub user_gateway: String,
+    /// The peer gateway's internal gRPC port (the user gateway and admin call it).
+    pub peer_gateway: String,
+    /// The peer gateway's external port (peer sites connect here); open
+    /// only while the peer server runs.
+    pub peer: String,
     /// The admin web console (HTTP; loopback unless behind a TLS proxy).
     pub console: String,
     /// The console's HTTPS port, which requires a client certificate of the
@@ -94,6 +104,8 @@ impl Default for Addresses {
             key_vault: "127.0.0.1:44311".into(),
             ticket: "127.0.0.1:44312".into(),
             user_gateway: "127.0.0.1:44301".into(),
+            peer_gateway: "127.0.0.1:44313".into(),
+            peer: "127.0.0.1:44302".into(),
             console: "127.0.0.1:44303".into(),
             console_https: "127.0.0.1:44304".into(),
             ops: String::new(),
@@ -110,6 +122,8 @@ impl Addresses {
             key_vault: any(),
             ticket: any(),
             user_gateway: any(),
+            peer_gateway: any(),
+            peer: any(),
             console: any(),
             console_https: any(),
             ops: any(),
@@ -139,6 +153,8 @@ impl Addresses {
             "key-vault" => &self.key_vault,
             "ticket" => &self.ticket,
             "user-gateway" => &self.user_gateway,
+            "peer-gateway" => &self.peer_gateway,
+            "peer" => &self.peer,
             "console" => &self.console,
             "console-https" => &self.console_https,
             "ops" => &self.ops,
@@ -152,6 +168,8 @@ impl Addresses {
             "key-vault" => &mut self.key_vault,
             "ticket" => &mut self.ticket,
             "user-gateway" => &mut self.user_gateway,
+            "peer-gateway" => &mut self.peer_gateway,
+            "peer" => &mut self.peer,
             "console" => &mut self.console,
             "ops" => &mut self.ops,
             _ => &mut self.console_https,
@@ -164,6 +182,7 @@ impl Addresses {
             Service::KeyVault => &self.key_vault,
             Service::Ticket => &self.ticket,
             Service::UserGateway => &self.user_gateway,
+            Service::PeerGateway => &self.peer_gateway,
             Service::Console => &self.console,
         }
     }

@@ -76,7 +76,7 @@ pub(crate) async fn bind(addr: &str) -> Result<TcpListener, SiteError> {
     })
 }
 
-fn local_addr(l: &TcpListener) -> Result<SocketAddr, SiteError> {
+pub(crate) fn local_addr(l: &TcpListener) -> Result<SocketAddr, SiteError> {
     l.local_addr().map_err(|e| SiteError::Io(e.to_string()))
 }
 
@@ -180,6 +180,7 @@ impl Service {
             Service::Ticket => services::start_ticket(ctx).await,
             Service::Admin => services::start_admin(ctx).await,
             Service::UserGateway => services::start_user_gateway(ctx).await,
+            Service::PeerGateway => services::start_peer_gateway(ctx).await,
             Service::Console => services::start_console(ctx).await,
         }
     }
@@ -412,6 +413,8 @@ impl Site {
             key_vault: a.key_vault.clone(),
             ticket: a.ticket.clone(),
             user_gateway: a.user_gateway.clone(),
+            peer_gateway: a.peer_gateway.clone(),
+            peer: a.peer.clone(),
             console: format!("http://{}", a.console),
             console_https: match a.console_https.as_str() {
                 "" => String::new(),
@@ -483,10 +486,11 @@ impl Site {
 /// the stores' other owners, then the gateway and console, which call them.
 /// Channels between services connect lazily, so an early service never
 /// waits for a later one.
-const START_ORDER: [Service; 5] = [
+const START_ORDER: [Service; 6] = [
     Service::Admin,
     Service::Ticket,
     Service::KeyVault,
+    Service::PeerGateway,
     Service::UserGateway,
     Service::Console,
 ];

@@ -59,6 +59,7 @@ pub async fn serve_admin(
 }
 
 use chipsite_console::Console;
+use chipsite_peer_gateway::{Clients as PeerClients, PeerGateway, Settings as PeerSettings};
 use chipsite_user_gateway::{Clients as GatewayClients, Settings as GatewaySettings, UserGateway};
 use futures::FutureExt;
 
@@ -181,17 +182,29 @@ pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
             .user_gateway
             .parse()
             .map_err(|e| SiteError::Config(format!("addresses.user_gateway {:?}: {e}", a.user_gateway)))?;
+        let peer: std::net::SocketAddr = a
+            .peer
+            .parse()
+            .map_err(|e| SiteError::Config(format!("addresses.peer {:?}: {e}", a.peer)))?;
         admin
             .update_config(
                 &[
                     ("user_gateway.host".to_owned(), gateway.ip().to_string()),
                     ("user_gateway.port".to_owned(), gateway.port().to_string()),
+                    ("peer_gateway.host".to_owned(), peer.ip().to_string()),
+                    ("peer_gateway.port".to_owned(), peer.port().to_string()),
                     ("console.url".to_owned(), format!("http://{}", a.console)),
                 ]
                 .into(),
                 &[],
             )
             .await?;
+        // A dev site holds its pass phrase, which starting the peer server
+        // asks for: it starts running on the first launch (an operator's
+        // later stop is kept).
+        if admin.peer_server().await?.1 == 0 {
+            admin.set_peer_server(true).await?;
+        }
     }
     let key_vault = ctx.channel_to(Service::KeyVault)?;
     let tickets = ctx.channel_to(Service::Ticket)?;
@@ -221,6 +234,7 @@ pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
             key_vault: ctx.channel_to(Service::KeyVault)?,
             tickets: ctx.channel_to(Service::Ticket)?,
             admin: ctx.channel_to(Service::Admin)?,
+            peer_gateway: ctx.channel_to(Service::PeerGateway)?,
         },
         gateway_settings(&ctx.config.gateway),
     );
@@ -248,6 +262,60 @@ pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
         };
         tracing::info!(service = "user-gateway", addr = ?listener.local_addr().ok(), "serving");
         Ok(gateway.serve(listener, shutdown.wait()).await?)
+    };
+    Ok(Started {
+        report: Report::default(),
+        serving: serving.boxed(),
+    })
+}
+
+pub(crate) async fn start_peer_gateway(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let grpc = main_listener(&mut ctx, Service::PeerGateway)?.bind().await?;
+    let peer = ctx
+        .listener("peer")
+        .ok_or_else(|| SiteError::Config("peer-gateway: no peer port (addresses.peer)".into()))?;
+    let (bound, addr) = match peer {
+        crate::Listen::Bound(l) => {
+            let addr = crate::local_addr(&l)?;
+            (Some(l), addr)
+        }
+        crate::Listen::At(a) => (
+            None,
+            a.parse()
+                .map_err(|e| SiteError::Config(format!("addresses.peer {a:?}: {e}")))?,
+        ),
+    };
+    let db = chipsite_store::connect(&ctx.config.database_url_for(Service::PeerGateway)).await?;
+    store_ready(&ctx, "peer-gateway", &db);
+    let gateway = Arc::new(
+        PeerGateway::open(
+            db,
+            PeerClients {
+                key_vault: ctx.channel_to(Service::KeyVault)?,
+                tickets: ctx.channel_to(Service::Ticket)?,
+                admin: ctx.channel_to(Service::Admin)?,
+            },
+            PeerSettings::default(),
+        )
+        .await
+        .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))?,
+    );
+    tracing::info!(service = "peer-gateway", addr = ?grpc.local_addr().ok(), peer_port = %addr, "serving");
+    let shutdown = ctx.shutdown.wait().shared();
+    let tls = ctx.tls;
+    let serving = async move {
+        let internal = async {
+            chipsite_peer_gateway::serve_grpc(gateway.clone(), grpc, tls, shutdown.clone())
+                .await
+                .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))
+        };
+        let external = async {
+            PeerGateway::clone(&gateway)
+                .serve(bound, addr, shutdown.clone())
+                .await
+                .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))
+        };
+        tokio::try_join!(internal, external).map(|_| ())
     };
     Ok(Started {
         report: Report::default(),
@@ -308,6 +376,7 @@ fn console(config: &crate::Config, tls: &Arc<ReloadableTls>) -> Result<Arc<Conso
         grpc("admin", &at.admin, id::ADMIN)?,
         grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
         grpc("ticket", &at.ticket, id::TICKET)?,
+        grpc("peer-gateway", &at.peer_gateway, id::PEER_GATEWAY)?,
         Probe {
             name: "user-gateway",
             addr: at.user_gateway.clone(),

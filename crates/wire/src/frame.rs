@@ -119,6 +119,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Write one frame (the line end added), giving up (an error) when the peer
+/// has not taken it within `within`: a peer that stops reading cannot pin
+/// the writer's task.
+pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &str,
+    within: Duration,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut line = Vec::with_capacity(frame.len() + 1);
+    line.extend_from_slice(frame.as_bytes());
+    line.push(b'\n');
+    let write = async {
+        w.write_all(&line).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(within, write)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer does not read"))?
+}
+
+/// End the stream (a TLS close_notify), bounded like any write.
+pub async fn close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, within: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(within, w.shutdown()).await;
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

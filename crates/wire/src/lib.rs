@@ -9,5 +9,5 @@
 pub mod frame;
 pub mod rpc;
 
-pub use frame::{FrameError, FrameReader, Limits};
+pub use frame::{FrameError, FrameReader, Limits, close, write_frame};
 pub use rpc::{ErrorCode, Incoming, Notification, Request, Response, RpcError};

@@ -28,7 +28,9 @@ use crate::{Admin, UserChanges, UserData, store::user};
 pub fn policy(bench: bool) -> Policy {
     const S: &str = "/chipsite.admin.v1.AdminService/";
     const E: &str = "/chipsite.events.v1.UserEvents/";
-    let mut raisers = vec![id::ADMIN_CLIENT, id::CONSOLE];
+    // The peer gateway tells users what peer sites did (a tally ticket
+    // redeemed, a step of the other side).
+    let mut raisers = vec![id::ADMIN_CLIENT, id::CONSOLE, id::PEER_GATEWAY];
     raisers.extend(bench.then_some(id::BENCH));
     Policy::new()
         .allow(S, &[id::ADMIN_CLIENT, id::CONSOLE])

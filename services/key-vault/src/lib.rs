@@ -55,6 +55,8 @@ pub enum VaultError {
     InvalidArgument(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("database: {0}")]
     Store(#[from] sea_orm::DbErr),
     #[error("key handling failed: {0}")]
@@ -71,6 +73,7 @@ impl VaultError {
             Self::Throttled(_) => ErrorCode::Throttled,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::NotFound(_) => ErrorCode::NotFound,
+            Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
         }
     }
@@ -393,7 +396,12 @@ impl KeyVault {
             .distinguished_name
             .push(DnType::CommonName, names[0].clone());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Gateways serve with it, and the peer gateway also dials peer sites
+        // with it as its client certificate.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
@@ -444,6 +452,10 @@ impl KeyVault {
             .ok_or_else(|| VaultError::NotFound(format!("key of user {chip_id:?}")))
     }
 
+    /// Remember a peer site's key for one of its users. A key learned once
+    /// is never replaced by another (`AlreadyExists`): whoever holds a tally
+    /// ticket could otherwise claim an existing peer's name and host and
+    /// take its place. Registering the same key again only refreshes it.
     pub async fn register_peer_key(
         &self,
         chip_id: &str,
@@ -459,14 +471,22 @@ impl KeyVault {
             public_key: Set(public_key.to_vec()),
             registered_at_ms: Set(now_ms()),
         };
-        peer_key::Entity::insert(row)
+        let inserted = peer_key::Entity::insert(row)
             .on_conflict(
                 OnConflict::columns([peer_key::Column::PeerChipId, peer_key::Column::PeerHost])
-                    .update_columns([peer_key::Column::PublicKey, peer_key::Column::RegisteredAtMs])
+                    .do_nothing()
                     .to_owned(),
             )
-            .exec(&self.db)
+            .exec_without_returning(&self.db)
             .await?;
+        if inserted == 0 {
+            let known = self.peer_key(chip_id, host).await?;
+            if known.public_key != public_key {
+                return Err(VaultError::AlreadyExists(format!(
+                    "peer {chip_id}@{host} is known with another site key"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -13,17 +13,14 @@ use chipsite_proto::{
     ticket::v1::{self as tk, TicketKind},
 };
 use chipsite_wire::{
-    ErrorCode, FrameError, FrameReader, Incoming, Limits, Notification, Response, RpcError, rpc,
+    ErrorCode, FrameError, FrameReader, Incoming, Limits, Notification, Response, RpcError, close, rpc,
+    write_frame,
 };
 use rustls::ServerConfig;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use chipsite_telemetry::metrics::{OutcomeLabels, metrics};
@@ -108,26 +105,6 @@ pub(crate) async fn handle(
         Some(Err(_)) => {}
     }
     drop(permit);
-}
-
-/// Write one frame, giving up (an error) when the app has not taken it
-/// within `within`: an app that stops reading cannot pin its task.
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &str, within: Duration) -> std::io::Result<()> {
-    let mut line = Vec::with_capacity(frame.len() + 1);
-    line.extend_from_slice(frame.as_bytes());
-    line.push(b'\n');
-    let write = async {
-        w.write_all(&line).await?;
-        w.flush().await
-    };
-    tokio::time::timeout(within, write)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer does not read"))?
-}
-
-/// End the TLS stream (close_notify), bounded like any write.
-async fn close<W: AsyncWrite + Unpin>(w: &mut W, within: Duration) {
-    let _ = tokio::time::timeout(within, w.shutdown()).await;
 }
 
 // ---------------------------------------------------------------- enrollment
@@ -561,6 +538,33 @@ struct NoParams {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct TallyRedeemParams {
+    /// Another site's tally ticket: its URI or its JSON (as a string).
+    ticket: String,
+}
+
+/// The answer to `tally.redeem` when the peer gateway says no: what went
+/// wrong, in the user's terms (the peer gateway's messages hold no secret).
+fn redeem_error(status: &tonic::Status) -> RpcError {
+    match code_of(status) {
+        SiteCode::InvalidArgument => RpcError::new(ErrorCode::InvalidParams, status.message()),
+        SiteCode::Refused => RpcError::new(
+            ErrorCode::Unauthorized,
+            "the other site refused the ticket (used, expired, revoked, or not this site's)",
+        ),
+        SiteCode::AlreadyExists => RpcError::new(ErrorCode::Unauthorized, status.message()),
+        SiteCode::Unavailable
+            if !status.message().is_empty()
+                && status.metadata().contains_key(chipsite_model::CODE_METADATA) =>
+        {
+            RpcError::new(ErrorCode::Unavailable, status.message())
+        }
+        _ => rpc_error(status),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TallyTicketParams {
     #[serde(default)]
     ttl_seconds: Option<u32>,
@@ -673,6 +677,32 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
             let ticket_json: Value = serde_json::from_str(&ticket.to_json())
                 .map_err(|_| RpcError::new(ErrorCode::Internal, "internal error"))?;
             Ok(json!({"ticket": ticket_json, "uri": ticket.to_uri()}))
+        }
+        "tally.redeem" => {
+            let TallyRedeemParams { ticket } = params(p)?;
+            if ticket.len() > 8192 {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    "invalid params: ticket is too long",
+                ));
+            }
+            let link = inner
+                .peer
+                .clone()
+                .redeem_tally_ticket(chipsite_proto::peer::v1::RedeemTallyTicketRequest {
+                    chip_id: chip_id.to_owned(),
+                    ticket,
+                    source: String::new(),
+                })
+                .await
+                .map_err(|s| redeem_error(&s))?
+                .into_inner();
+            Ok(json!({"linked": {
+                "chip_id": link.peer_chip_id,
+                "host": link.peer_host,
+                "port": link.peer_port,
+                "site_pin": link.peer_site_pin,
+            }}))
         }
         "alarms.list" => {
             let AlarmListParams { include_acked, limit } = params(p)?;

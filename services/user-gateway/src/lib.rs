@@ -31,15 +31,13 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use chipsite_proto::{
-    admin::v1::{self as ad, admin_service_client::AdminServiceClient},
-    events::v1::user_events_client::UserEventsClient,
-    keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
+    admin::v1::admin_service_client::AdminServiceClient, events::v1::user_events_client::UserEventsClient,
+    keyvault::v1::key_vault_client::KeyVaultClient, peer::v1::peer_gateway_client::PeerGatewayClient,
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
 use chipsite_tls::{Admission, AdmissionLimits, Throttle};
 use chipsite_wire::Limits;
-use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -114,6 +112,8 @@ pub struct Clients {
     pub key_vault: Channel,
     pub tickets: Channel,
     pub admin: Channel,
+    /// The peer gateway, which redeems other sites' tally tickets.
+    pub peer_gateway: Channel,
 }
 
 pub(crate) struct Inner {
@@ -121,6 +121,7 @@ pub(crate) struct Inner {
     pub(crate) tickets: TicketsClient<TracedChannel>,
     pub(crate) admin: AdminServiceClient<TracedChannel>,
     pub(crate) events: UserEventsClient<TracedChannel>,
+    pub(crate) peer: PeerGatewayClient<TracedChannel>,
     pub(crate) registry: Registry,
     pub(crate) cache: cache::AdmissionCache,
     pub(crate) settings: Settings,
@@ -155,6 +156,7 @@ impl UserGateway {
                 tickets: TicketsClient::new(traced(clients.tickets)),
                 admin: AdminServiceClient::new(traced(clients.admin.clone())),
                 events: UserEventsClient::new(traced(clients.admin)),
+                peer: PeerGatewayClient::new(traced(clients.peer_gateway)),
                 registry: Registry::default(),
                 cache: cache::AdmissionCache::new(settings.admission_cache_ttl),
                 admission: Admission::new(settings.admission),
@@ -171,35 +173,13 @@ impl UserGateway {
     /// the host name apps are told to connect to (`user_gateway.host` of the
     /// site configuration). Returns the certificate's expiry (Unix ms).
     pub async fn certify(&self) -> Result<i64, GatewayError> {
-        let fail = |e: tonic::Status| GatewayError::Certify(e.message().to_owned());
-        let config = self
-            .inner
-            .admin
-            .clone()
-            .get_site_config(ad::GetSiteConfigRequest {})
+        let host = chipsite_gateway_cert::site_setting(&self.inner.admin, "user_gateway.host", "127.0.0.1")
             .await
-            .map_err(fail)?
-            .into_inner();
-        let host = config
-            .values
-            .get("user_gateway.host")
-            .cloned()
-            .unwrap_or_else(|| "127.0.0.1".to_owned());
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| GatewayError::Certify(e.to_string()))?;
-        let issued = self
-            .inner
-            .vault
-            .clone()
-            .issue_service_certificate(kv::IssueServiceCertificateRequest {
-                public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
-                subject_alt_names: vec![host],
-                ttl_seconds: u32::try_from(self.inner.settings.cert_ttl.as_secs()).unwrap_or(u32::MAX),
-            })
+            .map_err(|e| GatewayError::Certify(e.message().to_owned()))?;
+        let issued = chipsite_gateway_cert::certify(&self.inner.vault, host, self.inner.settings.cert_ttl)
             .await
-            .map_err(fail)?
-            .into_inner();
-        let config = server_config(issued.chain, key.serialize_der())?;
+            .map_err(GatewayError::Certify)?;
+        let config = server_config(issued.chain, issued.pkcs8)?;
         self.inner.tls.store(Some(Arc::new(config)));
         self.inner
             .not_after_ms
@@ -210,31 +190,13 @@ impl UserGateway {
     /// Retry [`Self::certify`] until it succeeds: key-vault may not be up
     /// yet, or sealed.
     pub async fn certify_first(&self) {
-        let mut warned = false;
-        loop {
-            match self.certify().await {
-                Ok(_) => return,
-                Err(e) if !warned => {
-                    tracing::warn!(error = %e, "the user gateway waits for key-vault to certify it (is the vault sealed?)");
-                    warned = true;
-                }
-                Err(_) => {}
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        chipsite_gateway_cert::until_certified("user gateway", || self.certify()).await;
     }
 
-    /// Renew the certificate at two thirds of its remaining life (retrying
-    /// every 10 s if key-vault refuses; the current one serves meanwhile).
+    /// Renew the certificate at two thirds of its remaining life.
     async fn keep_certified(self) {
-        loop {
-            let left = self.inner.not_after_ms.load(Ordering::Relaxed) - now_ms();
-            let wait = Duration::from_millis(u64::try_from(left * 2 / 3).unwrap_or(0));
-            tokio::time::sleep(wait.max(Duration::from_secs(10))).await;
-            if let Err(e) = self.certify().await {
-                tracing::warn!(error = %e, "could not renew the user gateway's certificate; retrying");
-            }
-        }
+        chipsite_gateway_cert::keep_certified("user gateway", &self.inner.not_after_ms, || self.certify())
+            .await;
     }
 
     /// Serve apps on `listener` until `shutdown`: first wait for key-vault to
@@ -332,12 +294,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Where a connection came from, for the ticket service's throttle and audit.

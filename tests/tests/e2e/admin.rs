@@ -342,6 +342,14 @@ async fn lockdown_peer_server_config_and_audit(store: Store) {
         .await
         .unwrap()
         .into_inner();
+    // A dev site starts its peer server on its first launch (it holds the
+    // pass phrase); an operator stops it.
+    assert_eq!(p.desired, "running");
+    let p = admin
+        .stop_peer_server(pb::StopPeerServerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(p.desired, "stopped");
     let e = admin
         .start_peer_server(pb::StartPeerServerRequest {

@@ -226,7 +226,8 @@ async fn console_sessions_csrf_and_escaping(store: Store) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(peer.desired, "stopped");
+    // As the dev site started it: no forged request stopped it.
+    assert_eq!(peer.desired, "running");
 
     // Create a user, issue a ticket (QR, URI, JSON), lock down and lift.
     let f = |rest: &str| format!("csrf={csrf}&{rest}");
@@ -605,7 +606,10 @@ async fn console_pages_do_what_they_say(store: Store) {
         .await
         .expect("the new pass phrase opens the key");
 
-    // The peer server: start asks for the pass phrase.
+    // The peer server (a dev site starts it): stop, then start, which asks
+    // for the pass phrase.
+    let r = http(&site, "POST", "/peer/stop", c, Some(&f(""))).await;
+    assert!(r.body.contains("stopped"), "{}", r.body);
     let r = http(
         &site,
         "POST",
@@ -701,6 +705,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         ("key-vault", e.key_vault.as_str()),
         ("ticket", e.ticket.as_str()),
         ("user-gateway", e.user_gateway.as_str()),
+        ("peer-gateway", e.peer_gateway.as_str()),
     ] {
         assert!(
             h.body.contains(name) && h.body.contains(addr),
@@ -708,7 +713,7 @@ async fn console_pages_do_what_they_say(store: Store) {
             h.body
         );
     }
-    assert_eq!(h.body.matches(">up<").count(), 6, "{}", h.body);
+    assert_eq!(h.body.matches(">up<").count(), 7, "{}", h.body);
     assert!(!h.body.contains("DOWN"));
 
     // Sign-in attempts from one address are limited.

@@ -10,6 +10,7 @@ mod concurrency;
 mod console;
 mod gateway;
 mod limits;
+mod peers;
 mod python_client;
 mod replicas;
 mod site;

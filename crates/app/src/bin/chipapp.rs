@@ -52,6 +52,10 @@ enum Command {
         #[arg(long)]
         ttl_seconds: Option<u32>,
     },
+    /// Hand in a tally ticket another site's user gave you (a
+    /// `chipsite:tally?…` URI, ticket JSON, or a file holding either): this
+    /// site introduces you to theirs, and you are linked.
+    TallyRedeem { ticket: String },
     /// List alarms (unacknowledged ones, or all).
     Alarms {
         #[arg(long)]
@@ -132,6 +136,11 @@ async fn main() -> anyhow::Result<()> {
                 Some(uri) => println!("{uri}"),
                 None => print(&r),
             }
+        }
+        Command::TallyRedeem { ticket } => {
+            let ticket = read_ticket(ticket)?;
+            let uri = ticket.to_uri();
+            print(&call("tally.redeem", json!({"ticket": uri})).await?)
         }
         Command::Alarms { all } => print(&call("alarms.list", json!({"include_acked": all})).await?),
         Command::Ack { id } => print(&call("alarms.ack", json!({"id": id})).await?),
