@@ -26,6 +26,10 @@ enum Command {
         /// Data directory (default: $CHIPSITE_DATA_DIR or ~/.local/share/chipsite/dev).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Add this to every port (e.g. 100, with another --data-dir, for a
+        /// second site beside the first: its peer port is then 44402).
+        #[arg(long, default_value_t = 0)]
+        port_offset: u16,
     },
     /// One service of the site, configured from file and environment (for
     /// containers). Exits non-zero if the service stops by itself.
@@ -55,10 +59,17 @@ fn main() -> anyhow::Result<()> {
             print!("{}", config.to_masked_toml());
             Ok(())
         }
-        Command::Dev { data_dir } => {
+        Command::Dev {
+            data_dir,
+            port_offset,
+        } => {
             if let Some(d) = data_dir {
                 config.data_dir = d;
             }
+            config
+                .addresses
+                .offset_ports(port_offset)
+                .map_err(|e| anyhow::anyhow!("--port-offset: {e}"))?;
             let _telemetry = chipsite_telemetry::init("chipsite", &config.log, &config.otlp_endpoint)?;
             runtime.block_on(dev(config))
         }
@@ -105,6 +116,10 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     println!(
         "  apps       {}  (user gateway: JSON over TLS 1.3, see docs/protocol.md)",
         e.user_gateway
+    );
+    println!(
+        "  peers      {}  (peer gateway: tally tickets between sites, docs/protocol.md section 14; internal {})",
+        e.peer, e.peer_gateway
     );
     println!();
     println!(

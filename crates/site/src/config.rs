@@ -145,6 +145,40 @@ impl Addresses {
             .collect()
     }
 
+    /// Move every port by `by` (`chipsite dev --port-offset`, to run a
+    /// second site beside the first): each listener's address, and the ops
+    /// port (the dev default when none is set). Port 0 stays 0.
+    pub fn offset_ports(&mut self, by: u16) -> Result<(), String> {
+        if self.ops.is_empty() {
+            self.ops = DEV_OPS.to_owned();
+        }
+        for name in Service::ALL
+            .iter()
+            .flat_map(|s| s.listeners().iter().copied())
+            .chain(["ops"])
+        {
+            let addr = self.named_mut(name);
+            if addr.is_empty() {
+                continue;
+            }
+            let mut a: SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("addresses.{}: {addr:?}: {e}", name.replace('-', "_")))?;
+            if a.port() != 0 {
+                let port = a.port().checked_add(by).ok_or_else(|| {
+                    format!(
+                        "addresses.{}: port {} + {by} is past 65535",
+                        name.replace('-', "_"),
+                        a.port()
+                    )
+                })?;
+                a.set_port(port);
+            }
+            *addr = a.to_string();
+        }
+        Ok(())
+    }
+
     /// The address of a listener named by [`Service::listeners`] (empty
     /// for an unknown name).
     pub fn named(&self, listener: &str) -> &str {
@@ -524,5 +558,32 @@ impl Config {
         let mut c = self.clone();
         c.database_url = chipsite_store::redact_url(&c.database_url);
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `chipsite dev --port-offset` moves every port, the dev ops port
+    /// included, so a second site never collides with the first.
+    #[test]
+    fn a_port_offset_moves_every_port() {
+        let mut a = Addresses::default();
+        a.offset_ports(100).unwrap();
+        let d = Addresses::default();
+        for name in Service::ALL.iter().flat_map(|s| s.listeners().iter().copied()) {
+            let (was, now): (SocketAddr, SocketAddr) =
+                (d.named(name).parse().unwrap(), a.named(name).parse().unwrap());
+            assert_eq!(now.port(), was.port() + 100, "{name}");
+        }
+        assert_eq!(a.ops, "127.0.0.1:44409");
+        assert_eq!(a.peer, "127.0.0.1:44402");
+        let mut e = Addresses::ephemeral();
+        e.offset_ports(100).unwrap();
+        assert_eq!(e, Addresses::ephemeral(), "port 0 stays 0");
+        let e = Addresses::default().offset_ports(30_000).unwrap_err();
+        assert!(e.contains("past 65535"), "{e}");
     }
 }
