@@ -8,6 +8,15 @@ use tonic::{Request, Response, Status};
 
 use crate::KeyVault;
 
+fn peer_key_pb(k: crate::store::peer_key::Model) -> pb::PeerKey {
+    pb::PeerKey {
+        peer_chip_id: k.peer_chip_id,
+        peer_host: k.peer_host,
+        public_key: k.public_key,
+        registered_at_ms: k.registered_at_ms,
+    }
+}
+
 /// Which internal identities may call which KeyVault RPC.
 pub fn policy() -> Policy {
     const S: &str = "/chipsite.keyvault.v1.KeyVault/";
@@ -32,6 +41,7 @@ pub fn policy() -> Policy {
         .allow(&m("DeleteUserKey"), &[id::ADMIN])
         .allow(&m("RegisterPeerKey"), &[id::PEER_GATEWAY])
         .allow(&m("GetPeerKey"), &[id::PEER_GATEWAY])
+        .allow(&m("ListPeerKeys"), &[id::PEER_GATEWAY])
 }
 
 #[derive(Debug, Clone)]
@@ -153,11 +163,13 @@ impl KeyVaultRpc for KeyVaultGrpc {
     async fn get_peer_key(&self, req: Request<pb::GetPeerKeyRequest>) -> R<pb::PeerKey> {
         let req = req.into_inner();
         let k = self.0.peer_key(&req.peer_chip_id, &req.peer_host).await?;
-        Ok(Response::new(pb::PeerKey {
-            peer_chip_id: k.peer_chip_id,
-            peer_host: k.peer_host,
-            public_key: k.public_key,
-            registered_at_ms: k.registered_at_ms,
+        Ok(Response::new(peer_key_pb(k)))
+    }
+
+    async fn list_peer_keys(&self, req: Request<pb::ListPeerKeysRequest>) -> R<pb::ListPeerKeysResponse> {
+        let keys = self.0.peer_keys(&req.into_inner().peer_chip_id).await?;
+        Ok(Response::new(pb::ListPeerKeysResponse {
+            keys: keys.into_iter().map(peer_key_pb).collect(),
         }))
     }
 }

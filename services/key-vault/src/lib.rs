@@ -490,6 +490,16 @@ impl KeyVault {
         Ok(())
     }
 
+    /// Every key learned for `chip_id`, at any host.
+    pub async fn peer_keys(&self, chip_id: &str) -> Result<Vec<peer_key::Model>, VaultError> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        check_name("peer_chip_id", chip_id, 64)?;
+        Ok(peer_key::Entity::find()
+            .filter(peer_key::Column::PeerChipId.eq(chip_id))
+            .all(&self.db)
+            .await?)
+    }
+
     pub async fn peer_key(&self, chip_id: &str, host: &str) -> Result<peer_key::Model, VaultError> {
         peer_key::Entity::find_by_id((chip_id.to_owned(), host.to_owned()))
             .one(&self.db)

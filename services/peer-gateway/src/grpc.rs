@@ -15,6 +15,7 @@ pub fn policy() -> Policy {
     Policy::new()
         .allow(&format!("{S}RedeemTallyTicket"), &[id::USER_GATEWAY])
         .allow(&format!("{S}ListLinks"), &[id::ADMIN])
+        .allow(&format!("{S}Ping"), &[id::ADMIN])
 }
 
 pub(crate) fn link_pb(l: link::Model) -> pb::PeerLink {
@@ -44,6 +45,16 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
         }
         let link = self.0.redeem_tally_ticket(&req.chip_id, &req.ticket).await?;
         Ok(Response::new(link_pb(link)))
+    }
+
+    async fn ping(&self, req: Request<pb::PingRequest>) -> R<pb::PingResponse> {
+        let req = req.into_inner();
+        let (setup, rtt) = self.0.ping(&req.chip_id, &req.peer_chip_id).await?;
+        let ms = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::PingResponse {
+            setup_ms: ms(setup),
+            rtt_ms: ms(rtt),
+        }))
     }
 
     async fn list_links(&self, req: Request<pb::ListLinksRequest>) -> R<pb::ListLinksResponse> {

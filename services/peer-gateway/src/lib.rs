@@ -19,6 +19,7 @@
 //! through key-vault, like the user gateway's.
 
 mod grpc;
+mod session;
 pub mod store;
 mod ticket;
 
@@ -47,6 +48,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::Channel;
 
 pub use grpc::{PeerGatewayGrpc, policy, serve_grpc};
+pub use session::{chip_id_of as session_chip_id, session_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -54,6 +56,8 @@ pub enum PeerError {
     Certify(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
     /// The other site closed without an answer: it refused the ticket (it
     /// never says why), or it is not the site the ticket names.
     #[error("the other site refused the ticket")]
@@ -86,6 +90,7 @@ impl PeerError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NotFound(_) => ErrorCode::NotFound,
             Self::Refused => ErrorCode::Refused,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Unreachable(_) | Self::NotNow(_) | Self::Certify(_) => ErrorCode::Unavailable,
@@ -165,6 +170,20 @@ pub(crate) struct Certified {
     pub(crate) site_key: Vec<u8>,
     /// The server side of ticket connections: any site chain.
     pub(crate) ticket_server: Arc<rustls::ServerConfig>,
+}
+
+impl Certified {
+    /// A client configuration for dialing a peer site whose key is
+    /// `their_key` (SPKI DER), presenting this site's chain.
+    pub(crate) fn dialing(
+        &self,
+        their_key: &[u8],
+    ) -> Result<rustls::ClientConfig, chipsite_external_tls::ExternalTlsError> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let chain = self.chain.iter().cloned().map(CertificateDer::from).collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()));
+        chipsite_external_tls::client_config(their_key, Some((chain, key)))
+    }
 }
 
 pub(crate) struct Inner {
@@ -397,6 +416,28 @@ impl PeerGateway {
             tokio::spawn(ticket::answer(self.inner.clone(), tcp, peer, permit, accepted_at));
         }
         Ok(())
+    }
+
+    /// Open a peer session to the site of `chip_id`'s link with
+    /// `peer_chip_id`, acting for `chip_id`, and ping it: how long the setup
+    /// and the round trip took.
+    pub async fn ping(&self, chip_id: &str, peer_chip_id: &str) -> Result<(Duration, Duration), PeerError> {
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+        let link = store::link::Entity::find()
+            .filter(store::link::Column::ChipId.eq(chip_id))
+            .filter(store::link::Column::PeerChipId.eq(peer_chip_id))
+            .order_by_desc(store::link::Column::UpdatedAtMs)
+            .one(&self.inner.db)
+            .await?
+            .ok_or_else(|| PeerError::NotFound(format!("no link of {chip_id} with {peer_chip_id}")))?;
+        let started = tokio::time::Instant::now();
+        let mut session = session::dial(&self.inner, &link).await?;
+        let setup = started.elapsed();
+        let within = self.inner.settings.dial_timeout;
+        session.call("ping", serde_json::json!({}), within).await?;
+        let rtt = started.elapsed() - setup;
+        session.close().await;
+        Ok((setup, rtt))
     }
 
     /// For `chipsite dev` and the tests: redeem a tally ticket for `chip_id`

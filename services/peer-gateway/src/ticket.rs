@@ -15,7 +15,7 @@ use chipsite_proto::{
 use chipsite_tls::ConnPermit;
 use chipsite_wire::{FrameReader, Incoming, Limits, Response, close, rpc, write_frame};
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
+    pki_types::{ServerName, UnixTime},
     server::Acceptor,
 };
 use sea_orm::{ActiveValue::Set, EntityTrait, sea_query::OnConflict};
@@ -44,11 +44,6 @@ struct IntroduceParams {
     port: u16,
 }
 
-/// The server name a peer session's initiator sends (section 14): a session,
-/// not a ticket connection. Served by the next part of the peer gateway;
-/// until then such a connection is closed after the ClientHello.
-pub(crate) const SESSION_NAME_SUFFIX: &str = ".peer.chipsite.invalid";
-
 fn hostlike(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
@@ -74,19 +69,32 @@ pub(crate) async fn answer(
     let Some(certified) = inner.certified.load_full() else {
         return;
     };
-    let handshake = async {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
-        if start
-            .client_hello()
-            .server_name()
-            .is_some_and(|n| n.ends_with(SESSION_NAME_SUFFIX))
-        {
-            return Err(std::io::Error::other("peer sessions are not served yet"));
-        }
-        start.into_stream(certified.ticket_server.clone()).await
-    };
     let within = inner.settings.handshake_timeout;
-    let tls = tokio::time::timeout_at(deadline.min(Instant::now() + within), handshake).await;
+    let handshake_deadline = deadline.min(Instant::now() + within);
+    // The ClientHello says which dialog this is: a server name naming a
+    // user opens a peer session, anything else is a ticket connection.
+    let start = match tokio::time::timeout_at(
+        handshake_deadline,
+        LazyConfigAcceptor::new(Acceptor::default(), tcp),
+    )
+    .await
+    {
+        Ok(Ok(start)) => start,
+        _ => return,
+    };
+    if let Some(name) = start.client_hello().server_name().map(str::to_owned)
+        && name.ends_with(crate::session::SUFFIX)
+    {
+        if let Some(chip_id) = crate::session::chip_id_of(&name) {
+            crate::session::answer(inner, start, chip_id, permit, handshake_deadline, peer).await;
+        }
+        return;
+    }
+    let tls = tokio::time::timeout_at(
+        handshake_deadline,
+        start.into_stream(certified.ticket_server.clone()),
+    )
+    .await;
     permit.handshake_done();
     let tls = match tls {
         Ok(Ok(tls)) => tls,
@@ -459,14 +467,8 @@ async fn introduce_to(
     request: &str,
     inner: &Inner,
 ) -> Result<(), PeerError> {
-    let chain = certified
-        .chain
-        .iter()
-        .cloned()
-        .map(CertificateDer::from)
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.pkcs8.clone()));
-    let config = chipsite_external_tls::client_config(their_key, Some((chain, key)))
+    let config = certified
+        .dialing(their_key)
         .map_err(|e| PeerError::InvalidArgument(format!("not a tally ticket: {e}")))?;
     let name = ServerName::try_from(ticket.host.clone())
         .map_err(|_| PeerError::InvalidArgument("not a tally ticket: bad host".into()))?;

@@ -441,3 +441,124 @@ async fn hostile_peers_are_closed_and_others_still_served(store: Store) {
     p.bob.redeem_tally_ticket(&uri).await.unwrap();
     p.finish().await;
 }
+
+/// A peer session by hand: the server name presents `user`, the chain is
+/// `chain`; sends `frames` and returns the first line answered (empty when
+/// the site refused the session or closed without a word).
+async fn by_hand(site: &TestSite, user: &str, chain: &(Vec<Vec<u8>>, Vec<u8>), frames: &[u8]) -> String {
+    let certs = chain
+        .0
+        .iter()
+        .cloned()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(chain.1.clone().into());
+    let config = chipsite_external_tls::client_config(&site.site_key().await, Some((certs, key))).unwrap();
+    let tcp = tokio::net::TcpStream::connect(site.peer_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(chipsite_peer_gateway::session_name(user)).unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    else {
+        return String::new();
+    };
+    let _ = tls.write_all(frames).await;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while let Ok(Ok(1)) = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut byte)).await {
+        if byte[0] == b'\n' {
+            break;
+        }
+        got.push(byte[0]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn ping(site: &TestSite, chip_id: &str, peer: &str) -> Result<(), tonic::Status> {
+    site.peer_gateway_as(id::ADMIN)
+        .ping(chipsite_proto::peer::v1::PingRequest {
+            chip_id: chip_id.into(),
+            peer_chip_id: peer.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+store_test!(peer_sessions_admit_only_the_key_learned_for_the_user);
+async fn peer_sessions_admit_only_the_key_learned_for_the_user(store: Store) {
+    let p = pair(&store).await;
+    let uri = tally_ticket(&p.alice).await;
+    p.bob.redeem_tally_ticket(&uri).await.unwrap();
+
+    // Either site opens a session to the other, both at once too.
+    ping(&p.b, "bob", "alice").await.unwrap();
+    ping(&p.a, "alice", "bob").await.unwrap();
+    let (x, y) = tokio::join!(ping(&p.b, "bob", "alice"), ping(&p.a, "alice", "bob"));
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(
+        ping(&p.a, "alice", "carol").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    // By hand against site A: bob's sessions must be certified by B's key.
+    let b_chain = site_chain(&p.b).await;
+    let a_chain = site_chain(&p.a).await;
+    let ping_frame = b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"ping\"}\n";
+    let pong: Value = serde_json::from_str(&by_hand(&p.a, "bob", &b_chain, ping_frame).await).unwrap();
+    assert_eq!(pong, json!({"jsonrpc": "2.0", "id": 7, "result": {"pong": true}}));
+    assert_eq!(
+        by_hand(&p.a, "mallory", &b_chain, ping_frame).await,
+        "",
+        "an unknown user"
+    );
+    assert_eq!(
+        by_hand(&p.a, "bob", &a_chain, ping_frame).await,
+        "",
+        "another site key"
+    );
+    // An unknown method is answered and the session goes on.
+    let two = [
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"chits.send\"}\n".as_slice(),
+        ping_frame,
+    ]
+    .concat();
+    let first: Value = serde_json::from_str(&by_hand(&p.a, "bob", &b_chain, &two).await).unwrap();
+    assert_eq!(first["error"]["code"], -32601, "{first}");
+    // An oversized frame: one error, then the close.
+    let big: Value =
+        serde_json::from_str(&by_hand(&p.a, "bob", &b_chain, &vec![b'x'; 70 * 1024]).await).unwrap();
+    assert_eq!(big["error"]["code"], -32600, "{big}");
+
+    // A stopped peer server, then a sealed vault: no session.
+    p.a.admin()
+        .stop_peer_server(ad::StopPeerServerRequest {})
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ping(&p.b, "bob", "alice").await.is_err()
+        })
+        .await
+    );
+    p.a.admin()
+        .start_peer_server(ad::StartPeerServerRequest {
+            passphrase: p.a.passphrase(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ping(&p.b, "bob", "alice").await.is_ok()
+        })
+        .await
+    );
+    p.a.admin().seal_vault(ad::SealVaultRequest {}).await.unwrap();
+    assert_eq!(
+        by_hand(&p.a, "bob", &b_chain, ping_frame).await,
+        "",
+        "a sealed site"
+    );
+    assert!(ping(&p.b, "bob", "alice").await.is_err());
+    p.finish().await;
+}

@@ -1,0 +1,285 @@
+//! Peer sessions (docs/protocol.md section 14.3), both sides. The initiator
+//! names the user it acts for in the TLS server name; the responder reads the
+//! ClientHello, looks up the site keys it learned for that user and only then
+//! completes a handshake that accepts nothing but a chain certified by one of
+//! them. Then JSON-RPC requests from the initiator, answered in order.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use chipsite_model::is_chip_id;
+use chipsite_proto::keyvault::v1 as kv;
+use chipsite_tls::ConnPermit;
+use chipsite_wire::{
+    ErrorCode, FrameError, FrameReader, Incoming, Response, RpcError, close, rpc, write_frame,
+};
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_rustls::{StartHandshake, TlsConnector, client::TlsStream};
+
+use crate::{Inner, PeerError, store::link};
+
+/// What every session server name ends with.
+pub(crate) const SUFFIX: &str = ".peer.chipsite.invalid";
+
+/// The server name that presents `chip_id`: its bytes in lowercase hex, in
+/// labels of at most 62 digits, then [`SUFFIX`].
+pub fn session_name(chip_id: &str) -> String {
+    let hex: String = chip_id.bytes().map(|b| format!("{b:02x}")).collect();
+    let labels: Vec<&str> = hex
+        .as_bytes()
+        .chunks(62)
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .collect();
+    format!("{}{SUFFIX}", labels.join("."))
+}
+
+/// The CHIP ID a session server name presents, if it is one.
+pub fn chip_id_of(name: &str) -> Option<String> {
+    let hex: String = name.strip_suffix(SUFFIX)?.split('.').collect();
+    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let chip_id = String::from_utf8(bytes).ok()?;
+    (is_chip_id(&chip_id) && session_name(&chip_id) == name).then_some(chip_id)
+}
+
+// ------------------------------------------------------------ responding side
+
+/// A session's handshake and its requests. Before the handshake: the named
+/// user must have learned keys and this site must take peer work, else the
+/// connection is dropped (the handshake fails); a chain of another key fails
+/// the handshake in rustls.
+pub(crate) async fn answer(
+    inner: Arc<Inner>,
+    start: StartHandshake<TcpStream>,
+    chip_id: String,
+    mut permit: ConnPermit,
+    deadline: Instant,
+    peer: SocketAddr,
+) {
+    let Some(certified) = inner.certified.load_full() else {
+        return;
+    };
+    let handshake = async {
+        match inner.refuses_peers().await {
+            Ok(None) => {}
+            Ok(Some(why)) => return Err(why.to_owned()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let keys: Vec<Vec<u8>> = inner
+            .vault
+            .clone()
+            .list_peer_keys(kv::ListPeerKeysRequest {
+                peer_chip_id: chip_id.clone(),
+            })
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(|k| k.public_key)
+            .collect();
+        if keys.is_empty() {
+            return Err("no site key learned for this user".to_owned());
+        }
+        let config = chipsite_external_tls::server_config(
+            certified.chain.clone(),
+            certified.pkcs8.clone(),
+            chipsite_external_tls::SiteChainVerifier::expecting(Some(keys)),
+        )
+        .map_err(|e| e.to_string())?;
+        start
+            .into_stream(Arc::new(config))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let tls = tokio::time::timeout_at(deadline, handshake).await;
+    permit.handshake_done();
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(why)) => {
+            tracing::info!(%peer, chip_id, why, "peer session refused in its handshake");
+            return;
+        }
+        Err(_) => return,
+    };
+    tracing::debug!(%peer, chip_id, "peer session open");
+    let mut reader = FrameReader::new(tls, inner.settings.limits);
+    let within = inner.settings.write_timeout;
+    loop {
+        let frame = match reader.next_frame().await {
+            Ok(Some(frame)) => frame,
+            // Oversized or not UTF-8: one error, then the end (section 2).
+            Err(e @ (FrameError::TooLong(_) | FrameError::NotUtf8)) => {
+                let code = if matches!(e, FrameError::NotUtf8) {
+                    ErrorCode::ParseError
+                } else {
+                    ErrorCode::InvalidRequest
+                };
+                let reply = Response::error(Value::Null, RpcError::new(code, e.to_string()));
+                let _ = write_frame(reader.get_mut(), &reply.to_frame(), within).await;
+                break;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let reply = match rpc::parse(&frame) {
+            Err(reply) => reply,
+            Ok(Incoming::Notification(_)) => continue,
+            Ok(Incoming::Request(req)) => match call(&req.method, &req.params) {
+                Ok(result) => Response::result(req.id, result),
+                Err(e) => Response::error(req.id, e),
+            },
+        };
+        if write_frame(reader.get_mut(), &reply.to_frame(), within)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    close(reader.get_mut(), within).await;
+}
+
+/// The methods of a peer session. Tallies add theirs here.
+fn call(method: &str, params: &Value) -> Result<Value, RpcError> {
+    match method {
+        "ping" => {
+            if params.as_object().is_some_and(|o| !o.is_empty()) || params.is_array() {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    "invalid params: ping takes none",
+                ));
+            }
+            Ok(json!({"pong": true}))
+        }
+        other => Err(RpcError::new(
+            ErrorCode::MethodNotFound,
+            format!("method not found: {}", other.chars().take(64).collect::<String>()),
+        )),
+    }
+}
+
+// ------------------------------------------------------------ initiating side
+
+/// A peer session this site opened, acting for one of its users.
+pub(crate) struct PeerSession {
+    reader: FrameReader<TlsStream<TcpStream>>,
+    next_id: u64,
+    write_timeout: Duration,
+}
+
+/// Open a session to the site of `link`, acting for `link.chip_id`: the
+/// other site's chain must be certified by the key learned for the link.
+pub(crate) async fn dial(inner: &Inner, link: &link::Model) -> Result<PeerSession, PeerError> {
+    if let Some(why) = inner.refuses_peers().await? {
+        return Err(PeerError::NotNow(format!(
+            "this site cannot reach peer sites now: {why}"
+        )));
+    }
+    let Some(certified) = inner.certified.load_full() else {
+        return Err(PeerError::NotNow("the peer gateway is not certified yet".into()));
+    };
+    let config = certified
+        .dialing(&link.peer_site_key)
+        .map_err(|e| PeerError::Upstream(e.to_string()))?;
+    let name = ServerName::try_from(session_name(&link.chip_id))
+        .map_err(|_| PeerError::InvalidArgument("a CHIP ID that makes no server name".into()))?;
+    let port = u16::try_from(link.peer_port).unwrap_or(0);
+    let connect = async {
+        let tcp = TcpStream::connect((link.peer_host.as_str(), port))
+            .await
+            .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| PeerError::Unreachable(format!("TLS with the other site failed: {e}")))
+    };
+    let tls = tokio::time::timeout(inner.settings.dial_timeout, connect)
+        .await
+        .map_err(|_| PeerError::Unreachable("no connection within the dial timeout".into()))??;
+    Ok(PeerSession {
+        reader: FrameReader::new(tls, inner.settings.limits),
+        next_id: 1,
+        write_timeout: inner.settings.write_timeout,
+    })
+}
+
+impl PeerSession {
+    /// Send one request and wait for its answer (within `within`).
+    pub(crate) async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        within: Duration,
+    ) -> Result<Value, PeerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        write_frame(self.reader.get_mut(), &request, self.write_timeout)
+            .await
+            .map_err(|e| PeerError::Unreachable(e.to_string()))?;
+        let answer = async {
+            loop {
+                let frame = match self.reader.next_frame().await {
+                    Ok(Some(frame)) => frame,
+                    // The handshake's refusal surfaces here in TLS 1.3.
+                    Ok(None) | Err(_) => return Err(PeerError::Refused),
+                };
+                match rpc::parse_from_server(&frame) {
+                    Ok(Ok(r)) if r.id == json!(id) => {
+                        return r
+                            .outcome
+                            .map_err(|e| PeerError::Upstream(format!("the other site: {}", e.message)));
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        return Err(PeerError::Upstream(format!(
+                            "a bad answer from the other site: {}",
+                            e.message
+                        )));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(within, answer)
+            .await
+            .map_err(|_| PeerError::Unreachable("no answer in time".into()))?
+    }
+
+    pub(crate) async fn close(mut self) {
+        close(self.reader.get_mut(), self.write_timeout).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_carry_any_chip_id_and_nothing_else() {
+        for chip_id in ["bob", "a", "x.y_z-9", &"a".repeat(64), "0."] {
+            let name = session_name(chip_id);
+            assert!(ServerName::try_from(name.clone()).is_ok(), "{name}");
+            assert!(name.split('.').all(|l| l.len() <= 63), "{name}");
+            assert_eq!(chip_id_of(&name).as_deref(), Some(chip_id), "{name}");
+        }
+        assert_eq!(session_name("bob"), "626f62.peer.chipsite.invalid");
+        for bad in [
+            "626f62.peer.chipsite.example",
+            "626F62.peer.chipsite.invalid",
+            "626f6.peer.chipsite.invalid",
+            "62.6f62.peer.chipsite.invalid",
+            "2e.peer.chipsite.invalid",
+            ".peer.chipsite.invalid",
+            "zz.peer.chipsite.invalid",
+        ] {
+            assert_eq!(chip_id_of(bad), None, "{bad}");
+        }
+    }
+}
