@@ -52,7 +52,7 @@ pub enum Command {
     /// The site key: status, unseal, seal, create, passphrase.
     #[command(subcommand)]
     Key(KeyCmd),
-    /// The peer server: status, start, stop.
+    /// The peer server (status, start, stop) and the peer sites this site knows (list).
     #[command(subcommand)]
     Peer(PeerCmd),
     /// Site-wide lockdown: status, lock, unlock.
@@ -256,6 +256,9 @@ pub enum PeerCmd {
         passphrase: Passphrase,
     },
     Stop,
+    /// The peer sites this site knows: their keys' pins, where they listen,
+    /// the links between their users and ours, the last contact.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -480,6 +483,55 @@ fn lockdown_text(l: &pb::LockdownState) -> String {
 
 fn peer_json(p: &pb::PeerServerState) -> Value {
     json!({"desired": p.desired, "changed_at_ms": p.changed_at_ms})
+}
+
+fn peers_json(sites: &[chipsite_proto::peer::v1::PeerSite]) -> Value {
+    json!(
+        sites
+            .iter()
+            .map(|s| json!({
+                "site_pin": s.site_pin,
+                "host": s.host,
+                "port": s.port,
+                "last_contact_ms": s.last_contact_ms,
+                "last_outcome": s.last_outcome,
+                "outbox_depth": s.outbox_depth,
+                "links": s.links.iter().map(|l| json!({
+                    "chip_id": l.chip_id,
+                    "peer_chip_id": l.peer_chip_id,
+                    "via": l.via,
+                    "created_at_ms": l.created_at_ms,
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn peers_text(sites: &[chipsite_proto::peer::v1::PeerSite]) -> String {
+    if sites.is_empty() {
+        return "no peer sites yet (a user redeems another site's tally ticket, or another site redeems one of ours)\n".into();
+    }
+    let mut s = String::new();
+    for site in sites {
+        let contact = match site.last_contact_ms {
+            0 => "no contact since the peer gateway started".to_owned(),
+            t => format!("last contact {} ({})", ms(t), site.last_outcome),
+        };
+        s.push_str(&format!(
+            "{}:{}  {}\n  {contact}; outbox {}\n",
+            site.host, site.port, site.site_pin, site.outbox_depth
+        ));
+        for l in &site.links {
+            s.push_str(&format!(
+                "  {} <-> {}  ({}, {})\n",
+                l.chip_id,
+                l.peer_chip_id,
+                l.via,
+                ms(l.created_at_ms)
+            ));
+        }
+    }
+    s
 }
 
 fn config_json(c: &pb::SiteConfig) -> Value {
@@ -822,6 +874,15 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Peer(cmd) => {
             let p = match cmd {
+                PeerCmd::List => {
+                    let peers = client
+                        .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
+                        .await
+                        .map_err(&err)?
+                        .into_inner()
+                        .sites;
+                    return emit(out, peers_json(&peers), peers_text(&peers));
+                }
                 PeerCmd::Status => client.get_peer_server(pb::GetPeerServerRequest {}).await,
                 PeerCmd::Start { passphrase } => {
                     let p = secrets.passphrase(&passphrase)?;

@@ -299,6 +299,8 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     // A dev site starts its peer server on its first launch.
     assert!(ok(d, &["peer", "status"]).starts_with("peer server running"));
     assert!(ok(d, &["peer", "stop"]).starts_with("peer server stopped"));
+    assert!(ok(d, &["peer", "list"]).starts_with("no peer sites yet"));
+    assert_eq!(json(&ok(d, &["--json", "peer", "list"])), serde_json::json!([]));
     fails(
         d,
         &["peer", "start"],

@@ -46,14 +46,13 @@ pub async fn serve_ticket(
 /// admin's server with its alarm sweeper (`chipsite_admin::serve`).
 pub async fn serve_admin(
     admin: Arc<Admin>,
-    key_vault: Channel,
-    tickets: Channel,
+    calls: chipsite_admin::Calls,
     listener: TcpListener,
     tls: Arc<ReloadableTls>,
     bench: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SiteError> {
-    chipsite_admin::serve(admin, key_vault, tickets, listener, tls, bench, shutdown)
+    chipsite_admin::serve(admin, calls, listener, tls, bench, shutdown)
         .await
         .map_err(served("admin"))
 }
@@ -206,24 +205,18 @@ pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
             admin.set_peer_server(true).await?;
         }
     }
-    let key_vault = ctx.channel_to(Service::KeyVault)?;
-    let tickets = ctx.channel_to(Service::Ticket)?;
+    let calls = chipsite_admin::Calls {
+        key_vault: ctx.channel_to(Service::KeyVault)?,
+        tickets: ctx.channel_to(Service::Ticket)?,
+        peer_gateway: ctx.channel_to(Service::PeerGateway)?,
+    };
     tracing::info!(service = "admin", addr = ?listener.local_addr().ok(), "serving");
     Ok(Started {
         report: Report {
             init_scripts_ran,
             ..Report::default()
         },
-        serving: serve_admin(
-            admin,
-            key_vault,
-            tickets,
-            listener,
-            ctx.tls,
-            ctx.dev,
-            ctx.shutdown.wait(),
-        )
-        .boxed(),
+        serving: serve_admin(admin, calls, listener, ctx.tls, ctx.dev, ctx.shutdown.wait()).boxed(),
     })
 }
 

@@ -60,14 +60,18 @@ pub struct AdminGrpc {
     admin: Arc<Admin>,
     vault: KeyVaultClient<TracedChannel>,
     tickets: TicketsClient<TracedChannel>,
+    peers: chipsite_proto::peer::v1::peer_gateway_client::PeerGatewayClient<TracedChannel>,
 }
 
 impl AdminGrpc {
-    pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel) -> Self {
+    pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel, peer_gateway: Channel) -> Self {
         Self {
             admin,
             vault: KeyVaultClient::new(traced(key_vault)),
             tickets: TicketsClient::new(traced(tickets)),
+            peers: chipsite_proto::peer::v1::peer_gateway_client::PeerGatewayClient::new(traced(
+                peer_gateway,
+            )),
         }
     }
 
@@ -652,6 +656,14 @@ impl AdminService for AdminGrpc {
             })
         })
         .await
+    }
+
+    async fn list_peers(
+        &self,
+        req: Request<chipsite_proto::peer::v1::ListPeersRequest>,
+    ) -> R<chipsite_proto::peer::v1::ListPeersResponse> {
+        // A read: not audited.
+        self.peers.clone().list_peers(req.into_inner()).await
     }
 
     async fn stop_peer_server(&self, req: Request<pb::StopPeerServerRequest>) -> R<pb::PeerServerState> {

@@ -753,15 +753,23 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The services admin calls.
+#[derive(Debug, Clone)]
+pub struct Calls {
+    pub key_vault: tonic::transport::Channel,
+    pub tickets: tonic::transport::Channel,
+    /// The peer gateway (the peer sites operators see).
+    pub peer_gateway: tonic::transport::Channel,
+}
+
 /// Serve admin (AdminService and UserEvents) on an already-bound `listener`
-/// over internal mutual TLS (`tls`) until `shutdown`, calling key-vault and
-/// the ticket service on the channels given, with the alarm sweeper beside
+/// over internal mutual TLS (`tls`) until `shutdown`, calling key-vault, the
+/// ticket service and the peer gateway on the channels given (`calls`), with the alarm sweeper beside
 /// it: the entry point of the same shape every service crate has. Each
 /// handler runs to completion even if its caller goes away.
 pub async fn serve(
     admin: std::sync::Arc<Admin>,
-    key_vault: tonic::transport::Channel,
-    tickets: tonic::transport::Channel,
+    calls: Calls,
     listener: tokio::net::TcpListener,
     tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
     bench: bool,
@@ -776,7 +784,12 @@ pub async fn serve(
     let notifier = Notifier::new(admin.clone(), notify::DELIVERY_WINDOW);
     let mut sweeper = notifier.spawn_sweeper();
     let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
-    let svc = S::new(AdminGrpc::new(admin, key_vault, tickets));
+    let svc = S::new(AdminGrpc::new(
+        admin,
+        calls.key_vault,
+        calls.tickets,
+        calls.peer_gateway,
+    ));
     let served = async {
         chipsite_grpc_server::serve_with!(
             [svc => S, events => E],

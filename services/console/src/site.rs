@@ -348,6 +348,14 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
         Err(s) => return failed(&s),
     };
     let running = state.desired == "running";
+    let peers = match c
+        .admin()
+        .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
+        .await
+    {
+        Ok(p) => p.into_inner().sites,
+        Err(s) => return failed(&s),
+    };
     let body = html! {
         div.card {
             h2 { "Peer server" }
@@ -366,6 +374,34 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
                     input type="hidden" name="csrf" value=(chrome.csrf);
                     (secret("passphrase", "Pass phrase"))
                     button type="submit" { "Start" }
+                }
+            }
+        }
+        div.card {
+            h2 { "Peer sites" }
+            @if peers.is_empty() {
+                p { "No peer sites yet: a user redeems another site's tally ticket, or another site redeems one of ours." }
+            } @else {
+                table {
+                    thead { tr { th { "Site" } th { "Key pin" } th { "Last contact" } th { "Outbox" } th { "Links (ours ↔ theirs)" } } }
+                    tbody {
+                        @for site in &peers {
+                            tr {
+                                td { code { (site.host) ":" (site.port) } }
+                                td { code { (site.site_pin) } }
+                                td {
+                                    @if site.last_contact_ms == 0 { "none since the peer gateway started" }
+                                    @else { (when(site.last_contact_ms)) " — " (site.last_outcome) }
+                                }
+                                td { (site.outbox_depth) }
+                                td {
+                                    @for l in &site.links {
+                                        a href={ "/users/" (l.chip_id) } { (l.chip_id) } " ↔ " (l.peer_chip_id) " (" (l.via) ")" br;
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -16,6 +16,7 @@ pub fn policy() -> Policy {
         .allow(&format!("{S}RedeemTallyTicket"), &[id::USER_GATEWAY])
         .allow(&format!("{S}ListLinks"), &[id::ADMIN])
         .allow(&format!("{S}Ping"), &[id::ADMIN])
+        .allow(&format!("{S}ListPeers"), &[id::ADMIN])
 }
 
 pub(crate) fn link_pb(l: link::Model) -> pb::PeerLink {
@@ -55,6 +56,38 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
             setup_ms: ms(setup),
             rtt_ms: ms(rtt),
         }))
+    }
+
+    async fn list_peers(&self, _: Request<pb::ListPeersRequest>) -> R<pb::ListPeersResponse> {
+        let links = link::Entity::find()
+            .order_by_desc(link::Column::UpdatedAtMs)
+            .all(self.0.db())
+            .await
+            .map_err(PeerError::from)?;
+        let mut sites: Vec<pb::PeerSite> = Vec::new();
+        for l in links {
+            let at = match sites.iter().position(|s| s.site_pin == l.peer_site_pin) {
+                Some(at) => at,
+                None => {
+                    let (last_contact_ms, last_outcome) = self.0.last_contact(&l.peer_site_pin);
+                    sites.push(pb::PeerSite {
+                        site_pin: l.peer_site_pin.clone(),
+                        site_key: l.peer_site_key.clone(),
+                        // The newest link's address is the most recently confirmed.
+                        host: l.peer_host.clone(),
+                        port: u32::try_from(l.peer_port).unwrap_or(0),
+                        links: vec![],
+                        last_contact_ms,
+                        last_outcome,
+                        outbox_depth: 0,
+                    });
+                    sites.len() - 1
+                }
+            };
+            sites[at].links.push(link_pb(l));
+        }
+        sites.sort_by(|a, b| (&a.host, a.port, &a.site_pin).cmp(&(&b.host, b.port, &b.site_pin)));
+        Ok(Response::new(pb::ListPeersResponse { sites }))
     }
 
     async fn list_links(&self, req: Request<pb::ListLinksRequest>) -> R<pb::ListLinksResponse> {

@@ -200,6 +200,9 @@ pub(crate) struct Inner {
     not_after_ms: AtomicI64,
     /// Whether admin wants the peer server running (followed by polling).
     pub(crate) running: watch::Sender<bool>,
+    /// The last contact with each peer site (by its key's pin), either way:
+    /// when, and "ok" or why it failed. In memory, for operators.
+    contacts: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
 }
 
 /// One peer gateway.
@@ -237,6 +240,7 @@ impl PeerGateway {
                 certified: ArcSwapOption::empty(),
                 not_after_ms: AtomicI64::new(0),
                 running: watch::Sender::new(false),
+                contacts: Default::default(),
             }),
         })
     }
@@ -440,6 +444,11 @@ impl PeerGateway {
         Ok((setup, rtt))
     }
 
+    /// The last contact with the peer site whose key's pin is `pin`.
+    pub fn last_contact(&self, pin: &str) -> (i64, String) {
+        self.inner.last_contact(pin)
+    }
+
     /// For `chipsite dev` and the tests: redeem a tally ticket for `chip_id`
     /// in-process (the gRPC method calls the same).
     pub async fn redeem_tally_ticket(
@@ -452,6 +461,25 @@ impl PeerGateway {
 }
 
 impl Inner {
+    /// Remember how the last contact with the site of `site_key` went.
+    pub(crate) fn contact(&self, site_key: &[u8], outcome: &str) {
+        let pin = chipsite_model::pin_of_spki(site_key);
+        if let Ok(mut c) = self.contacts.lock() {
+            c.insert(
+                pin,
+                (chipsite_store::now_ms(), outcome.chars().take(200).collect()),
+            );
+        }
+    }
+
+    pub(crate) fn last_contact(&self, pin: &str) -> (i64, String) {
+        self.contacts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(pin).cloned())
+            .unwrap_or_default()
+    }
+
     /// Where this site's peer gateway is reached (`peer_gateway.host` and
     /// `peer_gateway.port` of the site configuration).
     pub(crate) async fn own_address(&self) -> Result<(String, u16), PeerError> {

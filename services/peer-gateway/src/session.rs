@@ -109,6 +109,14 @@ pub(crate) async fn answer(
         Err(_) => return,
     };
     tracing::debug!(%peer, chip_id, "peer session open");
+    if let Some(Ok(key)) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| chipsite_external_tls::site_key_of_chain(c, rustls::pki_types::UnixTime::now()))
+    {
+        inner.contact(&key, "ok");
+    }
     let mut reader = FrameReader::new(tls, inner.settings.limits);
     let within = inner.settings.write_timeout;
     loop {
@@ -202,7 +210,19 @@ pub(crate) async fn dial(inner: &Inner, link: &link::Model) -> Result<PeerSessio
     };
     let tls = tokio::time::timeout(inner.settings.dial_timeout, connect)
         .await
-        .map_err(|_| PeerError::Unreachable("no connection within the dial timeout".into()))??;
+        .map_err(|_| PeerError::Unreachable("no connection within the dial timeout".into()))
+        .and_then(|r| r);
+    inner.contact(
+        &link.peer_site_key,
+        match &tls {
+            Ok(_) => "ok",
+            Err(e) => match e {
+                PeerError::Unreachable(why) => why,
+                _ => "failed",
+            },
+        },
+    );
+    let tls = tls?;
     Ok(PeerSession {
         reader: FrameReader::new(tls, inner.settings.limits),
         next_id: 1,

@@ -255,6 +255,7 @@ async fn introduce_checked(
     record_link(inner, &p.user, &p.chip_id, &p.host, p.port, &key, "issued")
         .await
         .map_err(|_| "the link was not recorded")?;
+    inner.contact(&key, "ok");
     tracing::info!(
         user = p.user,
         peer = p.chip_id,
@@ -404,12 +405,21 @@ pub(crate) async fn redeem(inner: &Inner, chip_id: &str, text: &str) -> Result<l
         port,
     });
     let within = inner.settings.dial_timeout;
-    tokio::time::timeout(
+    let introduced = tokio::time::timeout(
         within,
         introduce_to(&certified, &ticket, &their_key, &request, inner),
     )
     .await
-    .map_err(|_| PeerError::Unreachable(format!("no answer within {} s", within.as_secs())))??;
+    .map_err(|_| PeerError::Unreachable(format!("no answer within {} s", within.as_secs())))
+    .and_then(|r| r);
+    inner.contact(
+        &their_key,
+        &match &introduced {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        },
+    );
+    introduced?;
     match inner
         .vault
         .clone()

@@ -291,8 +291,11 @@ async fn events_reach_every_replica(store: Store) {
         admin_addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(chipsite_admin::serve(
             admin2,
-            channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
-            channel(&endpoints.ticket, id::TICKET, id::ADMIN),
+            chipsite_admin::Calls {
+                key_vault: channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
+                tickets: channel(&endpoints.ticket, id::TICKET, id::ADMIN),
+                peer_gateway: channel(&endpoints.peer_gateway, id::PEER_GATEWAY, id::ADMIN),
+            },
             listener,
             site.tls(id::ADMIN),
             false,

@@ -50,10 +50,10 @@ const POSTS: [&str; 16] = [
 const FORM: &str = "csrf=wrong&locked=true&chip_id=zed&name=Zed&status=active&passphrase=p&old=p&new=q&confirm=q\
                     &key=ticket.ttl_seconds&value=77";
 
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: String,
 }
 
 /// An HTTP/1.1 request that closes its connection; `form` url-encoded.
@@ -90,7 +90,13 @@ fn reply(out: &[u8]) -> Reply {
 }
 
 /// One HTTP/1.1 request on its own connection.
-async fn http(site: &TestSite, method: &str, path: &str, cookie: Option<&str>, form: Option<&str>) -> Reply {
+pub(crate) async fn http(
+    site: &TestSite,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> Reply {
     let addr = site
         .site
         .endpoints
@@ -345,7 +351,7 @@ async fn console_sessions_csrf_and_escaping(store: Store) {
 }
 
 /// A signed-in session: (cookie, CSRF token).
-async fn sign_in(site: &TestSite) -> (String, String) {
+pub(crate) async fn sign_in(site: &TestSite) -> (String, String) {
     let token = link(site).await;
     let ok = http(site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
     assert_eq!(ok.status, 303, "{}", ok.body);

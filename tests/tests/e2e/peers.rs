@@ -149,6 +149,37 @@ async fn a_tally_ticket_links_users_of_two_sites(store: Store) {
     assert_eq!(peer_key(&p.b, "alice", &host).await, Some(a_key.clone()));
     assert_eq!(last_outcome(&p.a).await, "redeemed");
 
+    // Operators see the peer site, its pin, the link and the contact: through
+    // AdminService (what `chipsctl peer list` prints) and the console.
+    let peers =
+        p.a.admin()
+            .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sites;
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].site_pin, chipsite_model::pin_of_spki(&b_key));
+    assert_eq!(
+        (peers[0].port, peers[0].last_outcome.as_str()),
+        (u32::from(p.b.peer_addr().port()), "ok")
+    );
+    assert_eq!(
+        (
+            peers[0].links[0].chip_id.as_str(),
+            peers[0].links[0].peer_chip_id.as_str()
+        ),
+        ("alice", "bob")
+    );
+    let (cookie, _) = crate::console::sign_in(&p.a).await;
+    let page = crate::console::http(&p.a, "GET", "/peer", Some(&cookie), None).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains(&peers[0].site_pin) && page.body.contains("bob"),
+        "{}",
+        page.body
+    );
+
     // Both users were told.
     assert!(alarms(&p.a, "alice").await.iter().any(|t| t.contains("bob")));
     assert!(alarms(&p.b, "bob").await.iter().any(|t| t.contains("alice")));
