@@ -7,6 +7,7 @@ mod chip_id;
 pub mod endpoints;
 mod error;
 pub mod files;
+pub mod signed;
 pub mod ticket;
 
 pub use chip_id::{AccountStatus, BadChipId, ChipId, is_chip_id};
