@@ -144,7 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn start_site(dir: &Path) -> anyhow::Result<Child> {
+pub(crate) fn start_site(dir: &Path) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let data = dir.join("site");
     let child = Command::new(exe)
@@ -363,12 +363,15 @@ fn now_ms() -> i64 {
 
 /// One setup: connect, handshake with a client certificate, one line out,
 /// one line back, close.
-async fn setup_once(addr: SocketAddr, config: Arc<ClientConfig>, line: &[u8]) -> anyhow::Result<()> {
+async fn setup_once(
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+    line: &[u8],
+) -> anyhow::Result<()> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let mut tls = TlsConnector::from(config)
-        .connect(ServerName::try_from("127.0.0.1")?, tcp)
-        .await?;
+    let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
     tls.write_all(line).await?;
     let mut reader = BufReader::new(tls);
     let mut answer = String::new();
@@ -381,16 +384,43 @@ async fn setup_once(addr: SocketAddr, config: Arc<ClientConfig>, line: &[u8]) ->
 }
 
 async fn setups(work: &Work, addr: SocketAddr, line: &[u8], args: &Args) -> anyhow::Result<f64> {
+    let configs = (0..args.setup_concurrency)
+        .map(|c| work.client_config(&user(c % args.sessions.max(1))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    setup_rate(
+        addr,
+        ServerName::try_from("127.0.0.1")?,
+        configs,
+        line,
+        args.seconds,
+    )
+    .await
+}
+
+/// Setups per second (connect, TLS 1.3 with a client certificate, `line`
+/// and its answer, close) by one client per configuration, for `seconds`.
+pub(crate) async fn setup_rate(
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    configs: Vec<Arc<ClientConfig>>,
+    line: &[u8],
+    seconds: u64,
+) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = vec![];
-    for c in 0..args.setup_concurrency {
-        let config = work.client_config(&user(c % args.sessions.max(1)))?;
-        let (done, failed, stop, line) = (done.clone(), failed.clone(), stop.clone(), line.to_vec());
+    for config in configs {
+        let (done, failed, stop, line, name) = (
+            done.clone(),
+            failed.clone(),
+            stop.clone(),
+            line.to_vec(),
+            name.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match setup_once(addr, config.clone(), &line).await {
+                match setup_once(addr, name.clone(), config.clone(), &line).await {
                     Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                 };
@@ -398,7 +428,7 @@ async fn setups(work: &Work, addr: SocketAddr, line: &[u8], args: &Args) -> anyh
         }));
     }
     let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed();
     let n = done.load(Ordering::Relaxed);
@@ -491,23 +521,7 @@ async fn baseline_server(work: &Work, port_file: &Path) -> anyhow::Result<()> {
     let tmp = port_file.with_extension("tmp");
     std::fs::write(&tmp, listener.local_addr()?.port().to_string())?;
     std::fs::rename(&tmp, port_file)?;
-    loop {
-        let (tcp, _) = listener.accept().await?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let mut reader = BufReader::new(tls);
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.is_ok() {
-                let mut tls = reader.into_inner();
-                let _ = tls.write_all(line.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            }
-        });
-    }
+    echo_lines(listener, config).await
 }
 
 /// Hold subscribed sessions for users FIRST..LAST, PER_USER each; print
@@ -564,4 +578,29 @@ async fn hold_sessions(work: &Work, first: usize, last: usize, per_user: usize) 
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     Ok(())
+}
+
+/// The baselines' server: accept TLS with `config`, read one line, send it
+/// back, close.
+pub(crate) async fn echo_lines(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<()> {
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut reader = BufReader::new(tls);
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.is_ok() {
+                let mut tls = reader.into_inner();
+                let _ = tls.write_all(line.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+    }
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_gateway;
+mod bench_peer;
 
 #[derive(Parser)]
 #[command(name = "chipsite", version, about = "The chipsite site server")]
@@ -44,6 +45,9 @@ enum Command {
     /// User gateway benchmark: mutual-TLS setups beside a bare tokio-rustls
     /// baseline, status latency, memory per idle session, alarm fan-out.
     BenchGateway(bench_gateway::Args),
+    /// Peer gateway benchmark: peer session setups (both chains, the key
+    /// lookup, a ping) beside a bare tokio-rustls baseline.
+    BenchPeer(bench_peer::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchGateway(args) => runtime.block_on(bench_gateway::run(args)),
+        Command::BenchPeer(args) => runtime.block_on(bench_peer::run(args)),
     }
 }
 
