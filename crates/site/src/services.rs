@@ -293,6 +293,14 @@ pub(crate) async fn start_peer_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
         .await
         .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))?,
     );
+    let certified = gateway.clone();
+    ctx.ready.add("peer-gateway certified by the site key", move || {
+        let ok = certified.is_certified();
+        async move {
+            ok.then_some(())
+                .ok_or_else(|| "key-vault has not certified it (is the vault sealed?)".to_owned())
+        }
+    });
     tracing::info!(service = "peer-gateway", addr = ?grpc.local_addr().ok(), peer_port = %addr, "serving");
     let shutdown = ctx.shutdown.wait().shared();
     let tls = ctx.tls;

@@ -153,6 +153,12 @@ impl Default for Settings {
     }
 }
 
+/// How long the peer gateway reuses what key-vault and admin said of the
+/// site (sealed, locked down) and the keys learned for a user: a seal, a
+/// lockdown or a key learned on another replica reaches new peer
+/// connections within this time.
+pub const STATE_TTL: Duration = Duration::from_secs(1);
+
 /// The internal services the gateway calls.
 #[derive(Debug, Clone)]
 pub struct Clients {
@@ -200,6 +206,15 @@ pub(crate) struct Inner {
     not_after_ms: AtomicI64,
     /// Whether admin wants the peer server running (followed by polling).
     pub(crate) running: watch::Sender<bool>,
+    /// What key-vault and admin last said of the whole site (sealed, locked
+    /// down), reused for [`STATE_TTL`].
+    site_state: std::sync::Mutex<Option<(std::time::Instant, Option<&'static str>)>>,
+    /// Session server configurations by the CHIP ID a session names (the
+    /// keys learned for that user), reused for [`STATE_TTL`].
+    #[allow(clippy::type_complexity)]
+    pub(crate) session_configs: std::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, Arc<Certified>, Arc<rustls::ServerConfig>)>,
+    >,
     /// The last contact with each peer site (by its key's pin), either way:
     /// when, and "ok" or why it failed. In memory, for operators.
     contacts: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
@@ -241,6 +256,8 @@ impl PeerGateway {
                 not_after_ms: AtomicI64::new(0),
                 running: watch::Sender::new(false),
                 contacts: Default::default(),
+                site_state: Default::default(),
+                session_configs: Default::default(),
             }),
         })
     }
@@ -338,7 +355,10 @@ impl PeerGateway {
     /// Serve peer sites at `addr` until `shutdown`, while admin wants the
     /// peer server running: the port is bound when it is, closed when it is
     /// not. `bound` is a listener already bound there (dev and tests bind
-    /// every port first); it is closed at once if the server is stopped.
+    /// every port first, to resolve port 0); it is closed at once, and the
+    /// same address bound again once admin's state is known to be running
+    /// and key-vault has certified the gateway: an open peer port always
+    /// means a running, certified peer server.
     pub async fn serve(
         self,
         bound: Option<TcpListener>,
@@ -346,6 +366,7 @@ impl PeerGateway {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), PeerError> {
         tokio::pin!(shutdown);
+        drop(bound);
         let mut following = AbortOnDrop(tokio::spawn(self.clone().follow_state()));
         if self.inner.certified.load().is_none() {
             tokio::select! {
@@ -355,7 +376,7 @@ impl PeerGateway {
         }
         let mut renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
         let mut running = self.inner.running.subscribe();
-        let mut listener = bound;
+        let mut listener: Option<TcpListener> = None;
         let mut warned_bind = false;
         loop {
             let want = *running.borrow_and_update();
@@ -434,6 +455,11 @@ impl PeerGateway {
             .one(&self.inner.db)
             .await?
             .ok_or_else(|| PeerError::NotFound(format!("no link of {chip_id} with {peer_chip_id}")))?;
+        if self.inner.locked(chip_id).await? {
+            return Err(PeerError::LockedDown(format!(
+                "{chip_id} or the site is locked down"
+            )));
+        }
         let started = tokio::time::Instant::now();
         let mut session = session::dial(&self.inner, &link).await?;
         let setup = started.elapsed();
@@ -496,22 +522,52 @@ impl Inner {
     }
 
     /// Why this site takes no peer work now, if it does not: the peer
-    /// server stopped, the vault sealed, the site locked down.
-    pub(crate) async fn refuses_peers(&self) -> Result<Option<&'static str>, PeerError> {
+    /// server stopped, the vault sealed, the site locked down (the sealed
+    /// vault and the lockdown asked of key-vault and admin each time).
+    ///
+    /// `fresh`: ask now (the ticket dialog, which spends tickets); else the
+    /// answer may be up to [`STATE_TTL`] old (sessions).
+    pub(crate) async fn refuses_peers(&self, fresh: bool) -> Result<Option<&'static str>, PeerError> {
         if !*self.running.borrow() {
-            return Ok(Some("the peer server is stopped"));
+            // The polled state may be a second old (or not read yet): ask
+            // before refusing.
+            let desired = self
+                .admin
+                .clone()
+                .get_peer_server(ad::GetPeerServerRequest {})
+                .await
+                .map_err(|e| PeerError::Upstream(e.message().to_owned()))?
+                .into_inner()
+                .desired;
+            if desired != "running" {
+                return Ok(Some("the peer server is stopped"));
+            }
+            self.running.send_if_modified(|r| !std::mem::replace(r, true));
         }
-        let vault = self
-            .vault
-            .clone()
-            .get_status(kv::GetStatusRequest {})
-            .await
+        if let Ok(known) = self.site_state.lock()
+            && !fresh
+            && let Some((at, why)) = *known
+            && at.elapsed() < STATE_TTL
+        {
+            return Ok(why);
+        }
+        // Both asked at once.
+        let (mut vault, admin) = (self.vault.clone(), self.locked(""));
+        let (vault, locked) = tokio::join!(vault.get_status(kv::GetStatusRequest {}), admin);
+        let vault = vault
             .map_err(|e| PeerError::Upstream(e.message().to_owned()))?
             .into_inner();
-        if vault.sealed {
-            return Ok(Some("the site key is sealed"));
+        let why = if vault.sealed {
+            Some("the site key is sealed")
+        } else if locked? {
+            Some("the site is locked down")
+        } else {
+            None
+        };
+        if let Ok(mut known) = self.site_state.lock() {
+            *known = Some((std::time::Instant::now(), why));
         }
-        Ok(None)
+        Ok(why)
     }
 
     /// Whether the site, or `chip_id`, is locked down.

@@ -66,37 +66,13 @@ pub(crate) async fn answer(
         return;
     };
     let handshake = async {
-        match inner.refuses_peers().await {
+        match inner.refuses_peers(false).await {
             Ok(None) => {}
             Ok(Some(why)) => return Err(why.to_owned()),
             Err(e) => return Err(e.to_string()),
         }
-        let keys: Vec<Vec<u8>> = inner
-            .vault
-            .clone()
-            .list_peer_keys(kv::ListPeerKeysRequest {
-                peer_chip_id: chip_id.clone(),
-            })
-            .await
-            .map_err(|e| e.message().to_owned())?
-            .into_inner()
-            .keys
-            .into_iter()
-            .map(|k| k.public_key)
-            .collect();
-        if keys.is_empty() {
-            return Err("no site key learned for this user".to_owned());
-        }
-        let config = chipsite_external_tls::server_config(
-            certified.chain.clone(),
-            certified.pkcs8.clone(),
-            chipsite_external_tls::SiteChainVerifier::expecting(Some(keys)),
-        )
-        .map_err(|e| e.to_string())?;
-        start
-            .into_stream(Arc::new(config))
-            .await
-            .map_err(|e| e.to_string())
+        let config = session_config(&inner, &certified, &chip_id).await?;
+        start.into_stream(config).await.map_err(|e| e.to_string())
     };
     let tls = tokio::time::timeout_at(deadline, handshake).await;
     permit.handshake_done();
@@ -153,6 +129,57 @@ pub(crate) async fn answer(
     close(reader.get_mut(), within).await;
 }
 
+/// The server configuration for a session naming `chip_id`: this site's
+/// chain, and a client verifier that accepts the keys learned for that user.
+/// Reused for [`crate::STATE_TTL`] (and only with the same certificate).
+async fn session_config(
+    inner: &Inner,
+    certified: &Arc<crate::Certified>,
+    chip_id: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    if let Ok(cache) = inner.session_configs.lock()
+        && let Some((at, for_cert, config)) = cache.get(chip_id)
+        && at.elapsed() < crate::STATE_TTL
+        && Arc::ptr_eq(for_cert, certified)
+    {
+        return Ok(config.clone());
+    }
+    let keys: Vec<Vec<u8>> = inner
+        .vault
+        .clone()
+        .list_peer_keys(kv::ListPeerKeysRequest {
+            peer_chip_id: chip_id.to_owned(),
+        })
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.public_key)
+        .collect();
+    if keys.is_empty() {
+        return Err("no site key learned for this user".to_owned());
+    }
+    let config = Arc::new(
+        chipsite_external_tls::server_config(
+            certified.chain.clone(),
+            certified.pkcs8.clone(),
+            chipsite_external_tls::SiteChainVerifier::expecting(Some(keys)),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    if let Ok(mut cache) = inner.session_configs.lock() {
+        if cache.len() >= 10_000 {
+            cache.clear();
+        }
+        cache.insert(
+            chip_id.to_owned(),
+            (std::time::Instant::now(), certified.clone(), config.clone()),
+        );
+    }
+    Ok(config)
+}
+
 /// The methods of a peer session. Tallies add theirs here.
 fn call(method: &str, params: &Value) -> Result<Value, RpcError> {
     match method {
@@ -184,7 +211,7 @@ pub(crate) struct PeerSession {
 /// Open a session to the site of `link`, acting for `link.chip_id`: the
 /// other site's chain must be certified by the key learned for the link.
 pub(crate) async fn dial(inner: &Inner, link: &link::Model) -> Result<PeerSession, PeerError> {
-    if let Some(why) = inner.refuses_peers().await? {
+    if let Some(why) = inner.refuses_peers(false).await? {
         return Err(PeerError::NotNow(format!(
             "this site cannot reach peer sites now: {why}"
         )));

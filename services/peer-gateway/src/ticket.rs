@@ -199,19 +199,21 @@ async fn introduce_checked(
     let refusal = match &judged {
         Err(_) => "request",
         Ok((p, key)) => {
+            // A lockdown (the user's or the site's) first, so the audit
+            // says "locked" for both.
             if inner
-                .refuses_peers()
-                .await
-                .map_err(|_| "state unavailable")?
-                .is_some()
-            {
-                "stopped"
-            } else if inner
                 .locked(&p.user)
                 .await
                 .map_err(|_| "lockdown state unavailable")?
             {
                 "locked"
+            } else if inner
+                .refuses_peers(true)
+                .await
+                .map_err(|_| "state unavailable")?
+                .is_some()
+            {
+                "stopped"
             } else if known_with_another_key(inner, &p.chip_id, &p.host, key)
                 .await
                 .map_err(|_| "peer keys unavailable")?
@@ -252,6 +254,10 @@ async fn introduce_checked(
         })
         .await
         .map_err(|_| "key-vault refused the peer key")?;
+    // Sessions naming this user see the new key at once on this replica.
+    if let Ok(mut cache) = inner.session_configs.lock() {
+        cache.remove(&p.chip_id);
+    }
     record_link(inner, &p.user, &p.chip_id, &p.host, p.port, &key, "issued")
         .await
         .map_err(|_| "the link was not recorded")?;
@@ -373,7 +379,7 @@ pub(crate) async fn redeem(inner: &Inner, chip_id: &str, text: &str) -> Result<l
     let their_key = URL_SAFE_NO_PAD
         .decode(ticket.site_key.as_bytes())
         .map_err(|_| PeerError::InvalidArgument("not a tally ticket: bad site key".into()))?;
-    if let Some(why) = inner.refuses_peers().await? {
+    if let Some(why) = inner.refuses_peers(true).await? {
         return Err(PeerError::NotNow(format!(
             "this site cannot reach peer sites now: {why}"
         )));
@@ -396,6 +402,14 @@ pub(crate) async fn redeem(inner: &Inner, chip_id: &str, text: &str) -> Result<l
         )));
     }
     let (host, port) = inner.own_address().await?;
+    if port == 0 || !hostlike(&host) {
+        // The other site would refuse the introduction and the ticket
+        // would be spent: say so before dialing.
+        return Err(PeerError::NotNow(
+            "this site does not say where its peer gateway listens (peer_gateway.host and peer_gateway.port)"
+                .into(),
+        ));
+    }
     let request = rpc_request(&IntroduceParams {
         token: ticket.token.clone(),
         user: user.clone(),
@@ -430,7 +444,11 @@ pub(crate) async fn redeem(inner: &Inner, chip_id: &str, text: &str) -> Result<l
         })
         .await
     {
-        Ok(_) => {}
+        Ok(_) => {
+            if let Ok(mut cache) = inner.session_configs.lock() {
+                cache.remove(&user);
+            }
+        }
         Err(s) if code_of(&s) == SiteCode::AlreadyExists => {
             return Err(PeerError::AlreadyExists(s.message().to_owned()));
         }

@@ -12,6 +12,7 @@ mod gateway;
 mod limits;
 mod peers;
 mod python_client;
+mod python_peer_client;
 mod replicas;
 mod site;
 mod tickets;

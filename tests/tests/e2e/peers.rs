@@ -27,10 +27,16 @@ async fn pair(store: &Store) -> Pair {
     let a = TestSite::start(store).await;
     let b = TestSite::start(&store.another().await).await;
     for site in [&a, &b] {
+        // Ready (the peer gateway certified), then the port open: the dev
+        // site's peer server runs.
+        let ops = site.site.endpoints.ops.trim_start_matches("http://").to_owned();
         assert!(
-            eventually(Duration::from_secs(10), || site.peer_port_open()).await,
-            "the dev site's peer server runs"
+            eventually(Duration::from_secs(10), || async {
+                chipsite_e2e::http_get(&ops, "/readyz").await.0 == 200
+            })
+            .await
         );
+        assert!(eventually(Duration::from_secs(10), || site.peer_port_open()).await);
     }
     let alice_key = a.enrolled("alice").await;
     let bob_key = b.enrolled("bob").await;
@@ -561,6 +567,29 @@ async fn peer_sessions_admit_only_the_key_learned_for_the_user(store: Store) {
         serde_json::from_str(&by_hand(&p.a, "bob", &b_chain, &vec![b'x'; 70 * 1024]).await).unwrap();
     assert_eq!(big["error"]["code"], -32600, "{big}");
 
+    // A site lockdown on A refuses every peer session; alice's lockdown
+    // stops A from acting for her.
+    // (The peer gateway reuses the site's state for up to a second.)
+    lockdown(&p.a, "", true).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            by_hand(&p.a, "bob", &b_chain, ping_frame).await.is_empty()
+        })
+        .await,
+        "a locked site"
+    );
+    lockdown(&p.a, "", false).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            by_hand(&p.a, "bob", &b_chain, ping_frame).await.contains("pong")
+        })
+        .await
+    );
+    lockdown(&p.a, "alice", true).await;
+    assert!(ping(&p.a, "alice", "bob").await.is_err());
+    lockdown(&p.a, "alice", false).await;
+    ping(&p.a, "alice", "bob").await.unwrap();
+
     // A stopped peer server, then a sealed vault: no session.
     p.a.admin()
         .stop_peer_server(ad::StopPeerServerRequest {})
@@ -585,9 +614,11 @@ async fn peer_sessions_admit_only_the_key_learned_for_the_user(store: Store) {
         .await
     );
     p.a.admin().seal_vault(ad::SealVaultRequest {}).await.unwrap();
-    assert_eq!(
-        by_hand(&p.a, "bob", &b_chain, ping_frame).await,
-        "",
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            by_hand(&p.a, "bob", &b_chain, ping_frame).await.is_empty()
+        })
+        .await,
         "a sealed site"
     );
     assert!(ping(&p.b, "bob", "alice").await.is_err());
