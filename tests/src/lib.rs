@@ -737,3 +737,17 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Run a Python script of `tests/python` with `args` off the runtime's
+/// thread (the site runs in this process).
+pub async fn python(script: &'static str, args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(script))
+            .args(&args)
+            .output()
+            .expect("python3")
+    })
+    .await
+    .expect("the python task")
+}

@@ -10,20 +10,9 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chipsite_e2e::{Store, TestSite, store_test};
 use serde_json::Value;
 
-const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/app_client.py");
-
-/// Run the client off the runtime's thread (the site runs in this process):
-/// its exit code and the JSON object it printed.
+/// Run the client: its exit code and the JSON object it printed.
 async fn client(args: Vec<String>) -> (i32, Value) {
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(CLIENT)
-            .args(&args)
-            .output()
-            .expect("python3")
-    })
-    .await
-    .unwrap();
+    let out = chipsite_e2e::python("app_client.py", args).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), value)

@@ -8,19 +8,9 @@
 use chipsite_e2e::{Store, TestSite, store_test};
 use serde_json::json;
 
-const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/peer_client.py");
-
-/// Run the client off the runtime's thread (the site runs in this process).
+/// Run the client: its exit code and what it printed.
 async fn client(args: Vec<String>) -> (i32, String) {
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(CLIENT)
-            .args(&args)
-            .output()
-            .expect("python3")
-    })
-    .await
-    .unwrap();
+    let out = chipsite_e2e::python("peer_client.py", args).await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
