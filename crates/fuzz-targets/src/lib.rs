@@ -12,13 +12,16 @@ pub type Target = fn(&[u8]);
 
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/` call it.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("frames", frames),
     ("jsonrpc", jsonrpc),
     ("ticket", ticket),
     ("user_dump", user_dump),
     ("app_certificate", app_certificate),
     ("console_form", console_form),
+    ("peer_chain", peer_chain),
+    ("session_name", session_name),
+    ("signed", signed),
 ];
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -88,4 +91,43 @@ pub fn console_form(data: &[u8]) {
     if let Some((which, body)) = data.split_first() {
         chipsite_console::decode_form_for_fuzzing(*which, body);
     }
+}
+
+/// A peer site's client chain (DER certificates), as the peer gateway
+/// checks it: the first two bytes (big-endian) are the first
+/// certificate's length, the rest the two certificates.
+pub fn peer_chain(data: &[u8]) {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    if let [hi, lo, rest @ ..] = data {
+        let at = usize::from(u16::from_be_bytes([*hi, *lo])).min(rest.len());
+        let (leaf, site) = rest.split_at(at);
+        let chain = [CertificateDer::from(leaf), CertificateDer::from(site)];
+        let _ = chipsite_external_tls::site_key_of_chain(&chain, UnixTime::now());
+    }
+}
+
+/// A peer session's server name: whatever names a user names it the one
+/// way (docs/protocol.md section 14.3).
+pub fn session_name(data: &[u8]) {
+    use chipsite_model::chip_id::{chip_id_of_session_name, session_name};
+    let text = String::from_utf8_lossy(data);
+    if let Some(chip_id) = chip_id_of_session_name(&text) {
+        assert_eq!(session_name(&chip_id), text.to_ascii_lowercase(), "round trip");
+    }
+}
+
+/// A document to sign: its canonical form is canonical again once parsed,
+/// and a signature check never panics.
+pub fn signed(data: &[u8]) {
+    use chipsite_model::signed;
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(bytes) = signed::canonical(&doc) {
+        let again: serde_json::Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("the canonical form does not parse: {e}"));
+        assert_eq!(signed::canonical(&again).ok(), Some(bytes), "canonical twice");
+    }
+    let text = String::from_utf8_lossy(data);
+    let _ = signed::verify(&doc, &text, data);
 }

@@ -108,3 +108,65 @@ mod tests {
         }
     }
 }
+
+/// What every peer session's server name ends with (docs/protocol.md
+/// section 14.3: the server name presents the user a peer site acts for).
+pub const PEER_SESSION_SUFFIX: &str = ".peer.chipsite.invalid";
+
+/// The server name that presents `chip_id`: its bytes in lowercase hex, in
+/// labels of at most 62 digits, then [`SUFFIX`].
+pub fn session_name(chip_id: &str) -> String {
+    let hex: String = chip_id.bytes().map(|b| format!("{b:02x}")).collect();
+    let labels: Vec<&str> = hex
+        .as_bytes()
+        .chunks(62)
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .collect();
+    format!("{}{PEER_SESSION_SUFFIX}", labels.join("."))
+}
+
+/// The CHIP ID a session server name presents, if it is one.
+/// Server names are compared without case, as DNS names are.
+pub fn chip_id_of_session_name(name: &str) -> Option<String> {
+    let name = name.to_ascii_lowercase();
+    let hex: String = name.strip_suffix(PEER_SESSION_SUFFIX)?.split('.').collect();
+    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let chip_id = String::from_utf8(bytes).ok()?;
+    (is_chip_id(&chip_id) && session_name(&chip_id) == name).then_some(chip_id)
+}
+
+#[cfg(test)]
+mod session_name_tests {
+    use super::*;
+
+    #[test]
+    fn server_names_carry_any_chip_id_and_nothing_else() {
+        for chip_id in ["bob", "a", "x.y_z-9", &"a".repeat(64), "0."] {
+            let name = session_name(chip_id);
+            assert!(name.split('.').all(|l| l.len() <= 63), "{name}");
+            assert_eq!(chip_id_of_session_name(&name).as_deref(), Some(chip_id), "{name}");
+        }
+        assert_eq!(session_name("bob"), "626f62.peer.chipsite.invalid");
+        assert_eq!(
+            chip_id_of_session_name("626F62.PEER.chipsite.INVALID").as_deref(),
+            Some("bob"),
+            "without case"
+        );
+        for bad in [
+            "626f62.peer.chipsite.example",
+            "626f6.peer.chipsite.invalid",
+            "62.6f62.peer.chipsite.invalid",
+            "2e.peer.chipsite.invalid",
+            ".peer.chipsite.invalid",
+            "zz.peer.chipsite.invalid",
+        ] {
+            assert_eq!(chip_id_of_session_name(bad), None, "{bad}");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! the site, so clients (the reference app, chipsctl) use it without
 //! pulling in a service.
 
-mod chip_id;
+pub mod chip_id;
 pub mod endpoints;
 mod error;
 pub mod files;

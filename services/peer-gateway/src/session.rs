@@ -6,7 +6,6 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use chipsite_model::is_chip_id;
 use chipsite_proto::keyvault::v1 as kv;
 use chipsite_tls::ConnPermit;
 use chipsite_wire::{
@@ -19,34 +18,9 @@ use tokio_rustls::{StartHandshake, TlsConnector, client::TlsStream};
 
 use crate::{Inner, PeerError, store::link};
 
-/// What every session server name ends with.
-pub(crate) const SUFFIX: &str = ".peer.chipsite.invalid";
-
-/// The server name that presents `chip_id`: its bytes in lowercase hex, in
-/// labels of at most 62 digits, then [`SUFFIX`].
-pub fn session_name(chip_id: &str) -> String {
-    let hex: String = chip_id.bytes().map(|b| format!("{b:02x}")).collect();
-    let labels: Vec<&str> = hex
-        .as_bytes()
-        .chunks(62)
-        .filter_map(|c| std::str::from_utf8(c).ok())
-        .collect();
-    format!("{}{SUFFIX}", labels.join("."))
-}
-
-/// The CHIP ID a session server name presents, if it is one.
-pub fn chip_id_of(name: &str) -> Option<String> {
-    let hex: String = name.strip_suffix(SUFFIX)?.split('.').collect();
-    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
-        return None;
-    }
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    let chip_id = String::from_utf8(bytes).ok()?;
-    (is_chip_id(&chip_id) && session_name(&chip_id) == name).then_some(chip_id)
-}
+pub use chipsite_model::chip_id::{
+    PEER_SESSION_SUFFIX as SUFFIX, chip_id_of_session_name as chip_id_of, session_name,
+};
 
 // ------------------------------------------------------------ responding side
 
@@ -301,32 +275,5 @@ impl PeerSession {
 
     pub(crate) async fn close(mut self) {
         close(self.reader.get_mut(), self.write_timeout).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_names_carry_any_chip_id_and_nothing_else() {
-        for chip_id in ["bob", "a", "x.y_z-9", &"a".repeat(64), "0."] {
-            let name = session_name(chip_id);
-            assert!(ServerName::try_from(name.clone()).is_ok(), "{name}");
-            assert!(name.split('.').all(|l| l.len() <= 63), "{name}");
-            assert_eq!(chip_id_of(&name).as_deref(), Some(chip_id), "{name}");
-        }
-        assert_eq!(session_name("bob"), "626f62.peer.chipsite.invalid");
-        for bad in [
-            "626f62.peer.chipsite.example",
-            "626F62.peer.chipsite.invalid",
-            "626f6.peer.chipsite.invalid",
-            "62.6f62.peer.chipsite.invalid",
-            "2e.peer.chipsite.invalid",
-            ".peer.chipsite.invalid",
-            "zz.peer.chipsite.invalid",
-        ] {
-            assert_eq!(chip_id_of(bad), None, "{bad}");
-        }
     }
 }

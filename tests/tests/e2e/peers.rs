@@ -479,10 +479,13 @@ async fn hostile_peers_are_closed_and_others_still_served(store: Store) {
     p.finish().await;
 }
 
-/// A peer session by hand: the server name presents `user`, the chain is
-/// `chain`; sends `frames` and returns the first line answered (empty when
-/// the site refused the session or closed without a word).
-async fn by_hand(site: &TestSite, user: &str, chain: &(Vec<Vec<u8>>, Vec<u8>), frames: &[u8]) -> String {
+/// A peer session's TLS by hand: the server name presents `user`, the
+/// chain is `chain`.
+async fn session_by_hand(
+    site: &TestSite,
+    user: &str,
+    chain: &(Vec<Vec<u8>>, Vec<u8>),
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let certs = chain
         .0
         .iter()
@@ -491,12 +494,18 @@ async fn by_hand(site: &TestSite, user: &str, chain: &(Vec<Vec<u8>>, Vec<u8>), f
         .collect();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(chain.1.clone().into());
     let config = chipsite_external_tls::client_config(&site.site_key().await, Some((certs, key))).unwrap();
-    let tcp = tokio::net::TcpStream::connect(site.peer_addr()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(site.peer_addr()).await?;
     let name = rustls::pki_types::ServerName::try_from(chipsite_peer_gateway::session_name(user)).unwrap();
-    let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-    else {
+}
+
+/// A peer session by hand: the server name presents `user`, the chain is
+/// `chain`; sends `frames` and returns the first line answered (empty when
+/// the site refused the session or closed without a word).
+async fn by_hand(site: &TestSite, user: &str, chain: &(Vec<Vec<u8>>, Vec<u8>), frames: &[u8]) -> String {
+    let Ok(mut tls) = session_by_hand(site, user, chain).await else {
         return String::new();
     };
     let _ = tls.write_all(frames).await;
@@ -566,6 +575,23 @@ async fn peer_sessions_admit_only_the_key_learned_for_the_user(store: Store) {
     let big: Value =
         serde_json::from_str(&by_hand(&p.a, "bob", &b_chain, &vec![b'x'; 70 * 1024]).await).unwrap();
     assert_eq!(big["error"]["code"], -32600, "{big}");
+
+    // A peer that never reads: its answers pile up until the site's write
+    // times out (10 s) and it closes the session; others are served
+    // meanwhile.
+    let mut hog = session_by_hand(&p.a, "bob", &b_chain).await.unwrap();
+    let pings = ping_frame.repeat(1000);
+    let writer = tokio::spawn(async move { while hog.write_all(&pings).await.is_ok() {} });
+    assert!(
+        by_hand(&p.a, "bob", &b_chain, ping_frame).await.contains("pong"),
+        "others are served"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(40), writer)
+            .await
+            .is_ok(),
+        "the site closed the peer that never reads"
+    );
 
     // A site lockdown on A refuses every peer session; alice's lockdown
     // stops A from acting for her.
