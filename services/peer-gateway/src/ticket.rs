@@ -27,7 +27,8 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use crate::{Inner, PeerError, store::link};
 
 /// The one request of a ticket connection (docs/protocol.md section 14).
-#[derive(Debug, Serialize, Deserialize)]
+// No `Debug`: it holds the token.
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IntroduceParams {
     /// The ticket's token.
