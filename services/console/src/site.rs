@@ -348,13 +348,15 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
         Err(s) => return failed(&s),
     };
     let running = state.desired == "running";
-    let peers = match c
+    // The peer gateway may be down: the page still starts and stops the
+    // peer server (admin's desired state), and says why it lists no peers.
+    let (peers, unlisted) = match c
         .admin()
         .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
         .await
     {
-        Ok(p) => p.into_inner().sites,
-        Err(s) => return failed(&s),
+        Ok(p) => (p.into_inner().sites, None),
+        Err(s) => (vec![], Some(s.message().to_owned())),
     };
     let body = html! {
         div.card {
@@ -379,7 +381,9 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
         }
         div.card {
             h2 { "Peer sites" }
-            @if peers.is_empty() {
+            @if let Some(why) = &unlisted {
+                p { span.badge.warn { "unavailable" } " The peer gateway did not answer: " (why) }
+            } @else if peers.is_empty() {
                 p { "No peer sites yet: a user redeems another site's tally ticket, or another site redeems one of ours." }
             } @else {
                 table {
