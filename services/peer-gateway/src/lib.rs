@@ -47,8 +47,8 @@ use sea_orm::DatabaseConnection;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::Channel;
 
+pub use chipsite_model::chip_id::session_name;
 pub use grpc::{PeerGatewayGrpc, policy, serve_grpc};
-pub use session::{chip_id_of as session_chip_id, session_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -75,10 +75,6 @@ pub enum PeerError {
     Upstream(String),
     #[error("database: {0}")]
     Store(#[from] sea_orm::DbErr),
-    #[error("TLS: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
     /// One of the gateway's own background tasks ended, which it never
     /// does by itself: the gateway stops rather than serve half-working.
     #[error("the peer gateway's {0} task ended unexpectedly")]
@@ -95,9 +91,7 @@ impl PeerError {
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Unreachable(_) | Self::NotNow(_) | Self::Certify(_) => ErrorCode::Unavailable,
             Self::LockedDown(_) => ErrorCode::LockedDown,
-            Self::Upstream(_) | Self::Store(_) | Self::Tls(_) | Self::Io(_) | Self::TaskEnded(_) => {
-                ErrorCode::Internal
-            }
+            Self::Upstream(_) | Self::Store(_) | Self::TaskEnded(_) => ErrorCode::Internal,
         }
     }
 }
@@ -269,12 +263,6 @@ impl PeerGateway {
     /// Whether key-vault has certified the gateway.
     pub fn is_certified(&self) -> bool {
         self.inner.certified.load().is_some()
-    }
-
-    /// Whether the peer port is meant to be open (admin's desired state, as
-    /// last read).
-    pub fn is_running(&self) -> bool {
-        *self.inner.running.borrow()
     }
 
     /// Get a fresh certificate from key-vault for a new in-memory key, for
@@ -475,8 +463,8 @@ impl PeerGateway {
         self.inner.last_contact(pin)
     }
 
-    /// For `chipsite dev` and the tests: redeem a tally ticket for `chip_id`
-    /// in-process (the gRPC method calls the same).
+    /// Redeem another site's tally ticket for the local user `chip_id`
+    /// (what `RedeemTallyTicket` does).
     pub async fn redeem_tally_ticket(
         &self,
         chip_id: &str,
@@ -509,16 +497,24 @@ impl Inner {
     /// Where this site's peer gateway is reached (`peer_gateway.host` and
     /// `peer_gateway.port` of the site configuration).
     pub(crate) async fn own_address(&self) -> Result<(String, u16), PeerError> {
-        let setting = |key, default| chipsite_gateway_cert::site_setting(&self.admin, key, default);
-        let (host, port) = tokio::join!(
-            setting("peer_gateway.host", "127.0.0.1"),
-            setting("peer_gateway.port", "0")
-        );
-        let upstream = |e: tonic::Status| PeerError::Upstream(e.message().to_owned());
-        Ok((
-            host.map_err(upstream)?,
-            port.map_err(upstream)?.parse().unwrap_or(0),
-        ))
+        // One read of the configuration for both values.
+        let values = self
+            .admin
+            .clone()
+            .get_site_config(ad::GetSiteConfigRequest {})
+            .await
+            .map_err(|e| PeerError::Upstream(e.message().to_owned()))?
+            .into_inner()
+            .values;
+        let host = values
+            .get("peer_gateway.host")
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1".to_owned());
+        let port = values
+            .get("peer_gateway.port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        Ok((host, port))
     }
 
     /// Why this site takes no peer work now, if it does not: the peer

@@ -18,7 +18,7 @@ use tokio_rustls::{StartHandshake, TlsConnector, client::TlsStream};
 
 use crate::{Inner, PeerError, store::link};
 
-pub use chipsite_model::chip_id::{
+pub(crate) use chipsite_model::chip_id::{
     PEER_SESSION_SUFFIX as SUFFIX, chip_id_of_session_name as chip_id_of, session_name,
 };
 
