@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "chipsite/admin/v1/admin.proto",
         "chipsite/events/v1/events.proto",
         "chipsite/peer/v1/peer.proto",
+        "chipsite/tally/v1/tally.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

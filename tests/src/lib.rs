@@ -212,6 +212,18 @@ impl TestSite {
         }
     }
 
+    /// Stop the site and start it again in the same data directory, with
+    /// the same peer port (peer sites recorded where it listens).
+    pub async fn restart(self) -> TestSite {
+        let (store, peer) = (self.store.clone(), self.site.endpoints.peer.clone());
+        let dir = self.stop().await;
+        capture_logs();
+        let mut config = config_for(dir.path(), &store);
+        config.addresses.peer = peer;
+        let site = Site::start_dev(&config).await.expect("restart dev site");
+        TestSite { site, dir, store }
+    }
+
     /// Start (or restart) a site in an existing data directory.
     pub async fn start_in(dir: Arc<TempDir>, store: &Store) -> TestSite {
         capture_logs();
@@ -259,6 +271,30 @@ impl TestSite {
     }
 
     /// The peer links of a local user (all users: empty), as admin reads them.
+    pub fn tally_as(
+        &self,
+        identity: &str,
+    ) -> chipsite_proto::tally::v1::tallies_client::TalliesClient<Channel> {
+        chipsite_proto::tally::v1::tallies_client::TalliesClient::new(self.channel(
+            &self.site.endpoints.tally,
+            id::TALLY,
+            identity,
+        ))
+    }
+
+    /// A local user's tallies, as the tally service holds them.
+    pub async fn tallies(&self, chip_id: &str) -> Vec<chipsite_proto::tally::v1::Tally> {
+        self.tally_as(id::ADMIN)
+            .list_tallies(chipsite_proto::tally::v1::ListTalliesRequest {
+                chip_id: chip_id.into(),
+                limit: 1000,
+            })
+            .await
+            .expect("list tallies")
+            .into_inner()
+            .tallies
+    }
+
     pub async fn peer_links(&self, chip_id: &str) -> Vec<chipsite_proto::peer::v1::PeerLink> {
         self.peer_gateway_as(id::ADMIN)
             .list_links(chipsite_proto::peer::v1::ListLinksRequest {
@@ -346,6 +382,7 @@ impl TestSite {
                 tickets: self.channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
                 admin: self.channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
                 peer_gateway: self.channel(&e.peer_gateway, id::PEER_GATEWAY, id::USER_GATEWAY),
+                tally: self.channel(&e.tally, id::TALLY, id::USER_GATEWAY),
             },
             settings,
         );

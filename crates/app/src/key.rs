@@ -40,6 +40,11 @@ impl AppKey {
         Ok(Self(key))
     }
 
+    /// The private key as PKCS#8 DER (for signing documents).
+    pub(crate) fn pkcs8_der(&self) -> Vec<u8> {
+        self.0.serialize_der()
+    }
+
     /// The public key as SubjectPublicKeyInfo DER.
     pub fn spki_der(&self) -> Vec<u8> {
         rcgen::PublicKeyData::subject_public_key_info(&self.0)

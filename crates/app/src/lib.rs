@@ -5,10 +5,12 @@
 
 mod key;
 mod session;
+mod tally;
 mod verify;
 
 pub use key::AppKey;
 pub use session::{AppState, Session, enroll, enroll_from};
+pub use tally::new_tally_id;
 pub use verify::PinnedSiteKey;
 
 /// What can go wrong for a client.

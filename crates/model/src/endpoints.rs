@@ -43,6 +43,9 @@ pub struct Endpoints {
     /// The peer gateway's external port (peer sites connect here).
     #[serde(default)]
     pub peer: String,
+    /// The tally service's internal gRPC port.
+    #[serde(default)]
+    pub tally: String,
     /// The admin web console (`http://…`).
     pub console: String,
     /// The console's HTTPS port for the admin client certificate

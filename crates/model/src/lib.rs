@@ -8,6 +8,7 @@ pub mod endpoints;
 mod error;
 pub mod files;
 pub mod signed;
+pub mod tally;
 pub mod ticket;
 
 pub use chip_id::{AccountStatus, BadChipId, ChipId, is_chip_id};

@@ -27,6 +27,11 @@ pub mod peer {
         tonic::include_proto!("chipsite.peer.v1");
     }
 }
+pub mod tally {
+    pub mod v1 {
+        tonic::include_proto!("chipsite.tally.v1");
+    }
+}
 
 /// Encoded `FileDescriptorSet` of every chipsite proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chipsite_descriptor.bin"));

@@ -19,16 +19,18 @@ pub enum Service {
     Ticket,
     UserGateway,
     PeerGateway,
+    Tally,
     Console,
 }
 
 impl Service {
-    pub const ALL: [Service; 6] = [
+    pub const ALL: [Service; 7] = [
         Service::Admin,
         Service::KeyVault,
         Service::Ticket,
         Service::UserGateway,
         Service::PeerGateway,
+        Service::Tally,
         Service::Console,
     ];
 
@@ -40,6 +42,7 @@ impl Service {
             Self::Ticket => chipsite_tls::identity::TICKET,
             Self::UserGateway => chipsite_tls::identity::USER_GATEWAY,
             Self::PeerGateway => chipsite_tls::identity::PEER_GATEWAY,
+            Self::Tally => chipsite_tls::identity::TALLY,
             Self::Console => chipsite_tls::identity::CONSOLE,
         }
     }
@@ -49,7 +52,7 @@ impl Service {
     }
 
     /// Every service's name, as `chipsite serve` takes it.
-    pub fn names() -> [&'static str; 6] {
+    pub fn names() -> [&'static str; 7] {
         Self::ALL.map(Self::identity)
     }
 
@@ -63,6 +66,7 @@ impl Service {
             Self::UserGateway => &["user-gateway"],
             // Its internal gRPC port, then the peer sites' port.
             Self::PeerGateway => &["peer-gateway", "peer"],
+            Self::Tally => &["tally"],
             Self::Console => &["console", "console-https"],
         }
     }
@@ -82,6 +86,8 @@ pub struct Addresses {
     /// The peer gateway's external port (peer sites connect here); open
     /// only while the peer server runs.
     pub peer: String,
+    /// The tally service (the ledger; both gateways call it).
+    pub tally: String,
     /// The admin web console (HTTP; loopback unless behind a TLS proxy).
     pub console: String,
     /// The console's HTTPS port, which requires a client certificate of the
@@ -106,6 +112,7 @@ impl Default for Addresses {
             user_gateway: "127.0.0.1:44301".into(),
             peer_gateway: "127.0.0.1:44313".into(),
             peer: "127.0.0.1:44302".into(),
+            tally: "127.0.0.1:44314".into(),
             console: "127.0.0.1:44303".into(),
             console_https: "127.0.0.1:44304".into(),
             ops: String::new(),
@@ -124,6 +131,7 @@ impl Addresses {
             user_gateway: any(),
             peer_gateway: any(),
             peer: any(),
+            tally: any(),
             console: any(),
             console_https: any(),
             ops: any(),
@@ -189,6 +197,7 @@ impl Addresses {
             "user-gateway" => &self.user_gateway,
             "peer-gateway" => &self.peer_gateway,
             "peer" => &self.peer,
+            "tally" => &self.tally,
             "console" => &self.console,
             "console-https" => &self.console_https,
             "ops" => &self.ops,
@@ -204,6 +213,7 @@ impl Addresses {
             "user-gateway" => &mut self.user_gateway,
             "peer-gateway" => &mut self.peer_gateway,
             "peer" => &mut self.peer,
+            "tally" => &mut self.tally,
             "console" => &mut self.console,
             "ops" => &mut self.ops,
             _ => &mut self.console_https,
@@ -217,6 +227,7 @@ impl Addresses {
             Service::Ticket => &self.ticket,
             Service::UserGateway => &self.user_gateway,
             Service::PeerGateway => &self.peer_gateway,
+            Service::Tally => &self.tally,
             Service::Console => &self.console,
         }
     }

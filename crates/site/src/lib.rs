@@ -181,6 +181,7 @@ impl Service {
             Service::Admin => services::start_admin(ctx).await,
             Service::UserGateway => services::start_user_gateway(ctx).await,
             Service::PeerGateway => services::start_peer_gateway(ctx).await,
+            Service::Tally => services::start_tally(ctx).await,
             Service::Console => services::start_console(ctx).await,
         }
     }
@@ -415,6 +416,7 @@ impl Site {
             user_gateway: a.user_gateway.clone(),
             peer_gateway: a.peer_gateway.clone(),
             peer: a.peer.clone(),
+            tally: a.tally.clone(),
             console: format!("http://{}", a.console),
             console_https: match a.console_https.as_str() {
                 "" => String::new(),
@@ -486,10 +488,11 @@ impl Site {
 /// the stores' other owners, then the gateway and console, which call them.
 /// Channels between services connect lazily, so an early service never
 /// waits for a later one.
-const START_ORDER: [Service; 6] = [
+const START_ORDER: [Service; 7] = [
     Service::Admin,
     Service::Ticket,
     Service::KeyVault,
+    Service::Tally,
     Service::PeerGateway,
     Service::UserGateway,
     Service::Console,

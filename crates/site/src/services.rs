@@ -228,6 +228,7 @@ pub(crate) async fn start_user_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
             tickets: ctx.channel_to(Service::Ticket)?,
             admin: ctx.channel_to(Service::Admin)?,
             peer_gateway: ctx.channel_to(Service::PeerGateway)?,
+            tally: ctx.channel_to(Service::Tally)?,
         },
         gateway_settings(&ctx.config.gateway),
     );
@@ -287,6 +288,7 @@ pub(crate) async fn start_peer_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
                 key_vault: ctx.channel_to(Service::KeyVault)?,
                 tickets: ctx.channel_to(Service::Ticket)?,
                 admin: ctx.channel_to(Service::Admin)?,
+                tally: ctx.channel_to(Service::Tally)?,
             },
             PeerSettings::default(),
         )
@@ -317,6 +319,27 @@ pub(crate) async fn start_peer_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
                 .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))
         };
         tokio::try_join!(internal, external).map(|_| ())
+    };
+    Ok(Started {
+        report: Report::default(),
+        serving: serving.boxed(),
+    })
+}
+
+pub(crate) async fn start_tally(mut ctx: Ctx) -> Result<Started, SiteError> {
+    let listener = main_listener(&mut ctx, Service::Tally)?.bind().await?;
+    let db = chipsite_store::connect(&ctx.config.database_url_for(Service::Tally)).await?;
+    store_ready(&ctx, "tally", &db);
+    let tallies = Arc::new(
+        chipsite_tally::Tallies::open(db, ctx.channel_to(Service::KeyVault)?)
+            .await
+            .map_err(|e| SiteError::Serve(format!("tally: {e}")))?,
+    );
+    tracing::info!(service = "tally", addr = ?listener.local_addr().ok(), "serving");
+    let serving = async move {
+        chipsite_tally::serve(tallies, listener, ctx.tls, ctx.shutdown.wait())
+            .await
+            .map_err(served("tally"))
     };
     Ok(Started {
         report: Report::default(),
@@ -378,6 +401,7 @@ fn console(config: &crate::Config, tls: &Arc<ReloadableTls>) -> Result<Arc<Conso
         grpc("key-vault", &at.key_vault, id::KEY_VAULT)?,
         grpc("ticket", &at.ticket, id::TICKET)?,
         grpc("peer-gateway", &at.peer_gateway, id::PEER_GATEWAY)?,
+        grpc("tally", &at.tally, id::TALLY)?,
         Probe {
             name: "user-gateway",
             addr: at.user_gateway.clone(),

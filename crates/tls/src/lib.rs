@@ -37,6 +37,7 @@ pub mod identity {
     pub const TICKET: &str = "ticket";
     pub const USER_GATEWAY: &str = "user-gateway";
     pub const PEER_GATEWAY: &str = "peer-gateway";
+    pub const TALLY: &str = "tally";
     /// The operator: `chipsctl`, grpcurl.
     pub const ADMIN_CLIENT: &str = "admin-client";
     /// The admin web console.
@@ -51,6 +52,7 @@ pub mod identity {
         TICKET,
         USER_GATEWAY,
         PEER_GATEWAY,
+        TALLY,
         ADMIN_CLIENT,
         CONSOLE,
         BENCH,

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     NotFound,
     /// The site cannot do this now (for example, the vault is sealed).
     Unavailable,
+    /// The request does not fit the state of what it names (a tally step
+    /// out of turn, another step in a recorded step's place).
+    Conflict,
 }
 
 impl ErrorCode {
@@ -38,6 +41,7 @@ impl ErrorCode {
             Self::RateLimited => -32003,
             Self::NotFound => -32004,
             Self::Unavailable => -32005,
+            Self::Conflict => -32006,
         }
     }
 
@@ -53,6 +57,7 @@ impl ErrorCode {
             Self::RateLimited,
             Self::NotFound,
             Self::Unavailable,
+            Self::Conflict,
         ]
         .into_iter()
         .find(|c| c.code() == code)

@@ -24,7 +24,13 @@ pub fn policy() -> Policy {
     Policy::new()
         .allow(
             &m("GetStatus"),
-            &[id::ADMIN, id::TICKET, id::USER_GATEWAY, id::PEER_GATEWAY],
+            &[
+                id::ADMIN,
+                id::TICKET,
+                id::USER_GATEWAY,
+                id::PEER_GATEWAY,
+                id::TALLY,
+            ],
         )
         .allow(&m("Unseal"), &[id::ADMIN])
         .allow(&m("Seal"), &[id::ADMIN])
@@ -37,7 +43,7 @@ pub fn policy() -> Policy {
             &[id::USER_GATEWAY, id::PEER_GATEWAY],
         )
         .allow(&m("RegisterUserKey"), &[id::USER_GATEWAY, id::ADMIN])
-        .allow(&m("GetUserKey"), &[id::USER_GATEWAY, id::ADMIN])
+        .allow(&m("GetUserKey"), &[id::USER_GATEWAY, id::ADMIN, id::TALLY])
         .allow(&m("DeleteUserKey"), &[id::ADMIN])
         .allow(&m("RegisterPeerKey"), &[id::PEER_GATEWAY])
         .allow(&m("GetPeerKey"), &[id::PEER_GATEWAY])

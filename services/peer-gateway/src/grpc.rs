@@ -14,7 +14,7 @@ pub fn policy() -> Policy {
     const S: &str = "/chipsite.peer.v1.PeerGateway/";
     Policy::new()
         .allow(&format!("{S}RedeemTallyTicket"), &[id::USER_GATEWAY])
-        .allow(&format!("{S}ListLinks"), &[id::ADMIN])
+        .allow(&format!("{S}ListLinks"), &[id::ADMIN, id::USER_GATEWAY])
         .allow(&format!("{S}Ping"), &[id::ADMIN])
         .allow(&format!("{S}ListPeers"), &[id::ADMIN])
 }
@@ -64,6 +64,9 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
             .all(self.0.db())
             .await
             .map_err(PeerError::from)?;
+        // What waits in the tally outbox, per site (none known when the
+        // tally service does not answer: the list still shows the sites).
+        let depth = self.0.outbox_depth().await.unwrap_or_default();
         let mut sites: Vec<pb::PeerSite> = Vec::new();
         for l in links {
             let at = match sites.iter().position(|s| s.site_pin == l.peer_site_pin) {
@@ -79,7 +82,7 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
                         links: vec![],
                         last_contact_ms,
                         last_outcome,
-                        outbox_depth: 0,
+                        outbox_depth: depth.get(&l.peer_site_pin).copied().unwrap_or(0),
                     });
                     sites.len() - 1
                 }

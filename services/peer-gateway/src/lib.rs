@@ -19,6 +19,7 @@
 //! through key-vault, like the user gateway's.
 
 mod grpc;
+mod outbox;
 mod session;
 pub mod store;
 mod ticket;
@@ -38,6 +39,7 @@ use chipsite_proto::{
     admin::v1::{self as ad, admin_service_client::AdminServiceClient},
     events::v1::{self as ev, user_events_client::UserEventsClient},
     keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
+    tally::v1::tallies_client::TalliesClient,
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
@@ -73,6 +75,9 @@ pub enum PeerError {
     LockedDown(String),
     #[error("an internal service failed: {0}")]
     Upstream(String),
+    /// The other site answered a request with this error.
+    #[error("the other site: {message}")]
+    Answered { code: i64, message: String },
     #[error("database: {0}")]
     Store(#[from] sea_orm::DbErr),
     /// One of the gateway's own background tasks ended, which it never
@@ -91,6 +96,7 @@ impl PeerError {
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::Unreachable(_) | Self::NotNow(_) | Self::Certify(_) => ErrorCode::Unavailable,
             Self::LockedDown(_) => ErrorCode::LockedDown,
+            Self::Answered { .. } => ErrorCode::FailedPrecondition,
             Self::Upstream(_) | Self::Store(_) | Self::TaskEnded(_) => ErrorCode::Internal,
         }
     }
@@ -125,6 +131,9 @@ pub struct Settings {
     pub dial_timeout: Duration,
     /// How often the desired state (running or stopped) is read from admin.
     pub state_poll: Duration,
+    /// How long a session this gateway opened stays open with nothing to
+    /// send (the other side closes idle sessions after `limits.idle`).
+    pub session_idle: Duration,
 }
 
 impl Default for Settings {
@@ -143,6 +152,7 @@ impl Default for Settings {
             write_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
             state_poll: Duration::from_secs(1),
+            session_idle: Duration::from_secs(30),
         }
     }
 }
@@ -159,6 +169,8 @@ pub struct Clients {
     pub key_vault: Channel,
     pub tickets: Channel,
     pub admin: Channel,
+    /// The tally service: its outbox, and the steps peers send.
+    pub tally: Channel,
 }
 
 /// What key-vault certified: the chain `[leaf, site certificate]` and the
@@ -191,6 +203,7 @@ pub(crate) struct Inner {
     pub(crate) tickets: TicketsClient<TracedChannel>,
     pub(crate) admin: AdminServiceClient<TracedChannel>,
     pub(crate) events: UserEventsClient<TracedChannel>,
+    pub(crate) tally: TalliesClient<TracedChannel>,
     pub(crate) db: DatabaseConnection,
     pub(crate) settings: Settings,
     admission: Arc<Admission>,
@@ -242,6 +255,7 @@ impl PeerGateway {
                 tickets: TicketsClient::new(traced(clients.tickets)),
                 admin: AdminServiceClient::new(traced(clients.admin.clone())),
                 events: UserEventsClient::new(traced(clients.admin)),
+                tally: TalliesClient::new(traced(clients.tally)),
                 db,
                 admission: Admission::new(settings.admission),
                 throttle: Throttle::default(),
@@ -363,6 +377,7 @@ impl PeerGateway {
             }
         }
         let mut renewing = AbortOnDrop(tokio::spawn(self.clone().keep_certified()));
+        let mut delivering = AbortOnDrop(tokio::spawn(outbox::deliver_forever(self.inner.clone())));
         let mut running = self.inner.running.subscribe();
         let mut listener: Option<TcpListener> = None;
         let mut warned_bind = false;
@@ -402,6 +417,7 @@ impl PeerGateway {
                 _ = &mut shutdown => break,
                 _ = &mut following.0 => return Err(PeerError::TaskEnded("desired state")),
                 _ = &mut renewing.0 => return Err(PeerError::TaskEnded("certificate renewal")),
+                _ = &mut delivering.0 => return Err(PeerError::TaskEnded("outbox delivery")),
                 changed = running.changed() => {
                     if changed.is_err() {
                         return Err(PeerError::TaskEnded("desired state"));
@@ -456,6 +472,19 @@ impl PeerGateway {
         let rtt = started.elapsed() - setup;
         session.close().await;
         Ok((setup, rtt))
+    }
+
+    /// Messages waiting in the tally outbox, per peer site (its key's pin).
+    pub async fn outbox_depth(&self) -> Result<std::collections::HashMap<String, u32>, PeerError> {
+        Ok(self
+            .inner
+            .tally
+            .clone()
+            .outbox_depth(chipsite_proto::tally::v1::OutboxDepthRequest {})
+            .await
+            .map_err(|e| PeerError::Upstream(e.message().to_owned()))?
+            .into_inner()
+            .by_site_pin)
     }
 
     /// The last contact with the peer site whose key's pin is `pin`.

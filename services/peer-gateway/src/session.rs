@@ -59,14 +59,21 @@ pub(crate) async fn answer(
         Err(_) => return,
     };
     tracing::debug!(%peer, chip_id, "peer session open");
-    if let Some(Ok(key)) = tls
+    // The handshake checked the chain against the keys learned for
+    // `chip_id`; which of them it was names the other site.
+    let Some(Ok(key)) = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| chipsite_external_tls::site_key_of_chain(c, rustls::pki_types::UnixTime::now()))
-    {
-        inner.contact(&key, "ok");
-    }
+    else {
+        return;
+    };
+    inner.contact(&key, "ok");
+    let from = Caller {
+        chip_id,
+        site_pin: chipsite_model::pin_of_spki(&key),
+    };
     let mut reader = FrameReader::new(tls, inner.settings.limits);
     let within = inner.settings.write_timeout;
     loop {
@@ -88,7 +95,7 @@ pub(crate) async fn answer(
         let reply = match rpc::parse(&frame) {
             Err(reply) => reply,
             Ok(Incoming::Notification(_)) => continue,
-            Ok(Incoming::Request(req)) => match call(&req.method, &req.params) {
+            Ok(Incoming::Request(req)) => match call(&inner, &from, &req.method, req.params).await {
                 Ok(result) => Response::result(req.id, result),
                 Err(e) => Response::error(req.id, e),
             },
@@ -154,9 +161,17 @@ async fn session_config(
     Ok(config)
 }
 
-/// The methods of a peer session. Tallies add theirs here.
-fn call(method: &str, params: &Value) -> Result<Value, RpcError> {
+/// Who a session's requests come from: the user its initiator named, on
+/// the site whose key certified the initiator's chain.
+pub(crate) struct Caller {
+    pub(crate) chip_id: String,
+    pub(crate) site_pin: String,
+}
+
+/// The methods of a peer session.
+async fn call(inner: &Inner, from: &Caller, method: &str, params: Value) -> Result<Value, RpcError> {
     match method {
+        "tally.step" => crate::outbox::receive(inner, from, params).await,
         "ping" => {
             if params.as_object().is_some_and(|o| !o.is_empty()) || params.is_array() {
                 return Err(RpcError::new(
@@ -254,9 +269,10 @@ impl PeerSession {
                 };
                 match rpc::parse_from_server(&frame) {
                     Ok(Ok(r)) if r.id == json!(id) => {
-                        return r
-                            .outcome
-                            .map_err(|e| PeerError::Upstream(format!("the other site: {}", e.message)));
+                        return r.outcome.map_err(|e| PeerError::Answered {
+                            code: e.code,
+                            message: e.message.chars().take(300).collect(),
+                        });
                     }
                     Ok(_) => continue,
                     Err(e) => {

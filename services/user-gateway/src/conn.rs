@@ -601,9 +601,9 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
     match method {
         "status" => {
             let NoParams {} = params(p)?;
-            // The user and the pending alarms, asked at the same time.
+            // The user, the pending alarms and the tallies, asked at the same time.
             let (mut admin, mut events) = (inner.admin.clone(), inner.events.clone());
-            let (user, alarms) = tokio::join!(
+            let (user, alarms, tallies) = tokio::join!(
                 admin.get_user_status(ad::GetUserRequest {
                     chip_id: chip_id.to_owned(),
                 }),
@@ -611,7 +611,8 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                     chip_id: chip_id.to_owned(),
                     include_acked: false,
                     limit: 1000,
-                })
+                }),
+                crate::tallies::list(inner, chip_id, 100)
             );
             let user = user.map_err(grpc)?.into_inner();
             let pending = alarms.map_err(grpc)?.into_inner().alarms.len();
@@ -621,7 +622,11 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                 "status": user.status,
                 "locked": user.locked,
                 "alarms_pending": pending,
-                "tallies": [],
+                "tallies": tallies
+                    .map_err(grpc)?
+                    .iter()
+                    .map(|t| crate::tallies::tally_json(t, false))
+                    .collect::<Vec<_>>(),
             }))
         }
         "tally_ticket" => {
@@ -703,6 +708,12 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                 "port": link.peer_port,
                 "site_pin": link.peer_site_pin,
             }}))
+        }
+        "tally.list" => crate::tallies::list_method(inner, chip_id, p).await,
+        "tally.offer" | "tally.accept" | "tally.reject" | "tally.close" => {
+            let kind = chipsite_model::tally::Kind::parse(&method["tally.".len()..])
+                .ok_or_else(|| RpcError::new(ErrorCode::Internal, "internal error"))?;
+            crate::tallies::step_method(inner, chip_id, kind, p).await
         }
         "alarms.list" => {
             let AlarmListParams { include_acked, limit } = params(p)?;

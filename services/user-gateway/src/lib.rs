@@ -18,6 +18,7 @@ mod cache;
 mod conn;
 mod events;
 mod registry;
+mod tallies;
 mod tls;
 
 use std::{
@@ -33,7 +34,7 @@ use arc_swap::ArcSwapOption;
 use chipsite_proto::{
     admin::v1::admin_service_client::AdminServiceClient, events::v1::user_events_client::UserEventsClient,
     keyvault::v1::key_vault_client::KeyVaultClient, peer::v1::peer_gateway_client::PeerGatewayClient,
-    ticket::v1::tickets_client::TicketsClient,
+    tally::v1::tallies_client::TalliesClient, ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
 use chipsite_tls::{Admission, AdmissionLimits, Throttle};
@@ -114,6 +115,8 @@ pub struct Clients {
     pub admin: Channel,
     /// The peer gateway, which redeems other sites' tally tickets.
     pub peer_gateway: Channel,
+    /// The tally service: the user's tallies and signed steps.
+    pub tally: Channel,
 }
 
 pub(crate) struct Inner {
@@ -122,6 +125,7 @@ pub(crate) struct Inner {
     pub(crate) admin: AdminServiceClient<TracedChannel>,
     pub(crate) events: UserEventsClient<TracedChannel>,
     pub(crate) peer: PeerGatewayClient<TracedChannel>,
+    pub(crate) tally: TalliesClient<TracedChannel>,
     pub(crate) registry: Registry,
     pub(crate) cache: cache::AdmissionCache,
     pub(crate) settings: Settings,
@@ -157,6 +161,7 @@ impl UserGateway {
                 admin: AdminServiceClient::new(traced(clients.admin.clone())),
                 events: UserEventsClient::new(traced(clients.admin)),
                 peer: PeerGatewayClient::new(traced(clients.peer_gateway)),
+                tally: TalliesClient::new(traced(clients.tally)),
                 registry: Registry::default(),
                 cache: cache::AdmissionCache::new(settings.admission_cache_ttl),
                 admission: Admission::new(settings.admission),

@@ -712,6 +712,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         ("ticket", e.ticket.as_str()),
         ("user-gateway", e.user_gateway.as_str()),
         ("peer-gateway", e.peer_gateway.as_str()),
+        ("tally", e.tally.as_str()),
     ] {
         assert!(
             h.body.contains(name) && h.body.contains(addr),
@@ -719,7 +720,7 @@ async fn console_pages_do_what_they_say(store: Store) {
             h.body
         );
     }
-    assert_eq!(h.body.matches(">up<").count(), 7, "{}", h.body);
+    assert_eq!(h.body.matches(">up<").count(), 8, "{}", h.body);
     assert!(!h.body.contains("DOWN"));
 
     // Sign-in attempts from one address are limited.

@@ -15,6 +15,7 @@ mod python_client;
 mod python_peer_client;
 mod replicas;
 mod site;
+mod tallies;
 mod tickets;
 mod transcript;
 mod vault;

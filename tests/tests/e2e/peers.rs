@@ -16,14 +16,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Two sites whose peer servers run, with alice enrolled on A and bob on B,
 /// each in a session.
-struct Pair {
-    a: TestSite,
-    b: TestSite,
-    alice: Session,
-    bob: Session,
+pub(crate) struct Pair {
+    pub(crate) a: TestSite,
+    pub(crate) b: TestSite,
+    pub(crate) alice: Session,
+    pub(crate) bob: Session,
+    pub(crate) alice_key: chipsite_app::AppKey,
+    pub(crate) bob_key: chipsite_app::AppKey,
 }
 
-async fn pair(store: &Store) -> Pair {
+pub(crate) async fn pair(store: &Store) -> Pair {
     let a = TestSite::start(store).await;
     let b = TestSite::start(&store.another().await).await;
     for site in [&a, &b] {
@@ -42,7 +44,14 @@ async fn pair(store: &Store) -> Pair {
     let bob_key = b.enrolled("bob").await;
     let alice = a.session("alice", &alice_key).await.unwrap();
     let bob = b.session("bob", &bob_key).await.unwrap();
-    Pair { a, b, alice, bob }
+    Pair {
+        a,
+        b,
+        alice,
+        bob,
+        alice_key,
+        bob_key,
+    }
 }
 
 impl Pair {

@@ -5,6 +5,10 @@
 //! chipapp enroll 'chipsite:user?h=…' --chip-id alice     # or a file holding the ticket
 //! chipapp status
 //! chipapp tally-ticket
+//! chipapp tally-redeem 'chipsite:tally?…'                # link with a user on another site
+//! chipapp tally-offer bob 'sha256//…' --terms '{"limit":1000}'
+//! chipapp tally-accept tly_…                             # or tally-reject, tally-close
+//! chipapp tallies
 //! chipapp alarms
 //! chipapp ack 3
 //! chipapp follow                                          # alarms as they come
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use chipsite_app::{AppKey, AppState, Session, enroll};
 use chipsite_model::PublishedTicket;
+use chipsite_model::tally::{Kind, Party};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -56,6 +61,23 @@ enum Command {
     /// `chipsite:tally?…` URI, ticket JSON, or a file holding either): this
     /// site introduces you to theirs, and you are linked.
     TallyRedeem { ticket: String },
+    /// List your tallies with their signed steps.
+    Tallies,
+    /// Offer a tally to a user you are linked with (their CHIP ID and their
+    /// site's key pin, as `tally-redeem` printed them), signed with your key.
+    TallyOffer {
+        peer_chip_id: String,
+        peer_site_pin: String,
+        /// The terms, a JSON object (what you both sign).
+        #[arg(long, default_value = "{}")]
+        terms: String,
+    },
+    /// Accept a tally offered to you.
+    TallyAccept { id: String },
+    /// Reject a tally offered to you.
+    TallyReject { id: String },
+    /// Close an open tally.
+    TallyClose { id: String },
     /// List alarms (unacknowledged ones, or all).
     Alarms {
         #[arg(long)]
@@ -141,6 +163,38 @@ async fn main() -> anyhow::Result<()> {
             let ticket = read_ticket(ticket)?;
             let uri = ticket.to_uri();
             print(&call("tally.redeem", json!({"ticket": uri})).await?)
+        }
+        Command::Tallies => print(&call("tally.list", json!({})).await?),
+        Command::TallyOffer { .. }
+        | Command::TallyAccept { .. }
+        | Command::TallyReject { .. }
+        | Command::TallyClose { .. } => {
+            let state =
+                AppState::load(&cli.state).context("no enrolled app here (run `chipapp enroll` first)")?;
+            let key = AppKey::from_pem(&state.key_pem)?;
+            let me = state.party()?;
+            let session = Session::open(&state).await?;
+            let tally = match &cli.command {
+                Command::TallyOffer {
+                    peer_chip_id,
+                    peer_site_pin,
+                    terms,
+                } => {
+                    let terms: Value =
+                        serde_json::from_str(terms).context("--terms must be a JSON object")?;
+                    let to = Party {
+                        chip_id: peer_chip_id.clone(),
+                        site: peer_site_pin.clone(),
+                    };
+                    session.offer_tally(&me, &to, &terms, &key).await?
+                }
+                Command::TallyAccept { id } => session.answer_tally(id, Kind::Accept, &me, &key).await?,
+                Command::TallyReject { id } => session.answer_tally(id, Kind::Reject, &me, &key).await?,
+                Command::TallyClose { id } => session.answer_tally(id, Kind::Close, &me, &key).await?,
+                _ => Value::Null,
+            };
+            session.close().await;
+            print(&tally);
         }
         Command::Alarms { all } => print(&call("alarms.list", json!({"include_acked": all})).await?),
         Command::Ack { id } => print(&call("alarms.ack", json!({"id": id})).await?),

@@ -1,0 +1,293 @@
+//! Tally steps between sites (docs/protocol.md section 14.5), both ways.
+//!
+//! * **Out:** the tally service keeps the outbox; this gateway asks it for
+//!   what is due ([`deliver_forever`]), hands each message to a worker per
+//!   link (one session per local user and peer, opened on demand, closed
+//!   when idle), and tells the tally service how each delivery went. A
+//!   message is settled only after the other site answered, so a crash of
+//!   either site leaves it pending, and it is sent again; the other site
+//!   applies it once.
+//! * **In:** `tally.step` on a peer session ([`receive`]): the link must
+//!   exist, the local user must not be locked down, and the tally service
+//!   checks the signature and the tally's state and records the step.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use chipsite_model::ErrorCode as SiteCode;
+use chipsite_proto::{status::code_of, tally::v1 as tl};
+use chipsite_wire::{ErrorCode, RpcError};
+use sea_orm::EntityTrait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::{Inner, PeerError, session::Caller, session::PeerSession, store::link};
+
+// ------------------------------------------------------------------- in
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepParams {
+    idempotency_key: String,
+    step: Value,
+}
+
+/// `tally.step`: a step signed by the session's user, for a local user.
+pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Result<Value, RpcError> {
+    let p: StepParams = serde_json::from_value(params)
+        .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))?;
+    let to = p
+        .step
+        .pointer("/doc/to/chip_id")
+        .and_then(Value::as_str)
+        .filter(|c| chipsite_model::is_chip_id(c))
+        .ok_or_else(|| RpcError::new(ErrorCode::InvalidParams, "invalid params: step.doc.to.chip_id"))?
+        .to_owned();
+    let linked = link::Entity::find_by_id((to.clone(), from.chip_id.clone(), from.site_pin.clone()))
+        .one(&inner.db)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading links");
+            RpcError::new(ErrorCode::Internal, "internal error")
+        })?;
+    if linked.is_none() {
+        return Err(RpcError::new(
+            ErrorCode::Unauthorized,
+            "no link between these users: redeem a tally ticket first",
+        ));
+    }
+    match inner.locked(&to).await {
+        Ok(false) => {}
+        Ok(true) => {
+            return Err(RpcError::new(
+                ErrorCode::LockedDown,
+                "the user is locked down; try again later",
+            ));
+        }
+        Err(_) => {
+            return Err(RpcError::new(
+                ErrorCode::Unavailable,
+                "the site cannot tell its state; try again later",
+            ));
+        }
+    }
+    let answer = inner
+        .tally
+        .clone()
+        .receive(tl::ReceiveRequest {
+            peer_site_pin: from.site_pin.clone(),
+            peer_chip_id: from.chip_id.clone(),
+            idempotency_key: p.idempotency_key,
+            step: p.step.to_string(),
+        })
+        .await
+        .map_err(|s| {
+            let code = match code_of(&s) {
+                SiteCode::InvalidArgument => ErrorCode::InvalidParams,
+                SiteCode::Forbidden => ErrorCode::Unauthorized,
+                SiteCode::NotFound => ErrorCode::NotFound,
+                SiteCode::FailedPrecondition => ErrorCode::Conflict,
+                SiteCode::Internal => return RpcError::new(ErrorCode::Internal, "internal error"),
+                _ => {
+                    return RpcError::new(
+                        ErrorCode::Unavailable,
+                        "the site cannot take steps now; try again later",
+                    );
+                }
+            };
+            RpcError::new(code, s.message())
+        })?
+        .into_inner();
+    let tally = answer.tally.unwrap_or_default();
+    if answer.fresh {
+        let what = match answer.state.as_str() {
+            "offered" => "offers you a tally",
+            "open" => "accepted your tally",
+            "rejected" => "rejected your tally",
+            _ => "closed your tally",
+        };
+        inner
+            .alarm(
+                &to,
+                format!("{} (on site {}) {what} {}", from.chip_id, from.site_pin, tally.id),
+            )
+            .await;
+    }
+    Ok(json!({
+        "tally": tally.id,
+        "seq": answer.seq,
+        "state": answer.state,
+        "duplicate": !answer.fresh,
+    }))
+}
+
+// ------------------------------------------------------------------ out
+
+/// A session is per local user and peer user on one site.
+type Link = (String, String, String);
+
+/// Ask the tally service for due messages and hand them to the workers of
+/// their links, for ever. Paused while this site refuses peer work (peer
+/// server stopped, vault sealed, site locked down).
+pub(crate) async fn deliver_forever(inner: Arc<Inner>) {
+    let mut workers: HashMap<Link, mpsc::UnboundedSender<tl::Outgoing>> = HashMap::new();
+    let mut warned = false;
+    loop {
+        let paused = match inner.refuses_peers(false).await {
+            Ok(None) => inner.certified.load().is_none(),
+            Ok(Some(_)) | Err(_) => true,
+        };
+        if paused {
+            let mut running = inner.running.subscribe();
+            tokio::select! {
+                _ = running.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let due = inner
+            .tally
+            .clone()
+            .next_outgoing(tl::NextOutgoingRequest {
+                max: 256,
+                wait_ms: 1000,
+            })
+            .await;
+        let due = match due {
+            Ok(d) => {
+                warned = false;
+                d.into_inner().messages
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e.message(), "cannot read the tally outbox; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        workers.retain(|_, w| !w.is_closed());
+        for m in due {
+            let key = (m.chip_id.clone(), m.peer_chip_id.clone(), m.peer_site_pin.clone());
+            let m = match workers.get(&key) {
+                Some(w) => match w.send(m) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::SendError(m)) => m,
+                },
+                None => m,
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _ = tx.send(m);
+            tokio::spawn(work(inner.clone(), key.clone(), rx));
+            workers.insert(key, tx);
+        }
+    }
+}
+
+/// One link's deliveries, in the order they come, over one session kept
+/// open while there is work and closed after `session_idle` without.
+async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<tl::Outgoing>) {
+    let mut session: Option<PeerSession> = None;
+    loop {
+        let m = match tokio::time::timeout(inner.settings.session_idle, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        let (outcome, error) = deliver(&inner, &key, &mut session, &m).await;
+        if outcome != tl::Outcome::Delivered {
+            tracing::info!(
+                tally = m.tally_id,
+                seq = m.seq,
+                ?outcome,
+                error,
+                "tally step not delivered"
+            );
+        }
+        let settled = inner
+            .tally
+            .clone()
+            .settle(tl::SettleRequest {
+                id: m.id,
+                outcome: outcome as i32,
+                error,
+            })
+            .await;
+        if let Err(e) = settled {
+            // Left leased: it is sent again when the lease ends, and the
+            // other site answers as the first time.
+            tracing::warn!(error = %e.message(), "cannot settle a tally step's delivery");
+        }
+    }
+    rx.close();
+    if let Some(s) = session {
+        s.close().await;
+    }
+}
+
+/// Send one step: over the open session, or a new one if there is none or
+/// it has ended (the other site closes idle sessions).
+async fn deliver(
+    inner: &Inner,
+    key: &Link,
+    session: &mut Option<PeerSession>,
+    m: &tl::Outgoing,
+) -> (tl::Outcome, String) {
+    match inner.locked(&m.chip_id).await {
+        Ok(false) => {}
+        Ok(true) => return (tl::Outcome::Retry, "the user or the site is locked down".into()),
+        Err(e) => return (tl::Outcome::Retry, e.to_string()),
+    }
+    let step: Value = match serde_json::from_str(&m.step) {
+        Ok(s) => s,
+        Err(_) => return (tl::Outcome::Refused, "the stored step is not JSON".into()),
+    };
+    let params = json!({"idempotency_key": m.idempotency_key, "step": step});
+    for _ in 0..2 {
+        let reused = session.is_some();
+        if session.is_none() {
+            let link = match link::Entity::find_by_id(key.clone()).one(&inner.db).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return (tl::Outcome::Refused, "no link with that user".into()),
+                Err(e) => return (tl::Outcome::Retry, e.to_string()),
+            };
+            match crate::session::dial(inner, &link).await {
+                Ok(s) => *session = Some(s),
+                Err(e) => return (tl::Outcome::Retry, e.to_string()),
+            }
+        }
+        let Some(s) = session.as_mut() else { break };
+        match s
+            .call("tally.step", params.clone(), inner.settings.dial_timeout)
+            .await
+        {
+            Ok(_) => return (tl::Outcome::Delivered, String::new()),
+            Err(PeerError::Answered { code, message }) => {
+                let later = matches!(
+                    ErrorCode::from_code(code),
+                    Some(
+                        ErrorCode::Unavailable
+                            | ErrorCode::LockedDown
+                            | ErrorCode::Internal
+                            | ErrorCode::RateLimited
+                    )
+                );
+                let outcome = if later {
+                    tl::Outcome::Retry
+                } else {
+                    tl::Outcome::Refused
+                };
+                return (outcome, format!("{message} ({code})"));
+            }
+            Err(e) => {
+                *session = None;
+                // A session kept open may have been closed by the other
+                // side meanwhile: once more on a new one.
+                if !reused {
+                    return (tl::Outcome::Retry, e.to_string());
+                }
+            }
+        }
+    }
+    (tl::Outcome::Retry, "the other site closed the session".into())
+}
