@@ -218,7 +218,7 @@ pub fn parse_envelope(value: &Value) -> Result<Step, StepError> {
         .to_owned();
     let seq = d
         .get("seq")
-        .and_then(Value::as_u64)
+        .and_then(whole)
         .and_then(|s| u32::try_from(s).ok())
         .ok_or_else(|| bad("doc.seq must be a whole number"))?;
     if seq != kind.seq() {
@@ -231,7 +231,7 @@ pub fn parse_envelope(value: &Value) -> Result<Step, StepError> {
     }
     let at_ms = d
         .get("at_ms")
-        .and_then(Value::as_i64)
+        .and_then(whole)
         .filter(|t| (0..=(1_i64 << 53)).contains(t))
         .ok_or_else(|| bad("doc.at_ms must be a whole number of milliseconds"))?;
     let prev = match d.get("prev") {
@@ -270,6 +270,19 @@ pub fn parse_envelope(value: &Value) -> Result<Step, StepError> {
         sig: sig.to_owned(),
         signer_key,
     })
+}
+
+/// A whole number however it is written (`1`, `1.0`, `1e0`: the same in
+/// canonical form), within ±2^53.
+fn whole(v: &Value) -> Option<i64> {
+    if let Some(i) = v.as_i64() {
+        return Some(i);
+    }
+    let f = v.as_f64()?;
+    let limit = 9_007_199_254_740_992.0_f64;
+    // Exact: the value is whole and within ±2^53, where f64 is exact.
+    #[allow(clippy::cast_possible_truncation)]
+    (f.fract() == 0.0 && f.abs() <= limit).then_some(f as i64)
 }
 
 /// Refuse members other than `required` (all present) and `optional`.
@@ -397,6 +410,28 @@ mod tests {
         let again = parse_step(&step.envelope().to_string()).unwrap();
         assert_eq!(again.hash, step.hash);
     }
+
+    /// The document of the test vector (protocol.md 14.4), written with
+    /// `1.0` and `1e5`, is a valid offer; its hash is the one documented.
+    #[test]
+    fn the_test_vector_is_an_offer() {
+        let text = r#"{"doc": { "type": "tally.offer", "at_ms": 1.7645472E12, "seq": 1.0, "tally": "tly_00000000000000000001",
+            "to": {"site": "sha256//b4fXk2yLbqOvfVgD8vEulvXFrBKvdEYfKKL9Wy8fv+k=", "chip_id": "bob"},
+            "from": {"site": "sha256//rcIpLAdF7OaPy855fra5qldHft46M3FeSpMiWq2SLlA=", "chip_id": "alice"},
+            "terms": {"units": "mCHIP", "note": "Gr\u00fc\u00dfe, caf\u00e9 \u20ac", "limit": 1e5} },
+            "sig": "dgo9hiUJNJ1rI9v7AcWy3MqFJ3bOUwPK7gKS4D2wUtwseuPq4cqz2x3dbyyYDUTLOBh2E-C2l26DHqrY5m2cLw",
+            "signer_key": "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEYP7UuiVanTHJYet0xjVtaMBJuJI7Yfps5mliLmDyn7Z5A_4QCLi8maQa6elWKLxk8vGyDC1-n1F3o8KU1EYimQ"}"#;
+        let step = parse_step(text).unwrap();
+        assert_eq!((step.kind, step.seq, step.at_ms), (Kind::Offer, 1, 1_764_547_200_000));
+        println!("hash: {}", step.hash);
+        assert_eq!(step.hash, VECTOR_HASH);
+        assert_eq!(
+            step.idempotency_key(),
+            "sha256//rcIpLAdF7OaPy855fra5qldHft46M3FeSpMiWq2SLlA=/tly_00000000000000000001/1"
+        );
+    }
+
+    const VECTOR_HASH: &str = "VRbqZlbLEuDamLSITF3meT2rWEvZwlR6JfhM_aV_QYY";
 
     #[test]
     fn bad_steps_are_refused_by_what_is_wrong() {
