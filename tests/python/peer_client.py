@@ -6,7 +6,8 @@ site's source, to check that the document is enough to write a compatible peer.
 
 Usage:
     peer_client.py '<tally ticket URI or JSON>' [--chip-id pybob]
-                   [--host 127.0.0.1] [--port 1] [--extra] [--timeout 15]
+                   [--host 127.0.0.1] [--port 1] [--extra] [--tally]
+                   [--timeout 15]
 
 Given a tally ticket issued by a chipsite site ("site A"), it:
 
@@ -26,10 +27,35 @@ Given a tally ticket issued by a chipsite site ("site A"), it:
     With --extra it also probes 14.3's other claims: misspelt session names
     (other splits, odd digits, not a CHIP ID) are closed after the
     ClientHello, and another key for a known CHIP ID fails the handshake.
+ 5. with --tally (once steps 1-4 passed), tally steps (14.5) over a peer
+    session acting for the same user. First of all (before step 1) it
+    checks its own RFC 8785 canonical form against the test vector of 14.4
+    (canonical bytes, the signature, RFC 6979, the hash, the idempotency
+    key). Then it makes a P-256 *user* key for the user (not the site key)
+    and sends `tally.step` with a signed `tally.offer` (seq 1, from the user
+    at P's site pin, to the ticket's user at the pin of `k`, terms
+    {"limit":5000,"units":"mCHIP"}): expects state "offered", duplicate
+    false; the same request again: duplicate true. Then steps A must refuse,
+    each with the code 14.5 gives and the session still open after it (a
+    `ping`): a doc altered after signing (-32001), an idempotency_key that
+    is not the step's own (-32602), an accept signed by the offerer
+    (-32006), another offer under the same tally id (-32006), an offer to a
+    user the user has no link with, `nobody` (-32001), a close before the
+    accept (-32006), a doc with an unknown member (-32602); then the offer
+    once more (still duplicate true, still "offered"). With --extra as well:
+    the recorded offer altered after signing (-32001 or -32006), a step
+    from another user than the session's (-32001), to another site
+    (-32602), a reject by the offerer (-32006), and an offer written with
+    seq 1.0 and at_ms as a float (accepted: this makes a second tally at A).
+    At the end it prints three lines for a caller to check what A recorded:
+        tally <tally id>
+        offer-hash <base64url SHA-256 of the canonical offer>
+        user-key <base64url SPKI DER of the user's key>
 
 Each step prints one line beginning with "ok " or "FAIL "; the exit status is
 0 only if every step matched the document (3 if the introduction was refused,
-1 for any other failure, 2 for bad arguments or a malformed ticket).
+1 for any other failure, the --tally ones included, 2 for bad arguments or a
+malformed ticket).
 
 Every run makes a new site key. Site A never replaces the key it learned for
 a CHIP ID at a host (14.2), so a second run against the same site A with the
@@ -55,6 +81,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 # Section 6: a CHIP ID is 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit.
@@ -438,6 +465,390 @@ def dropped_after_client_hello(ctx: ssl.SSLContext, host: str, port: int,
 
 
 # --------------------------------------------------------------------------
+# Section 14.4: signed documents (RFC 8785 canonical form, ES256 as r || s).
+# --------------------------------------------------------------------------
+
+def es_number(x) -> str:
+    """A JSON number as ECMAScript writes it (RFC 8785 section 3.2.2.3).
+
+    14.4: `1e5` and `100000.0` both become `100000`; integers within +-2^53.
+    """
+    if isinstance(x, bool):
+        raise TypeError("a bool is not a number")
+    if isinstance(x, int):
+        if abs(x) > 2 ** 53:
+            raise ValueError(f"integer {x} outside +-2^53 (14.4)")
+        return str(x)
+    if not isinstance(x, float) or x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"not a finite number: {x!r}")
+    if x == 0:
+        return "0"  # -0 too
+    sign = "-" if x < 0 else ""
+    # Python's repr is the shortest string that reads back as the same double,
+    # which is what ECMAScript's Number::toString picks its digits from.
+    mantissa, _, exp = repr(abs(x)).partition("e")
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).lstrip("0")
+    q = (int(exp) if exp else 0) - len(frac)  # value = int(digits) * 10^q
+    stripped = digits.rstrip("0")
+    q += len(digits) - len(stripped)
+    digits = stripped
+    k = len(digits)
+    n = q + k  # value = 0.d1d2...dk * 10^n
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * (-n) + digits
+    e = n - 1
+    e_text = ("+" if e >= 0 else "-") + str(abs(e))
+    if k == 1:
+        return sign + digits + "e" + e_text
+    return sign + digits[0] + "." + digits[1:] + "e" + e_text
+
+
+def canonical(value) -> str:
+    """RFC 8785 (JCS) text of a JSON value (14.4): members sorted by the UTF-16
+    code units of their names, no white space, ECMAScript numbers, strings with
+    only the escapes JSON requires (Python's json with ensure_ascii=False
+    escapes exactly ", \\, \\b \\f \\n \\r \\t and other controls as \\u00xx)."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, (int, float)):
+        return es_number(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ",".join(canonical(v) for v in value) + "]"
+    if isinstance(value, dict):
+        names = sorted(value, key=lambda name: name.encode("utf-16-be"))
+        return "{" + ",".join(json.dumps(n, ensure_ascii=False) + ":" + canonical(value[n])
+                              for n in names) + "}"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def canonical_bytes(value) -> bytes:
+    # UTF-8, strict: a lone surrogate cannot be canonicalized.
+    return canonical(value).encode("utf-8")
+
+
+def no_duplicates(pairs):
+    obj = {}
+    for name, value in pairs:
+        if name in obj:
+            raise ValueError(f"duplicate member {name!r}")
+        obj[name] = value
+    return obj
+
+
+def doc_hash(doc: dict) -> str:
+    """14.4/14.5: base64url (no padding) of the SHA-256 of the canonical form."""
+    return b64url(hashlib.sha256(canonical_bytes(doc)).digest())
+
+
+def sign_doc(key: ec.EllipticCurvePrivateKey, doc: dict) -> str:
+    """14.4: ECDSA P-256 SHA-256 over the canonical bytes, as base64url r || s."""
+    r, s = decode_dss_signature(key.sign(canonical_bytes(doc), ec.ECDSA(hashes.SHA256())))
+    return b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+def verify_doc(public_key: ec.EllipticCurvePublicKey, sig: str, doc: dict) -> bool:
+    raw = unb64url(sig)
+    if len(raw) != 64:
+        return False
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    try:
+        public_key.verify(der, canonical_bytes(doc), ec.ECDSA(hashes.SHA256()))
+        return True
+    except InvalidSignature:
+        return False
+
+
+def envelope(key: ec.EllipticCurvePrivateKey, doc: dict) -> dict:
+    """14.5: {"doc", "sig", "signer_key"}, at most 8,192 bytes of JSON."""
+    env = {"doc": doc, "sig": sign_doc(key, doc), "signer_key": b64url(spki_der(key.public_key()))}
+    assert len(json.dumps(env, separators=(",", ":")).encode("utf-8")) <= 8192
+    return env
+
+
+def idempotency_key(doc: dict) -> str:
+    """14.5: `<from.site>/<tally>/<seq>`.
+
+    ASSUMPTION (gap): the document does not say how `seq` is written in the
+    key when the doc writes it as 1.0 or 1e0; we use its canonical form.
+    """
+    return f"{doc['from']['site']}/{doc['tally']}/{es_number(doc['seq'])}"
+
+
+# The test vector of section 14.4, as the document gives it.
+VECTOR_PRIVATE_HEX = "c9afa9d845ba75166b5c215767b1d6934e50c3db36e89b127b8a622b120f6721"
+VECTOR_PUBLIC = ("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEYP7UuiVanTHJYet0xjVtaMBJuJI7Yfps5mliLmDyn7Z5A_4QCLi8"
+                 "maQa6elWKLxk8vGyDC1-n1F3o8KU1EYimQ")
+VECTOR_DOC = r"""{ "type": "tally.offer", "at_ms": 1.7645472E12, "seq": 1.0, "tally": "tly_00000000000000000001",
+    "to": {"site": "sha256//b4fXk2yLbqOvfVgD8vEulvXFrBKvdEYfKKL9Wy8fv+k=", "chip_id": "bob"},
+    "from": {"site": "sha256//rcIpLAdF7OaPy855fra5qldHft46M3FeSpMiWq2SLlA=", "chip_id": "alice"},
+    "terms": {"units": "mCHIP", "note": "Gr\u00fc\u00dfe, caf\u00e9 \u20ac", "limit": 1e5} }"""
+VECTOR_CANONICAL = (
+    '{"at_ms":1764547200000,"from":{"chip_id":"alice","site":"sha256//rcIpLAdF7OaPy855fra5qldHft46M3FeSpMiWq2SLlA="},'
+    '"seq":1,"tally":"tly_00000000000000000001","terms":{"limit":100000,"note":"Gr\u00fc\u00dfe, caf\u00e9 \u20ac",'
+    '"units":"mCHIP"},"to":{"chip_id":"bob","site":"sha256//b4fXk2yLbqOvfVgD8vEulvXFrBKvdEYfKKL9Wy8fv+k="},'
+    '"type":"tally.offer"}').encode("utf-8")
+VECTOR_SIG = "dgo9hiUJNJ1rI9v7AcWy3MqFJ3bOUwPK7gKS4D2wUtwseuPq4cqz2x3dbyyYDUTLOBh2E-C2l26DHqrY5m2cLw"
+VECTOR_HASH = "VRbqZlbLEuDamLSITF3meT2rWEvZwlR6JfhM_aV_QYY"
+VECTOR_KEY = "sha256//rcIpLAdF7OaPy855fra5qldHft46M3FeSpMiWq2SLlA=/tly_00000000000000000001/1"
+
+
+def vector_checks() -> None:
+    """--tally, first of all: our canonical form, signatures and hashes against 14.4's vector."""
+    private = ec.derive_private_key(int(VECTOR_PRIVATE_HEX, 16), ec.SECP256R1())
+    if b64url(spki_der(private.public_key())) == VECTOR_PUBLIC:
+        ok("vector key", "the private key's SPKI is the documented public key")
+    else:
+        fail("vector key", "the documented public key is not the private key's")
+    public = load_site_key(VECTOR_PUBLIC)
+    doc = json.loads(VECTOR_DOC, object_pairs_hook=no_duplicates)
+    got = canonical_bytes(doc)
+    if got == VECTOR_CANONICAL and len(got) == 330:
+        ok("vector canonical form", f"{len(got)} bytes, as documented")
+    else:
+        fail("vector canonical form", f"{len(got)} bytes: {got.decode('utf-8', 'replace')}")
+    if verify_doc(public, VECTOR_SIG, doc):
+        ok("vector signature", "the documented signature verifies with the documented key")
+    else:
+        fail("vector signature", "the documented signature does not verify over our canonical bytes")
+    # 14.4: chipsite signs deterministically (RFC 6979): so can we, to compare.
+    try:
+        r, s = decode_dss_signature(private.sign(
+            got, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
+        mine = b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        (ok if mine == VECTOR_SIG else fail)("vector RFC 6979", f"our deterministic signature {mine}")
+    except (TypeError, ValueError, AttributeError) as e:  # older cryptography/OpenSSL
+        ok("vector RFC 6979", f"skipped, no deterministic signing here: {e}")
+    h = doc_hash(doc)
+    (ok if h == VECTOR_HASH else fail)("vector hash", h)
+    key = idempotency_key(doc)
+    (ok if key == VECTOR_KEY else fail)("vector idempotency key", key)
+
+
+# --------------------------------------------------------------------------
+# Section 14.5: tally steps over a peer session (tally.step).
+# --------------------------------------------------------------------------
+
+class PeerSession:
+    """A peer session (14.3) for one user, opened again if the site closed it."""
+
+    def __init__(self, ctx, t: dict, chip_id: str, timeout: float):
+        self.ctx, self.t, self.chip_id, self.timeout = ctx, t, chip_id, timeout
+        self.sock = None
+        self.frames = None
+        self.next_id = 1
+
+    def open(self) -> None:
+        name = session_server_name(self.chip_id)
+        self.sock = connect(self.ctx, self.t["host"], self.t["port"], name, self.t["k"], self.timeout)
+        self.frames = Frames(self.sock)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.frames = None
+
+    def call(self, method: str, params: dict | None = None) -> tuple[int, str, dict]:
+        """One request; returns (id, line, answer). Raises Refused if the session ended."""
+        if self.frames is None:
+            self.open()
+        rid = self.next_id
+        self.next_id += 1
+        request = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            request["params"] = params
+        try:
+            line, answer = self.frames.call(request)
+        except Refused:
+            self.close()
+            raise
+        if not isinstance(answer, dict) or answer.get("id") != rid:
+            raise ValueError(f"answer for another id: {line[:300]!r}")
+        return rid, line.decode("utf-8", "replace"), answer
+
+    def still_open(self) -> tuple[bool, str]:
+        """Section 3: the session stays open after an error response: ping on it."""
+        if self.frames is None:
+            return False, "the site closed the session"
+        try:
+            _, line, answer = self.call("ping")
+        except Refused as e:
+            return False, f"the site closed the session ({e})"
+        if answer.get("result") == {"pong": True}:
+            return True, "session still open"
+        return False, f"ping after the error got {line}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_tally_id() -> str:
+    """14.5: `tly_` and 1 ... 60 of A-Z a-z 0-9 _ -; 16 random bytes in base64url."""
+    return "tly_" + b64url(os.urandom(16))
+
+
+def tally_checks(ctx, t: dict, chip_id: str, p_pin: str, timeout: float, extra: bool) -> None:
+    """--tally: site P's user `chip_id` offers a tally to A's user t["user"] (14.5)."""
+    a_pin = pin_of(unb64url(t["k_text"]))  # the pin of the ticket's key k (section 5)
+    user_key = ec.generate_private_key(ec.SECP256R1())  # pybob's own key, not the site key
+    user_key_text = b64url(spki_der(user_key.public_key()))
+    me = {"chip_id": chip_id, "site": p_pin}
+    them = {"chip_id": t["user"], "site": a_pin}
+    terms = {"limit": 5000, "units": "mCHIP"}
+
+    def offer(tally_id: str, terms: dict = terms, to: dict = them, frm: dict = me) -> dict:
+        return {"type": "tally.offer", "tally": tally_id, "seq": 1, "from": frm, "to": to,
+                "terms": terms, "at_ms": now_ms()}
+
+    def params_for(env: dict, key: str | None = None) -> dict:
+        return {"idempotency_key": key or idempotency_key(env["doc"]), "step": env}
+
+    tally_id = new_tally_id()
+    offer_doc = offer(tally_id)
+    offer_env = envelope(user_key, offer_doc)
+    offer_params = params_for(offer_env)
+    offer_hash = doc_hash(offer_doc)
+    session = PeerSession(ctx, t, chip_id, timeout)
+
+    def expect_result(step: str, params: dict, result: dict) -> None:
+        try:
+            _, line, answer = session.call("tally.step", params)
+        except Refused as e:
+            fail(step, f"the connection ended without an answer: {e}")
+            return
+        except (BadServer, OSError, ssl.SSLError, ValueError) as e:
+            fail(step, f"{type(e).__name__}: {e}")
+            return
+        if answer.get("result") == result and "error" not in answer:
+            ok(step, line)
+        else:
+            fail(step, f"expected result {json.dumps(result, separators=(',', ':'))}, got {line}")
+
+    def expect_error(step: str, params: dict, codes: tuple[int, ...], why: str) -> None:
+        try:
+            _, line, answer = session.call("tally.step", params)
+        except Refused as e:
+            fail(step, f"{why}: the connection ended without an answer: {e}")
+            return
+        except (BadServer, OSError, ssl.SSLError, ValueError) as e:
+            fail(step, f"{why}: {type(e).__name__}: {e}")
+            return
+        err = answer.get("error")
+        if "result" in answer or not isinstance(err, dict) or err.get("code") not in codes:
+            fail(step, f"{why}: expected {' or '.join(map(str, codes))}, got {line}")
+            return
+        alive, detail = session.still_open()
+        (ok if alive else fail)(step, f"{why}: {err.get('code')} {err.get('message')!r}; {detail}")
+        if not alive:
+            session.close()
+
+    try:
+        # 1. The offer (14.5): the responder records it, state "offered".
+        expect_result("tally offer", offer_params,
+                      {"tally": tally_id, "seq": 1, "state": "offered", "duplicate": False})
+        # 2. The same step again: the same answer, with duplicate true.
+        expect_result("tally offer again", offer_params,
+                      {"tally": tally_id, "seq": 1, "state": "offered", "duplicate": True})
+
+        # 3. Steps the document says A refuses. Each one that is not about this
+        # tally uses a fresh tally id, so that it has one fault only (14.5 does
+        # not say in which order a site checks).
+        doc = offer(new_tally_id())
+        env = envelope(user_key, doc)
+        env["doc"] = dict(doc, terms={"limit": 500000, "units": "mCHIP"})
+        expect_error("tally altered doc", params_for(env), (-32001,),
+                     "terms changed after signing")
+
+        doc = offer(new_tally_id())
+        expect_error("tally foreign idempotency key",
+                     params_for(envelope(user_key, doc), f"{p_pin}/{doc['tally']}/2"), (-32602,),
+                     "a signed offer sent under the key of step 2")
+
+        accept = {"type": "tally.accept", "tally": tally_id, "seq": 2, "from": me, "to": them,
+                  "prev": offer_hash, "at_ms": now_ms()}
+        expect_error("tally accept by offerer", params_for(envelope(user_key, accept)), (-32006,),
+                     "only the recipient accepts")
+
+        other = offer(tally_id, terms={"limit": 9999, "units": "mCHIP"})
+        expect_error("tally other offer same id", params_for(envelope(user_key, other)), (-32006,),
+                     "another offer under an id in use")
+
+        doc = offer(new_tally_id(), to={"chip_id": "nobody", "site": a_pin})
+        expect_error("tally unlinked user", params_for(envelope(user_key, doc)), (-32001,),
+                     "to.chip_id nobody has no link with " + chip_id)
+
+        close = {"type": "tally.close", "tally": tally_id, "seq": 3, "from": me, "to": them,
+                 "prev": offer_hash, "at_ms": now_ms()}
+        expect_error("tally close before accept", params_for(envelope(user_key, close)), (-32006,),
+                     "a close before the accept")
+
+        doc = dict(offer(new_tally_id()), memo="not a member of 14.5")
+        expect_error("tally unknown member", params_for(envelope(user_key, doc)), (-32602,),
+                     "a doc member 14.5 does not list")
+
+        if extra:
+            tally_extra_checks(session, expect_result, expect_error, user_key, offer, params_for,
+                               offer_env, offer_doc, p_pin, me, them)
+
+        # None of the refused steps changed the tally: the offer still answers
+        # as the first time.
+        expect_result("tally offer unchanged", offer_params,
+                      {"tally": tally_id, "seq": 1, "state": "offered", "duplicate": True})
+    finally:
+        session.close()
+
+    # 4. For the caller (tests/tests/*.rs) to check what site A recorded.
+    print(f"tally {tally_id}")
+    print(f"offer-hash {offer_hash}")
+    print(f"user-key {user_key_text}", flush=True)
+
+
+def tally_extra_checks(session, expect_result, expect_error, user_key, offer, params_for,
+                       offer_env, offer_doc, p_pin, me, them) -> None:
+    """--tally --extra: further 14.5 claims. Makes a second tally at A."""
+    # The recorded offer, altered after signing, under its own (recorded) key:
+    # a bad signature (-32001) and "another step under the same key" (-32006)
+    # both apply; 14.5 does not say which a site checks first.
+    env = dict(offer_env, doc=dict(offer_doc, terms={"limit": 1, "units": "mCHIP"}))
+    expect_error("extra tally altered replay", params_for(env), (-32001, -32006),
+                 "the recorded offer altered after signing (either code fits 14.5)")
+    # from.chip_id another user than the one the session names: -32001.
+    doc = offer(new_tally_id(), frm={"chip_id": "pyeve", "site": p_pin})
+    expect_error("extra tally other signer", params_for(envelope(user_key, doc)), (-32001,),
+                 "from.chip_id is not the session's user")
+    # to.site not A's pin: "do not name this site", -32602.
+    stranger = pin_of(spki_der(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    doc = offer(new_tally_id(), to=dict(them, site=stranger))
+    expect_error("extra tally other site", params_for(envelope(user_key, doc)), (-32602,),
+                 "to.site is not this site's pin")
+    # A reject from the offerer: only the recipient rejects, -32006.
+    reject = {"type": "tally.reject", "tally": offer_doc["tally"], "seq": 2, "from": me, "to": them,
+              "prev": doc_hash(offer_doc), "at_ms": now_ms()}
+    expect_error("extra tally reject by offerer", params_for(envelope(user_key, reject)), (-32006,),
+                 "only the recipient rejects")
+    # Whole numbers written as 1.0 and 1e12 (14.5: "any way JSON allows"):
+    # signed over the canonical form, the key written with seq 1.
+    doc = offer(new_tally_id())
+    doc["seq"] = 1.0
+    doc["at_ms"] = float(doc["at_ms"])
+    env = envelope(user_key, doc)
+    key = f"{p_pin}/{doc['tally']}/1"
+    expect_result("extra tally offer seq 1.0", params_for(env, key),
+                  {"tally": doc["tally"], "seq": 1, "state": "offered", "duplicate": False})
+
+
+# --------------------------------------------------------------------------
 # The steps.
 # --------------------------------------------------------------------------
 
@@ -448,7 +859,11 @@ def main() -> int:
     ap.add_argument("--host", default="127.0.0.1", help="where A is told P's peer gateway is")
     ap.add_argument("--port", type=int, default=1, help="... and its port (default 1)")
     ap.add_argument("--extra", action="store_true",
-                    help="also probe the other 14.3 claims (misspelt names, another key)")
+                    help="also probe the other 14.3 claims (misspelt names, another key); "
+                         "with --tally, more 14.5 claims too")
+    ap.add_argument("--tally", action="store_true",
+                    help="check the 14.4 test vector first, then take tally steps (14.5) "
+                         "over a peer session: an offer to the ticket's user, and refused steps")
     ap.add_argument("--timeout", type=float, default=15.0,
                     help="seconds to wait for answers (14.2: a dialer waits at most 10 s)")
     args = ap.parse_args()
@@ -459,6 +874,10 @@ def main() -> int:
     if not HOST_RE.fullmatch(args.host) or not 1 <= args.port <= 65535:
         print("FAIL arguments: --host/--port not valid for introduce (14.2)")
         return 2
+
+    # With --tally, before anything else: our canonical form against 14.4's vector.
+    if args.tally:
+        vector_checks()
 
     # Step 0: the ticket (section 6).
     try:
@@ -570,6 +989,14 @@ def main() -> int:
 
         if args.extra:
             extra_checks(ctx, t, args.chip_id, workdir, args.timeout)
+
+        # Step 5 (--tally): tally steps over a peer session (14.5).
+        if args.tally:
+            if failures:
+                fail("tally", "not tried: an earlier step failed")
+            else:
+                tally_checks(ctx, t, args.chip_id, pin_of(spki_der(site_key.public_key())),
+                             args.timeout, args.extra)
 
     return 1 if failures else 0
 

@@ -55,6 +55,9 @@ pub enum Command {
     /// The peer server (status, start, stop) and the peer sites this site knows (list).
     #[command(subcommand)]
     Peer(PeerCmd),
+    /// Tallies between a local user and users on other sites: list.
+    #[command(subcommand)]
+    Tally(TallyCmd),
     /// Site-wide lockdown: status, lock, unlock.
     #[command(subcommand)]
     Site(SiteCmd),
@@ -245,6 +248,19 @@ pub enum KeyCmd {
         /// Read the new pass phrase from this file (else $CHIPSCTL_NEW_PASSPHRASE, else the second line of stdin).
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TallyCmd {
+    /// A user's tallies, newest first: the other user and site, the state,
+    /// the terms, how the user's last step is getting there, and (with
+    /// --json) every signed step.
+    List {
+        chip_id: String,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
 }
 
@@ -476,6 +492,59 @@ fn lockdown_text(l: &pb::LockdownState) -> String {
             "user {} {}\n",
             l.chip_id,
             if l.user_locked { "LOCKED DOWN" } else { "open" }
+        ));
+    }
+    s
+}
+
+fn tallies_json(tallies: &[chipsite_proto::tally::v1::Tally]) -> Value {
+    json!(
+        tallies
+            .iter()
+            .map(|t| json!({
+                "id": t.id,
+                "chip_id": t.chip_id,
+                "peer": {"chip_id": t.peer_chip_id, "site_pin": t.peer_site_pin},
+                "role": t.role,
+                "state": t.state,
+                "terms": serde_json::from_str::<Value>(&t.terms).unwrap_or(Value::Null),
+                "delivery": t.delivery,
+                "created_at_ms": t.created_at_ms,
+                "updated_at_ms": t.updated_at_ms,
+                "steps": t.steps.iter().map(|s| json!({
+                    "seq": s.seq,
+                    "kind": s.kind,
+                    "signer": {"chip_id": s.signer_chip_id, "site_pin": s.signer_site_pin},
+                    "doc": serde_json::from_str::<Value>(&s.doc).unwrap_or(Value::Null),
+                    "sig": s.sig,
+                    "hash": s.hash,
+                    "state": s.state,
+                    "recorded_at_ms": s.recorded_at_ms,
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn tallies_text(chip_id: &str, tallies: &[chipsite_proto::tally::v1::Tally]) -> String {
+    if tallies.is_empty() {
+        return format!("{chip_id} has no tallies\n");
+    }
+    let mut s = String::new();
+    for t in tallies {
+        s.push_str(&format!(
+            "{}  {} with {} ({})  {}\n  terms {}; {} step(s){}\n",
+            t.id,
+            t.role,
+            t.peer_chip_id,
+            t.peer_site_pin,
+            t.state,
+            t.terms,
+            t.steps.len(),
+            match t.delivery.as_str() {
+                "" => String::new(),
+                d => format!("; last step {d}"),
+            }
         ));
     }
     s
@@ -871,6 +940,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             .map_err(&err)?
             .into_inner();
             emit(out, vault_json(&v), vault_text(&v))
+        }
+        Command::Tally(TallyCmd::List { chip_id, limit }) => {
+            let tallies = client
+                .list_tallies(chipsite_proto::tally::v1::ListTalliesRequest {
+                    chip_id: chip_id.clone(),
+                    limit,
+                })
+                .await
+                .map_err(&err)?
+                .into_inner()
+                .tallies;
+            emit(out, tallies_json(&tallies), tallies_text(&chip_id, &tallies))
         }
         Command::Peer(cmd) => {
             let p = match cmd {

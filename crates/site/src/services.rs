@@ -209,6 +209,7 @@ pub(crate) async fn start_admin(mut ctx: Ctx) -> Result<Started, SiteError> {
         key_vault: ctx.channel_to(Service::KeyVault)?,
         tickets: ctx.channel_to(Service::Ticket)?,
         peer_gateway: ctx.channel_to(Service::PeerGateway)?,
+        tally: ctx.channel_to(Service::Tally)?,
     };
     tracing::info!(service = "admin", addr = ?listener.local_addr().ok(), "serving");
     Ok(Started {

@@ -14,7 +14,7 @@ use chipsite_proto::{
 };
 use chipsite_telemetry::{TracedChannel, traced};
 use chipsite_tls::{Caller, Policy, identity as id};
-use tonic::{Code, Request, Response, Status, transport::Channel};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{Admin, UserChanges, UserData, store::user};
 
@@ -61,10 +61,17 @@ pub struct AdminGrpc {
     vault: KeyVaultClient<TracedChannel>,
     tickets: TicketsClient<TracedChannel>,
     peers: chipsite_proto::peer::v1::peer_gateway_client::PeerGatewayClient<TracedChannel>,
+    tallies: chipsite_proto::tally::v1::tallies_client::TalliesClient<TracedChannel>,
 }
 
 impl AdminGrpc {
-    pub fn new(admin: Arc<Admin>, key_vault: Channel, tickets: Channel, peer_gateway: Channel) -> Self {
+    pub fn new(admin: Arc<Admin>, calls: crate::Calls) -> Self {
+        let crate::Calls {
+            key_vault,
+            tickets,
+            peer_gateway,
+            tally,
+        } = calls;
         Self {
             admin,
             vault: KeyVaultClient::new(traced(key_vault)),
@@ -72,6 +79,7 @@ impl AdminGrpc {
             peers: chipsite_proto::peer::v1::peer_gateway_client::PeerGatewayClient::new(traced(
                 peer_gateway,
             )),
+            tallies: chipsite_proto::tally::v1::tallies_client::TalliesClient::new(traced(tally)),
         }
     }
 
@@ -664,6 +672,14 @@ impl AdminService for AdminGrpc {
     ) -> R<chipsite_proto::peer::v1::ListPeersResponse> {
         // A read: not audited.
         self.peers.clone().list_peers(req.into_inner()).await
+    }
+
+    async fn list_tallies(
+        &self,
+        req: Request<chipsite_proto::tally::v1::ListTalliesRequest>,
+    ) -> R<chipsite_proto::tally::v1::ListTalliesResponse> {
+        // A read: not audited.
+        self.tallies.clone().list_tallies(req.into_inner()).await
     }
 
     async fn stop_peer_server(&self, req: Request<pb::StopPeerServerRequest>) -> R<pb::PeerServerState> {

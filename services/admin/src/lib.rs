@@ -760,6 +760,8 @@ pub struct Calls {
     pub tickets: tonic::transport::Channel,
     /// The peer gateway (the peer sites operators see).
     pub peer_gateway: tonic::transport::Channel,
+    /// The tally service (users' tallies operators see).
+    pub tally: tonic::transport::Channel,
 }
 
 /// Serve admin (AdminService and UserEvents) on an already-bound `listener`
@@ -784,12 +786,7 @@ pub async fn serve(
     let notifier = Notifier::new(admin.clone(), notify::DELIVERY_WINDOW);
     let mut sweeper = notifier.spawn_sweeper();
     let events = E::new(UserEventsGrpc::new(admin.clone(), notifier));
-    let svc = S::new(AdminGrpc::new(
-        admin,
-        calls.key_vault,
-        calls.tickets,
-        calls.peer_gateway,
-    ));
+    let svc = S::new(AdminGrpc::new(admin, calls));
     let served = async {
         chipsite_grpc_server::serve_with!(
             [svc => S, events => E],

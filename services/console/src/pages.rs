@@ -226,7 +226,12 @@ pub struct IssuedTicket<'a> {
     pub expires_at_ms: i64,
 }
 
-pub(crate) fn user(chrome: &Chrome, u: &ad::User, ticket: Option<IssuedTicket<'_>>) -> Markup {
+pub(crate) fn user(
+    chrome: &Chrome,
+    u: &ad::User,
+    ticket: Option<IssuedTicket<'_>>,
+    tallies: &Result<Vec<chipsite_proto::tally::v1::Tally>, String>,
+) -> Markup {
     let contact = u.contact.clone().unwrap_or_default();
     let path = format!("/users/{}", u.chip_id);
     page(
@@ -266,6 +271,30 @@ pub(crate) fn user(chrome: &Chrome, u: &ad::User, ticket: Option<IssuedTicket<'_
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button type="submit" { "Download JSON" }
                     }
+                }
+            }
+            div.card #tallies {
+                h2 { "Tallies" }
+                @match tallies {
+                    Err(why) => p { "The tally service does not answer: " (why) },
+                    Ok(list) if list.is_empty() => p { "No tallies with users on other sites." },
+                    Ok(list) => table {
+                        thead { tr { th { "Tally" } th { "With" } th { "Role" } th { "State" } th { "Terms" } th { "Steps" } th { "Last step" } th { "Since" } } }
+                        tbody {
+                            @for t in list {
+                                tr {
+                                    td { code { (t.id) } }
+                                    td { (t.peer_chip_id) br; small { code { (t.peer_site_pin) } } }
+                                    td { (t.role) }
+                                    td { (t.state) }
+                                    td { code { (t.terms) } }
+                                    td { (t.steps.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>().join(", ")) }
+                                    td { (t.delivery) }
+                                    td { (crate::site::when(t.updated_at_ms)) }
+                                }
+                            }
+                        }
+                    },
                 }
             }
             div.card {

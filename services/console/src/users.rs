@@ -77,9 +77,15 @@ pub(crate) async fn show(
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     let mut admin = c.admin();
-    let (chrome, user) = tokio::join!(c.chrome(op), admin.get_user(ad::GetUserRequest { chip_id }));
+    let (chrome, user, tallies) = tokio::join!(
+        c.chrome(op),
+        admin.get_user(ad::GetUserRequest {
+            chip_id: chip_id.clone()
+        }),
+        tallies_of(&c, &chip_id)
+    );
     Ok(match user {
-        Ok(u) => pages::user(&chrome, &u.into_inner(), None).into_response(),
+        Ok(u) => pages::user(&chrome, &u.into_inner(), None, &tallies).into_response(),
         Err(s) => failed(&s),
     })
 }
@@ -251,7 +257,13 @@ pub(crate) async fn ticket(
         Ok(t) => t.into_inner(),
         Err(s) => return failed(&s),
     };
-    let user = match admin.get_user(ad::GetUserRequest { chip_id }).await {
+    let (user, tallies) = tokio::join!(
+        admin.get_user(ad::GetUserRequest {
+            chip_id: chip_id.clone()
+        }),
+        tallies_of(&c, &chip_id)
+    );
+    let user = match user {
         Ok(u) => u.into_inner(),
         Err(s) => return failed(&s),
     };
@@ -263,7 +275,20 @@ pub(crate) async fn ticket(
         qr: qr.as_deref(),
         expires_at_ms: issued.expires_at_ms,
     };
-    pages::user(&chrome, &user, Some(shown)).into_response()
+    pages::user(&chrome, &user, Some(shown), &tallies).into_response()
+}
+
+/// A user's tallies for the user page, or why they cannot be shown (the
+/// page still works when the tally service does not answer).
+async fn tallies_of(c: &Console, chip_id: &str) -> Result<Vec<chipsite_proto::tally::v1::Tally>, String> {
+    c.admin()
+        .list_tallies(chipsite_proto::tally::v1::ListTalliesRequest {
+            chip_id: chip_id.to_owned(),
+            limit: 100,
+        })
+        .await
+        .map(|r| r.into_inner().tallies)
+        .map_err(|s| s.message().to_owned())
 }
 
 #[derive(Deserialize)]

@@ -295,6 +295,7 @@ async fn events_reach_every_replica(store: Store) {
                 key_vault: channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
                 tickets: channel(&endpoints.ticket, id::TICKET, id::ADMIN),
                 peer_gateway: channel(&endpoints.peer_gateway, id::PEER_GATEWAY, id::ADMIN),
+                tally: channel(&endpoints.tally, id::TALLY, id::ADMIN),
             },
             listener,
             site.tls(id::ADMIN),

@@ -224,6 +224,28 @@ async fn a_tally_is_offered_accepted_and_closed_between_two_sites(store: Store) 
         })
         .await
     );
+    // Operators see it: AdminService (chipsctl tally list) and the user's
+    // console page.
+    let seen = p
+        .a
+        .admin()
+        .list_tallies(tl::ListTalliesRequest {
+            chip_id: "alice".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tallies;
+    assert_eq!(signed_steps(&seen[0]), signed_steps(&on_a));
+    let (cookie, _) = crate::console::sign_in(&p.b).await;
+    let page = crate::console::http(&p.b, "GET", "/users/bob", Some(&cookie), None).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains(&id) && page.body.contains("recipient") && page.body.contains("offer, accept"),
+        "{}",
+        page.body
+    );
     let status = p.alice.call("status", json!({})).await.unwrap();
     assert_eq!(status["tallies"][0]["id"], id.as_str(), "{status}");
     assert_eq!(status["tallies"][0]["state"], "open", "{status}");
