@@ -45,8 +45,9 @@ Given a tally ticket issued by a chipsite site ("site A"), it:
     once more (still duplicate true, still "offered"). With --extra as well:
     the recorded offer altered after signing (-32001 or -32006), a step
     from another user than the session's (-32001), to another site
-    (-32602), a reject by the offerer (-32006), and an offer written with
-    seq 1.0 and at_ms as a float (accepted: this makes a second tally at A).
+    (-32602), a reject by the offerer (-32006), a close on a tally A does
+    not have (-32004), and an offer written with seq 1.0 and at_ms as a
+    float (14.5: accepted; this makes a second tally at A).
     At the end it prints three lines for a caller to check what A recorded:
         tally <tally id>
         offer-hash <base64url SHA-256 of the canonical offer>
@@ -837,6 +838,11 @@ def tally_extra_checks(session, expect_result, expect_error, user_key, offer, pa
               "prev": doc_hash(offer_doc), "at_ms": now_ms()}
     expect_error("extra tally reject by offerer", params_for(envelope(user_key, reject)), (-32006,),
                  "only the recipient rejects")
+    # A close on a tally A does not have: -32004.
+    close = {"type": "tally.close", "tally": new_tally_id(), "seq": 3, "from": me, "to": them,
+             "prev": b64url(os.urandom(32)), "at_ms": now_ms()}
+    expect_error("extra tally close unknown tally", params_for(envelope(user_key, close)), (-32004,),
+                 "a close on a tally this site does not have")
     # Whole numbers written as 1.0 and 1e12 (14.5: "any way JSON allows"):
     # signed over the canonical form, the key written with seq 1.
     doc = offer(new_tally_id())

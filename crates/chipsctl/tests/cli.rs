@@ -302,7 +302,10 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     assert!(ok(d, &["peer", "list"]).starts_with("no peer sites yet"));
     // Tallies of a user (two sites and a tally: tests/tests/e2e/tallies.rs).
     assert_eq!(ok(d, &["tally", "list", "bob"]), "bob has no tallies\n");
-    assert_eq!(json(&ok(d, &["--json", "tally", "list", "bob"])), serde_json::json!([]));
+    assert_eq!(
+        json(&ok(d, &["--json", "tally", "list", "bob"])),
+        serde_json::json!([])
+    );
     let r = chipsctl(d, &["tally", "list", "Not A CHIP ID"], None);
     assert!(!r.ok && r.stderr.contains("CHIP ID"), "{}", r.stderr);
     assert_eq!(json(&ok(d, &["--json", "peer", "list"])), serde_json::json!([]));

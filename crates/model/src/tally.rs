@@ -422,7 +422,10 @@ mod tests {
             "sig": "dgo9hiUJNJ1rI9v7AcWy3MqFJ3bOUwPK7gKS4D2wUtwseuPq4cqz2x3dbyyYDUTLOBh2E-C2l26DHqrY5m2cLw",
             "signer_key": "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEYP7UuiVanTHJYet0xjVtaMBJuJI7Yfps5mliLmDyn7Z5A_4QCLi8maQa6elWKLxk8vGyDC1-n1F3o8KU1EYimQ"}"#;
         let step = parse_step(text).unwrap();
-        assert_eq!((step.kind, step.seq, step.at_ms), (Kind::Offer, 1, 1_764_547_200_000));
+        assert_eq!(
+            (step.kind, step.seq, step.at_ms),
+            (Kind::Offer, 1, 1_764_547_200_000)
+        );
         println!("hash: {}", step.hash);
         assert_eq!(step.hash, VECTOR_HASH);
         assert_eq!(

@@ -42,3 +42,50 @@ async fn a_python_peer_site_redeems_a_tally_ticket_and_opens_a_session(store: St
     alice.close().await;
     site.finish().await;
 }
+
+store_test!(a_python_peer_site_offers_a_tally_with_signed_steps);
+async fn a_python_peer_site_offers_a_tally_with_signed_steps(store: Store) {
+    let site = TestSite::start(&store).await;
+    let key = site.enrolled("alice").await;
+    let alice = site.session("alice", &key).await.unwrap();
+    let uri = alice.call("tally_ticket", json!({})).await.unwrap()["uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, out) = client(vec![
+        uri,
+        "--chip-id".into(),
+        "pycarol".into(),
+        "--tally".into(),
+        "--extra".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "[{}] {out}", store.label());
+    assert!(!out.lines().any(|l| l.starts_with("FAIL")), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} line: {out}"))
+            .to_owned()
+    };
+    // Site A recorded exactly the offer the independent site signed, and
+    // nothing of the refused steps.
+    let tallies = site.tallies("alice").await;
+    let ours: Vec<_> = tallies.iter().filter(|t| t.id == line("tally")).collect();
+    assert_eq!(ours.len(), 1, "{tallies:?}");
+    let t = ours[0];
+    assert_eq!(
+        (t.role.as_str(), t.state.as_str(), t.peer_chip_id.as_str()),
+        ("recipient", "offered", "pycarol")
+    );
+    assert_eq!(t.steps.len(), 1);
+    assert_eq!(t.steps[0].hash, line("offer-hash"));
+    let user_key = base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        line("user-key"),
+    )
+    .unwrap();
+    assert_eq!(t.steps[0].signer_key, user_key);
+    alice.close().await;
+    site.finish().await;
+}

@@ -226,17 +226,16 @@ async fn a_tally_is_offered_accepted_and_closed_between_two_sites(store: Store) 
     );
     // Operators see it: AdminService (chipsctl tally list) and the user's
     // console page.
-    let seen = p
-        .a
-        .admin()
-        .list_tallies(tl::ListTalliesRequest {
-            chip_id: "alice".into(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tallies;
+    let seen =
+        p.a.admin()
+            .list_tallies(tl::ListTalliesRequest {
+                chip_id: "alice".into(),
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tallies;
     assert_eq!(signed_steps(&seen[0]), signed_steps(&on_a));
     let (cookie, _) = crate::console::sign_in(&p.b).await;
     let page = crate::console::http(&p.b, "GET", "/users/bob", Some(&cookie), None).await;
