@@ -565,6 +565,8 @@ fn peers_json(sites: &[chipsite_proto::peer::v1::PeerSite]) -> Value {
                 "last_contact_ms": s.last_contact_ms,
                 "last_outcome": s.last_outcome,
                 "outbox_depth": s.outbox_depth,
+                "sessions_out": s.sessions_out,
+                "sessions_in": s.sessions_in,
                 "links": s.links.iter().map(|l| json!({
                     "chip_id": l.chip_id,
                     "peer_chip_id": l.peer_chip_id,
@@ -587,8 +589,8 @@ fn peers_text(sites: &[chipsite_proto::peer::v1::PeerSite]) -> String {
             t => format!("last contact {} ({})", ms(t), site.last_outcome),
         };
         s.push_str(&format!(
-            "{}:{}  {}\n  {contact}; outbox {}\n",
-            site.host, site.port, site.site_pin, site.outbox_depth
+            "{}:{}  {}\n  {contact}; sessions {} out, {} in; outbox {}\n",
+            site.host, site.port, site.site_pin, site.sessions_out, site.sessions_in, site.outbox_depth
         ));
         for l in &site.links {
             s.push_str(&format!(

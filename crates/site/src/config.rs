@@ -273,6 +273,29 @@ pub struct Config {
     pub ticket_retention_days: u64,
     /// How the console guards its ports (`[console]`, `CHIPSITE_CONSOLE__…`).
     pub console: ConsoleSettings,
+    /// Peer sessions (`[peer]`, `CHIPSITE_PEER__…`).
+    pub peer: PeerSettings,
+}
+
+/// How long peer sessions stay open with nothing to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerSettings {
+    /// Seconds a session this site opened stays open with nothing to send
+    /// (1 to 3600).
+    pub session_idle_s: u64,
+    /// Seconds a session another site opened may stay silent before this
+    /// site closes it (1 to 3600).
+    pub idle_s: u64,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self {
+            session_idle_s: 30,
+            idle_s: 300,
+        }
+    }
 }
 
 /// The console's guards.
@@ -429,6 +452,7 @@ impl std::fmt::Debug for Config {
             .field("gateway", &self.gateway)
             .field("ticket_retention_days", &self.ticket_retention_days)
             .field("console", &self.console)
+            .field("peer", &self.peer)
             .finish()
     }
 }
@@ -447,6 +471,7 @@ impl Default for Config {
             gateway: GatewayLimits::default(),
             ticket_retention_days: 90,
             console: ConsoleSettings::default(),
+            peer: PeerSettings::default(),
         }
     }
 }
@@ -538,6 +563,16 @@ impl Config {
                 "console.idle_s = {} is out of range (1..=3600)",
                 config.console.idle_s
             ))));
+        }
+        for (key, value) in [
+            ("peer.session_idle_s", config.peer.session_idle_s),
+            ("peer.idle_s", config.peer.idle_s),
+        ] {
+            if !(1..=3600).contains(&value) {
+                return Err(Box::new(figment::Error::from(format!(
+                    "{key} = {value} is out of range (1..=3600)"
+                ))));
+            }
         }
         if !(1..=3650).contains(&config.ticket_retention_days) {
             return Err(Box::new(figment::Error::from(format!(

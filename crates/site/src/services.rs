@@ -291,7 +291,17 @@ pub(crate) async fn start_peer_gateway(mut ctx: Ctx) -> Result<Started, SiteErro
                 admin: ctx.channel_to(Service::Admin)?,
                 tally: ctx.channel_to(Service::Tally)?,
             },
-            PeerSettings::default(),
+            {
+                let defaults = PeerSettings::default();
+                PeerSettings {
+                    session_idle: std::time::Duration::from_secs(ctx.config.peer.session_idle_s),
+                    limits: chipsite_wire::Limits {
+                        idle: std::time::Duration::from_secs(ctx.config.peer.idle_s),
+                        ..defaults.limits
+                    },
+                    ..defaults
+                }
+            },
         )
         .await
         .map_err(|e| SiteError::Serve(format!("peer-gateway: {e}")))?,

@@ -387,7 +387,7 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
                 p { "No peer sites yet: a user redeems another site's tally ticket, or another site redeems one of ours." }
             } @else {
                 table {
-                    thead { tr { th { "Site" } th { "Key pin" } th { "Last contact" } th { "Outbox" } th { "Links (ours ↔ theirs)" } } }
+                    thead { tr { th { "Site" } th { "Key pin" } th { "Last contact" } th { "Sessions (out / in)" } th { "Outbox" } th { "Links (ours ↔ theirs)" } } }
                     tbody {
                         @for site in &peers {
                             tr {
@@ -397,6 +397,7 @@ async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Respo
                                     @if site.last_contact_ms == 0 { "none since the peer gateway started" }
                                     @else { (when(site.last_contact_ms)) " — " (site.last_outcome) }
                                 }
+                                td { (site.sessions_out) " / " (site.sessions_in) }
                                 td { (site.outbox_depth) }
                                 td {
                                     @for l in &site.links {

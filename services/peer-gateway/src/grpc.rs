@@ -73,6 +73,7 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
                 Some(at) => at,
                 None => {
                     let (last_contact_ms, last_outcome) = self.0.last_contact(&l.peer_site_pin);
+                    let (sessions_out, sessions_in) = self.0.open_sessions(&l.peer_site_pin);
                     sites.push(pb::PeerSite {
                         site_pin: l.peer_site_pin.clone(),
                         site_key: l.peer_site_key.clone(),
@@ -83,6 +84,8 @@ impl PeerGatewayRpc for PeerGatewayGrpc {
                         last_contact_ms,
                         last_outcome,
                         outbox_depth: depth.get(&l.peer_site_pin).copied().unwrap_or(0),
+                        sessions_out,
+                        sessions_in,
                     });
                     sites.len() - 1
                 }

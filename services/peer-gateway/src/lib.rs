@@ -225,6 +225,26 @@ pub(crate) struct Inner {
     /// The last contact with each peer site (by its key's pin), either way:
     /// when, and "ok" or why it failed. In memory, for operators.
     contacts: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
+    /// Peer sessions open now, per peer site's pin: (opened by us, by them).
+    sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, (u32, u32)>>>,
+}
+
+/// One open peer session, counted while it lives (see [`Inner::count_session`]).
+pub(crate) struct SessionCount {
+    sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, (u32, u32)>>>,
+    pin: String,
+    outgoing: bool,
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(n) = s.get_mut(&self.pin)
+        {
+            let n = if self.outgoing { &mut n.0 } else { &mut n.1 };
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// One peer gateway.
@@ -264,6 +284,7 @@ impl PeerGateway {
                 not_after_ms: AtomicI64::new(0),
                 running: watch::Sender::new(false),
                 contacts: Default::default(),
+                sessions: Default::default(),
                 site_state: Default::default(),
                 session_configs: Default::default(),
             }),
@@ -487,6 +508,11 @@ impl PeerGateway {
             .by_site_pin)
     }
 
+    /// Peer sessions open now with the site of `pin`: (opened by us, by them).
+    pub fn open_sessions(&self, pin: &str) -> (u32, u32) {
+        self.inner.open_sessions(pin)
+    }
+
     /// The last contact with the peer site whose key's pin is `pin`.
     pub fn last_contact(&self, pin: &str) -> (i64, String) {
         self.inner.last_contact(pin)
@@ -513,6 +539,32 @@ impl Inner {
                 (chipsite_store::now_ms(), outcome.chars().take(200).collect()),
             );
         }
+    }
+
+    /// Count a session with the site of `pin` while the returned value lives.
+    pub(crate) fn count_session(&self, pin: &str, outgoing: bool) -> SessionCount {
+        if let Ok(mut s) = self.sessions.lock() {
+            let n = s.entry(pin.to_owned()).or_default();
+            if outgoing {
+                n.0 += 1;
+            } else {
+                n.1 += 1;
+            }
+        }
+        SessionCount {
+            sessions: self.sessions.clone(),
+            pin: pin.to_owned(),
+            outgoing,
+        }
+    }
+
+    /// Sessions open now with the site of `pin`: (opened by us, by them).
+    pub(crate) fn open_sessions(&self, pin: &str) -> (u32, u32) {
+        self.sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(pin).copied())
+            .unwrap_or_default()
     }
 
     pub(crate) fn last_contact(&self, pin: &str) -> (i64, String) {

@@ -74,6 +74,7 @@ pub(crate) async fn answer(
         chip_id,
         site_pin: chipsite_model::pin_of_spki(&key),
     };
+    let _counted = inner.count_session(&from.site_pin, false);
     let mut reader = FrameReader::new(tls, inner.settings.limits);
     let within = inner.settings.write_timeout;
     loop {
@@ -193,6 +194,7 @@ async fn call(inner: &Inner, from: &Caller, method: &str, params: Value) -> Resu
 /// A peer session this site opened, acting for one of its users.
 pub(crate) struct PeerSession {
     reader: FrameReader<TlsStream<TcpStream>>,
+    _counted: crate::SessionCount,
     next_id: u64,
     write_timeout: Duration,
 }
@@ -241,6 +243,7 @@ pub(crate) async fn dial(inner: &Inner, link: &link::Model) -> Result<PeerSessio
     let tls = tls?;
     Ok(PeerSession {
         reader: FrameReader::new(tls, inner.settings.limits),
+        _counted: inner.count_session(&link.peer_site_pin, true),
         next_id: 1,
         write_timeout: inner.settings.write_timeout,
     })

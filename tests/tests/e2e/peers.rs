@@ -26,8 +26,17 @@ pub(crate) struct Pair {
 }
 
 pub(crate) async fn pair(store: &Store) -> Pair {
-    let a = TestSite::start(store).await;
-    let b = TestSite::start(&store.another().await).await;
+    pair_with(store, |_| {}, |_| {}).await
+}
+
+/// [`pair`] with each site's configuration changed first.
+pub(crate) async fn pair_with(
+    store: &Store,
+    adjust_a: impl FnOnce(&mut chipsite_site::Config),
+    adjust_b: impl FnOnce(&mut chipsite_site::Config),
+) -> Pair {
+    let a = TestSite::start_with(store, adjust_a).await;
+    let b = TestSite::start_with(&store.another().await, adjust_b).await;
     for site in [&a, &b] {
         // Ready (the peer gateway certified), then the port open: the dev
         // site's peer server runs.

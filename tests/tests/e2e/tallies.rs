@@ -27,6 +27,14 @@ struct Linked {
 }
 
 async fn linked(store: &Store) -> Linked {
+    linked_with(store, |_| {}, |_| {}).await
+}
+
+async fn linked_with(
+    store: &Store,
+    adjust_a: impl FnOnce(&mut chipsite_site::Config),
+    adjust_b: impl FnOnce(&mut chipsite_site::Config),
+) -> Linked {
     let crate::peers::Pair {
         a,
         b,
@@ -34,7 +42,7 @@ async fn linked(store: &Store) -> Linked {
         bob,
         alice_key,
         bob_key,
-    } = crate::peers::pair(store).await;
+    } = crate::peers::pair_with(store, adjust_a, adjust_b).await;
     let ticket = alice.call("tally_ticket", json!({})).await.unwrap();
     bob.redeem_tally_ticket(ticket["uri"].as_str().unwrap())
         .await
@@ -484,5 +492,70 @@ async fn steps_wait_for_a_site_that_is_away_and_arrive_once(store: Store) {
         signed_steps(&p.a.tallies("alice").await[0]),
         signed_steps(&p.b.tallies("bob").await[0])
     );
+    p.finish().await;
+}
+
+/// Sessions open now with the other site: (opened by this site, by it).
+async fn sessions(site: &TestSite) -> (u32, u32) {
+    site.admin()
+        .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sites
+        .iter()
+        .fold((0, 0), |(o, i), s| (o + s.sessions_out, i + s.sessions_in))
+}
+
+store_test!(idle_sessions_close_and_the_next_step_opens_another);
+async fn idle_sessions_close_and_the_next_step_opens_another(store: Store) {
+    // A closes the sessions it opened after 1 s without work; B keeps its
+    // own open a minute, but A closes sessions B opened after 1 s of silence.
+    let p = linked_with(
+        &store,
+        |c| {
+            c.peer.session_idle_s = 1;
+            c.peer.idle_s = 1;
+        },
+        |c| c.peer.session_idle_s = 60,
+    )
+    .await;
+    let offered = p
+        .alice
+        .offer_tally(&p.alice_at, &p.bob_at, &json!({}), &p.alice_key)
+        .await
+        .unwrap();
+    let id = offered["id"].as_str().unwrap().to_owned();
+    in_state(&p.b, "bob", &id, "offered").await;
+    // A's idle session closes on A's side, and B sees it end.
+    assert!(eventually(Duration::from_secs(10), || async { sessions(&p.a).await.0 == 0 }).await);
+    assert!(eventually(Duration::from_secs(10), || async { sessions(&p.b).await.1 == 0 }).await);
+
+    // B's session to A: A closes it after 1 s of silence, while B still
+    // holds it for its next step.
+    p.bob
+        .answer_tally(&id, Kind::Accept, &p.bob_at, &p.bob_key)
+        .await
+        .unwrap();
+    in_state(&p.a, "alice", &id, "open").await;
+    assert!(eventually(Duration::from_secs(10), || async { sessions(&p.a).await.1 == 0 }).await);
+    assert_eq!(sessions(&p.b).await.0, 1, "B keeps its session for a minute");
+    // The next step finds it closed and opens another at once (no backoff:
+    // delivered, never "retrying").
+    p.bob
+        .answer_tally(&id, Kind::Close, &p.bob_at, &p.bob_key)
+        .await
+        .unwrap();
+    let on_a = in_state(&p.a, "alice", &id, "closed").await;
+    assert_eq!(on_a.steps.len(), 3);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            p.b.tallies("bob").await[0].delivery == "delivered"
+        })
+        .await
+    );
+    assert_eq!(signed_steps(&on_a), signed_steps(&p.b.tallies("bob").await[0]));
+    let logs = chipsite_e2e::captured_logs();
+    assert!(!logs.contains("tally step not delivered"), "{logs}");
     p.finish().await;
 }
