@@ -49,30 +49,49 @@ pub(crate) fn ms(d: Duration) -> String {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     chipsite_tls::install_crypto_provider();
-    let admin_db = chipsite_store::connect(&args.postgres_url)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let mut rnd = [0u8; 6];
-    getrandom::fill(&mut rnd).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    let name = format!(
-        "chipsite_bench_{}",
-        rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
-    use sea_orm::ConnectionTrait;
-    admin_db
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let base = args
-        .postgres_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&args.postgres_url);
-    let db_url = format!("{base}/{name}");
-    let result = measure(&args, &db_url).await;
-    let _ = admin_db
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
+    let db = BenchDatabase::create(&args.postgres_url).await?;
+    let result = measure(&args, &db.url).await;
+    db.drop().await;
     result
+}
+
+/// A fresh PostgreSQL database beside `postgres_url`'s, dropped after.
+pub(crate) struct BenchDatabase {
+    admin: sea_orm::DatabaseConnection,
+    name: String,
+    pub(crate) url: String,
+}
+
+impl BenchDatabase {
+    pub(crate) async fn create(postgres_url: &str) -> anyhow::Result<Self> {
+        use sea_orm::ConnectionTrait;
+        let admin = chipsite_store::connect(postgres_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        let mut rnd = [0u8; 6];
+        getrandom::fill(&mut rnd).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+        let name = format!(
+            "chipsite_bench_{}",
+            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let base = postgres_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(postgres_url);
+        let url = format!("{base}/{name}");
+        Ok(Self { admin, name, url })
+    }
+
+    pub(crate) async fn drop(self) {
+        use sea_orm::ConnectionTrait;
+        let _ = self
+            .admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .await;
+    }
 }
 
 async fn measure(args: &Args, db_url: &str) -> anyhow::Result<()> {
@@ -190,7 +209,7 @@ async fn run_load(
 }
 
 /// `pgbench -i` then `pgbench -N` on the same database; returns its TPS.
-fn pgbench(db_url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+pub(crate) fn pgbench(db_url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
     let init = Command::new("pgbench")
         .args(["-i", "-q", "-s", "1", db_url])
         .output()

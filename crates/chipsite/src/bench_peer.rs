@@ -14,8 +14,8 @@
 //! checked against it, one `ping` and its answer, close. The baseline does
 //! the TLS part with the same chains and verifier, and echoes the line.
 //!
-//! Tally steps per second (durable on both sides, beside `pgbench -N`) come
-//! with tallies.
+//! Tally steps per second (durable on both sides, beside `pgbench -N`) are
+//! `chipsite bench-tally`.
 
 use std::{
     net::SocketAddr,

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_gateway;
 mod bench_peer;
+mod bench_tally;
 
 #[derive(Parser)]
 #[command(name = "chipsite", version, about = "The chipsite site server")]
@@ -48,6 +49,9 @@ enum Command {
     /// Peer gateway benchmark: peer session setups (both chains, the key
     /// lookup, a ping) beside a bare tokio-rustls baseline.
     BenchPeer(bench_peer::Args),
+    /// Tally steps from site A to site B, PostgreSQL under both (durable on
+    /// both sides), beside pgbench.
+    BenchTally(bench_tally::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchGateway(args) => runtime.block_on(bench_gateway::run(args)),
         Command::BenchPeer(args) => runtime.block_on(bench_peer::run(args)),
+        Command::BenchTally(args) => runtime.block_on(bench_tally::run(args)),
     }
 }
 

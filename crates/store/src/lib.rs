@@ -75,7 +75,10 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, StoreError> {
             });
         }
         Engine::Postgres => {
-            opts.max_connections(32);
+            // Per service: more connections than a few per core only queue
+            // inside PostgreSQL, and a site is five services (two sites on
+            // one server must stay under its default max_connections, 100).
+            opts.max_connections(8);
         }
     }
     let db = Database::connect(opts).await.map_err(StoreError::Connect)?;

@@ -225,6 +225,8 @@ pub(crate) struct Inner {
     /// The last contact with each peer site (by its key's pin), either way:
     /// when, and "ok" or why it failed. In memory, for operators.
     contacts: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
+    /// Alarms about other sites' tally steps, raised in batches.
+    step_alarms: tokio::sync::mpsc::UnboundedSender<ev::NewAlarm>,
     /// Peer sessions open now, per peer site's pin: (opened by us, by them).
     sessions: Arc<std::sync::Mutex<std::collections::HashMap<String, (u32, u32)>>>,
 }
@@ -269,6 +271,11 @@ impl PeerGateway {
         settings: Settings,
     ) -> Result<Self, PeerError> {
         chipsite_store::migrate::<store::Migrator>(&db).await?;
+        let (step_alarms, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(raise_in_batches(
+            UserEventsClient::new(traced(clients.admin.clone())),
+            queued,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 vault: KeyVaultClient::new(traced(clients.key_vault)),
@@ -285,6 +292,7 @@ impl PeerGateway {
                 running: watch::Sender::new(false),
                 contacts: Default::default(),
                 sessions: Default::default(),
+                step_alarms,
                 site_state: Default::default(),
                 session_configs: Default::default(),
             }),
@@ -667,6 +675,16 @@ impl Inner {
         }
     }
 
+    /// [`Self::alarm`] for a tally step: raised with the others queued at
+    /// the same moment, in one call (it ends when the gateway is dropped).
+    pub(crate) fn alarm_soon(&self, chip_id: &str, text: String) {
+        let _ = self.step_alarms.send(ev::NewAlarm {
+            chip_id: chip_id.to_owned(),
+            kind: "notice".to_owned(),
+            text,
+        });
+    }
+
     /// Tell a local user what a peer site did (an alarm: pushed to open
     /// sessions, else e-mailed or texted).
     pub(crate) async fn alarm(&self, chip_id: &str, text: String) {
@@ -683,6 +701,29 @@ impl Inner {
             .await;
         if let Err(e) = raised {
             tracing::warn!(chip_id, error = %e.message(), "could not raise the user's alarm");
+        }
+    }
+}
+
+/// Raise queued alarms, up to 100 at a time (admin's batch), until the
+/// queue's sender is dropped with the gateway.
+async fn raise_in_batches(
+    events: UserEventsClient<TracedChannel>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<ev::NewAlarm>,
+) {
+    while let Some(first) = queued.recv().await {
+        let mut alarms = vec![first];
+        while alarms.len() < 100
+            && let Ok(a) = queued.try_recv()
+        {
+            alarms.push(a);
+        }
+        let raised = events
+            .clone()
+            .raise_alarms(ev::RaiseAlarmsRequest { alarms })
+            .await;
+        if let Err(e) = raised {
+            tracing::warn!(error = %e.message(), "could not raise users' alarms about tally steps");
         }
     }
 }

@@ -56,6 +56,23 @@ pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Resu
             "no link between these users: redeem a tally ticket first",
         ));
     }
+    // An open session outlives a seal or a stop: each step asks (the
+    // answer may be up to a second old, as for new sessions).
+    match inner.refuses_peers(false).await {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            return Err(RpcError::new(
+                ErrorCode::Unavailable,
+                format!("{why}; try again later"),
+            ));
+        }
+        Err(_) => {
+            return Err(RpcError::new(
+                ErrorCode::Unavailable,
+                "the site cannot tell its state; try again later",
+            ));
+        }
+    }
     match inner.locked(&to).await {
         Ok(false) => {}
         Ok(true) => {
@@ -106,12 +123,12 @@ pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Resu
             "rejected" => "rejected your tally",
             _ => "closed your tally",
         };
-        inner
-            .alarm(
-                &to,
-                format!("{} (on site {}) {what} {}", from.chip_id, from.site_pin, tally.id),
-            )
-            .await;
+        // Told in the background (the step is recorded, and the other site
+        // need not wait for the alarm), with the others of the moment.
+        inner.alarm_soon(
+            &to,
+            format!("{} (on site {}) {what} {}", from.chip_id, from.site_pin, tally.id),
+        );
     }
     Ok(json!({
         "tally": tally.id,
@@ -126,11 +143,21 @@ pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Resu
 /// A session is per local user and peer user on one site.
 type Link = (String, String, String);
 
+/// A message handed to a worker, holding its place among those in flight.
+type Leased = (tl::Outgoing, tokio::sync::OwnedSemaphorePermit);
+
+/// Messages in flight (leased, not yet settled) at most.
+const IN_FLIGHT: usize = 256;
+
 /// Ask the tally service for due messages and hand them to the workers of
 /// their links, for ever. Paused while this site refuses peer work (peer
 /// server stopped, vault sealed, site locked down).
 pub(crate) async fn deliver_forever(inner: Arc<Inner>) {
-    let mut workers: HashMap<Link, mpsc::UnboundedSender<tl::Outgoing>> = HashMap::new();
+    let mut workers: HashMap<Link, mpsc::UnboundedSender<Leased>> = HashMap::new();
+    // Messages handed to workers and not yet settled, at most: more are
+    // asked for only as these are settled (their leases must not run out
+    // while they wait in a worker's queue).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut warned = false;
     loop {
         let paused = match inner.refuses_peers(false).await {
@@ -145,11 +172,17 @@ pub(crate) async fn deliver_forever(inner: Arc<Inner>) {
             }
             continue;
         }
+        if in_flight.available_permits() == 0 {
+            // Wait for a settlement.
+            drop(in_flight.acquire().await);
+            continue;
+        }
+        let room = u32::try_from(in_flight.available_permits()).unwrap_or(1);
         let due = inner
             .tally
             .clone()
             .next_outgoing(tl::NextOutgoingRequest {
-                max: 256,
+                max: room,
                 wait_ms: 1000,
             })
             .await;
@@ -169,7 +202,12 @@ pub(crate) async fn deliver_forever(inner: Arc<Inner>) {
         };
         workers.retain(|_, w| !w.is_closed());
         for m in due {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                // Never more than asked for; left leased if it happens.
+                break;
+            };
             let key = (m.chip_id.clone(), m.peer_chip_id.clone(), m.peer_site_pin.clone());
+            let m = (m, permit);
             let m = match workers.get(&key) {
                 Some(w) => match w.send(m) {
                     Ok(()) => continue,
@@ -187,41 +225,77 @@ pub(crate) async fn deliver_forever(inner: Arc<Inner>) {
 
 /// One link's deliveries, in the order they come, over one session kept
 /// open while there is work and closed after `session_idle` without.
-async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<tl::Outgoing>) {
+async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leased>) {
     let mut session: Option<PeerSession> = None;
     loop {
-        let m = match tokio::time::timeout(inner.settings.session_idle, rx.recv()).await {
+        let first = match tokio::time::timeout(inner.settings.session_idle, rx.recv()).await {
             Ok(Some(m)) => m,
             Ok(None) | Err(_) => break,
         };
-        let (outcome, error) = deliver(&inner, &key, &mut session, &m).await;
-        if outcome != tl::Outcome::Delivered {
-            tracing::info!(
-                tally = m.tally_id,
-                seq = m.seq,
-                ?outcome,
-                error,
-                "tally step not delivered"
-            );
+        // What is queued already goes after it, checked once: this site
+        // takes peer work, and the user is not locked down.
+        let mut batch = vec![first];
+        while batch.len() < 64
+            && let Ok(m) = rx.try_recv()
+        {
+            batch.push(m);
         }
-        let settled = inner
-            .tally
-            .clone()
-            .settle(tl::SettleRequest {
+        let not_now = not_now(&inner, &key.0).await;
+        let mut settled = Vec::with_capacity(batch.len());
+        let mut places = Vec::with_capacity(batch.len());
+        for (m, in_flight) in batch {
+            let (outcome, error) = match &not_now {
+                Some(why) => (tl::Outcome::Retry, why.clone()),
+                None => deliver(&inner, &key, &mut session, &m).await,
+            };
+            if outcome != tl::Outcome::Delivered {
+                tracing::info!(
+                    tally = m.tally_id,
+                    seq = m.seq,
+                    ?outcome,
+                    error,
+                    "tally step not delivered"
+                );
+            }
+            settled.push(tl::SettleRequest {
                 id: m.id,
                 outcome: outcome as i32,
                 error,
-            })
-            .await;
-        if let Err(e) = settled {
-            // Left leased: it is sent again when the lease ends, and the
-            // other site answers as the first time.
-            tracing::warn!(error = %e.message(), "cannot settle a tally step's delivery");
+            });
+            places.push(in_flight);
         }
+        // One settlement for the batch; their places are free after it.
+        let answer = inner
+            .tally
+            .clone()
+            .settle_many(tl::SettleManyRequest { settlements: settled })
+            .await;
+        if let Err(e) = answer {
+            // Left leased: sent again when the leases end, and the other
+            // site answers as the first time.
+            tracing::warn!(error = %e.message(), "cannot settle tally steps' delivery");
+        }
+        drop(places);
     }
     rx.close();
     if let Some(s) = session {
         s.close().await;
+    }
+}
+
+/// Why this site sends nothing for `chip_id` now, if it does not: taken
+/// from the outbox just before the peer server stopped (or the site was
+/// sealed or locked down), or the user is locked down.
+async fn not_now(inner: &Inner, chip_id: &str) -> Option<String> {
+    match inner.refuses_peers(false).await {
+        Ok(None) => {}
+        Ok(Some(why)) => return Some(why.to_owned()),
+        Err(e) => return Some(e.to_string()),
+    }
+    match inner.locked(chip_id).await {
+        Ok(false) => None,
+        Ok(true) => Some("the user or the site is locked down".into()),
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -233,11 +307,6 @@ async fn deliver(
     session: &mut Option<PeerSession>,
     m: &tl::Outgoing,
 ) -> (tl::Outcome, String) {
-    match inner.locked(&m.chip_id).await {
-        Ok(false) => {}
-        Ok(true) => return (tl::Outcome::Retry, "the user or the site is locked down".into()),
-        Err(e) => return (tl::Outcome::Retry, e.to_string()),
-    }
     let step: Value = match serde_json::from_str(&m.step) {
         Ok(s) => s,
         Err(_) => return (tl::Outcome::Refused, "the stored step is not JSON".into()),

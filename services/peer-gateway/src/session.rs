@@ -170,7 +170,7 @@ pub(crate) struct Caller {
 }
 
 /// The methods of a peer session.
-async fn call(inner: &Inner, from: &Caller, method: &str, params: Value) -> Result<Value, RpcError> {
+async fn call(inner: &Arc<Inner>, from: &Caller, method: &str, params: Value) -> Result<Value, RpcError> {
     match method {
         "tally.step" => crate::outbox::receive(inner, from, params).await,
         "ping" => {

@@ -18,6 +18,7 @@ pub fn policy() -> Policy {
         .allow(&m("ListTallies"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("NextOutgoing"), &[id::PEER_GATEWAY])
         .allow(&m("Settle"), &[id::PEER_GATEWAY])
+        .allow(&m("SettleMany"), &[id::PEER_GATEWAY])
         .allow(&m("OutboxDepth"), &[id::PEER_GATEWAY])
 }
 
@@ -72,7 +73,10 @@ impl TalliesRpc for TalliesGrpc {
         let req = req.into_inner();
         chip_id(&req.chip_id)?;
         let applied = self.0.submit(&req.chip_id, &req.step).await?;
-        Ok(Response::new(tally_pb(applied.view)))
+        let view = applied
+            .view
+            .ok_or_else(|| TallyError::NotFound(format!("no tally {}", applied.tally_id)))?;
+        Ok(Response::new(tally_pb(view)))
     }
 
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<pb::ReceiveResponse> {
@@ -86,8 +90,16 @@ impl TalliesRpc for TalliesGrpc {
                 &req.step,
             )
             .await?;
+        let tally = match applied.view {
+            Some(v) => tally_pb(v),
+            None => pb::Tally {
+                id: applied.tally_id,
+                state: applied.state.clone(),
+                ..Default::default()
+            },
+        };
         Ok(Response::new(pb::ReceiveResponse {
-            tally: Some(tally_pb(applied.view)),
+            tally: Some(tally),
             fresh: applied.fresh,
             seq: applied.seq,
             state: applied.state,
@@ -135,13 +147,23 @@ impl TalliesRpc for TalliesGrpc {
 
     async fn settle(&self, req: Request<pb::SettleRequest>) -> R<pb::SettleResponse> {
         let req = req.into_inner();
-        let outcome = match pb::Outcome::try_from(req.outcome) {
-            Ok(pb::Outcome::Delivered) => Outcome::Delivered,
-            Ok(pb::Outcome::Retry) => Outcome::Retry,
-            Ok(pb::Outcome::Refused) => Outcome::Refused,
-            _ => return Err(TallyError::InvalidArgument("outcome must be set".into()).into()),
-        };
-        self.0.settle(req.id, outcome, &req.error).await?;
+        self.0
+            .settle(&[(req.id, outcome(req.outcome)?, req.error)])
+            .await?;
+        Ok(Response::new(pb::SettleResponse {}))
+    }
+
+    async fn settle_many(&self, req: Request<pb::SettleManyRequest>) -> R<pb::SettleResponse> {
+        let many = req
+            .into_inner()
+            .settlements
+            .into_iter()
+            .map(|s| Ok((s.id, outcome(s.outcome)?, s.error)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        if many.len() > 1024 {
+            return Err(TallyError::InvalidArgument("at most 1024 settlements at a time".into()).into());
+        }
+        self.0.settle(&many).await?;
         Ok(Response::new(pb::SettleResponse {}))
     }
 
@@ -149,6 +171,15 @@ impl TalliesRpc for TalliesGrpc {
         Ok(Response::new(pb::OutboxDepthResponse {
             by_site_pin: self.0.outbox_depth().await?,
         }))
+    }
+}
+
+fn outcome(o: i32) -> Result<Outcome, Status> {
+    match pb::Outcome::try_from(o) {
+        Ok(pb::Outcome::Delivered) => Ok(Outcome::Delivered),
+        Ok(pb::Outcome::Retry) => Ok(Outcome::Retry),
+        Ok(pb::Outcome::Refused) => Ok(Outcome::Refused),
+        _ => Err(TallyError::InvalidArgument("outcome must be set".into()).into()),
     }
 }
 

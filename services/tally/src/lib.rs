@@ -25,7 +25,7 @@ mod grpc;
 pub mod store;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -122,7 +122,9 @@ enum Side {
 /// What applying a step did.
 #[derive(Debug)]
 pub struct Applied {
-    pub view: TallyView,
+    pub tally_id: String,
+    /// The tally with its steps, when asked for.
+    pub view: Option<TallyView>,
     /// False when the step had been applied before.
     pub fresh: bool,
     pub seq: u32,
@@ -235,7 +237,7 @@ impl Tallies {
                 "the step is not signed with the user's registered key".into(),
             ));
         }
-        let applied = self.apply(&step, Side::Local).await?;
+        let applied = self.apply(&step, Side::Local, true).await?;
         if applied.fresh {
             self.wake.notify_waiters();
         }
@@ -268,11 +270,12 @@ impl Tallies {
                 "doc.to.site is not this site's key pin".into(),
             ));
         }
-        self.apply(&step, Side::Peer).await
+        // The other site needs only the outcome.
+        self.apply(&step, Side::Peer, false).await
     }
 
     /// Check `step` against its tally and record it, in one transaction.
-    async fn apply(&self, s: &Step, side: Side) -> Result<Applied, TallyError> {
+    async fn apply(&self, s: &Step, side: Side, want_view: bool) -> Result<Applied, TallyError> {
         let (local, peer) = match side {
             Side::Local => (&s.from, &s.to),
             Side::Peer => (&s.to, &s.from),
@@ -295,7 +298,8 @@ impl Tallies {
             let view = self.view(&s.tally).await?;
             self.check_party(&view.tally, local.chip_id.as_str(), side)?;
             return Ok(Applied {
-                view,
+                tally_id: s.tally.clone(),
+                view: want_view.then_some(view),
                 fresh: false,
                 seq: s.seq,
                 state: known.state_after,
@@ -427,8 +431,14 @@ impl Tallies {
             .map_err(|e| taken(e, &s.tally))?;
         }
         txn.commit().await?;
+        let view = if want_view {
+            Some(self.view(&s.tally).await?)
+        } else {
+            None
+        };
         Ok(Applied {
-            view: self.view(&s.tally).await?,
+            tally_id: s.tally.clone(),
+            view,
             fresh: true,
             seq: s.seq,
             state: state_after.to_owned(),
@@ -526,100 +536,169 @@ impl Tallies {
     }
 
     /// Lease what is due; also say when the next pending message falls due.
+    ///
+    /// Only the head of each tally's queue (its oldest pending message) may
+    /// go; the database picks the heads (`NOT EXISTS` an older pending
+    /// message of the same tally), so a long queue costs nothing here.
     async fn lease(&self, max: usize) -> Result<(Vec<outbox::Model>, Option<i64>), TallyError> {
+        use sea_orm::sea_query::{Alias, Expr as E, ExprTrait, Query};
         let now = now_ms();
-        let pending = outbox::Entity::find()
+        let older = Alias::new("older");
+        let head = E::exists(
+            Query::select()
+                .expr(E::value(1))
+                .from_as(outbox::Entity, older.clone())
+                .and_where(
+                    E::col((older.clone(), outbox::Column::TallyId))
+                        .equals((outbox::Entity, outbox::Column::TallyId)),
+                )
+                .and_where(E::col((older.clone(), outbox::Column::State)).eq("pending"))
+                .and_where(
+                    E::col((older.clone(), outbox::Column::Id))
+                        .lt(E::col((outbox::Entity, outbox::Column::Id))),
+                )
+                .to_owned(),
+        )
+        .not();
+        let limit = u64::try_from(max).unwrap_or(64);
+        let due: Vec<i64> = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::Id)
             .filter(outbox::Column::State.eq("pending"))
+            .filter(outbox::Column::NextAtMs.lte(now))
+            .filter(head.clone())
             .order_by_asc(outbox::Column::Id)
-            .limit(4096)
+            .limit(limit)
+            .into_tuple()
             .all(&self.db)
             .await?;
-        let mut seen = HashSet::new();
-        let mut due = Vec::new();
-        let mut earliest: Option<i64> = None;
-        for m in pending {
-            if !seen.insert(m.tally_id.clone()) {
-                continue;
-            }
-            if m.next_at_ms <= now {
-                if due.len() < max {
-                    due.push(m);
-                }
-            } else {
-                earliest = Some(earliest.map_or(m.next_at_ms, |e| e.min(m.next_at_ms)));
-            }
-        }
-        if !due.is_empty() {
-            let until = now + i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::NextAtMs, Expr::value(until))
-                .col_expr(outbox::Column::LastError, Expr::value(LEASED))
-                .filter(outbox::Column::Id.is_in(due.iter().map(|m| m.id)))
-                .exec(&self.db)
+        if due.is_empty() {
+            let earliest: Option<Option<i64>> = outbox::Entity::find()
+                .select_only()
+                .column_as(outbox::Column::NextAtMs.min(), "earliest")
+                .filter(outbox::Column::State.eq("pending"))
+                .filter(head)
+                .into_tuple()
+                .one(&self.db)
                 .await?;
+            return Ok((vec![], earliest.flatten()));
         }
-        Ok((due, earliest))
+        let until = now + i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::NextAtMs, Expr::value(until))
+            .col_expr(outbox::Column::LastError, Expr::value(LEASED))
+            .filter(outbox::Column::Id.is_in(due.iter().copied()))
+            .exec(&self.db)
+            .await?;
+        let messages = outbox::Entity::find()
+            .filter(outbox::Column::Id.is_in(due))
+            .order_by_asc(outbox::Column::Id)
+            .all(&self.db)
+            .await?;
+        Ok((messages, None))
     }
 
-    /// How the delivery of message `id` went.
-    pub async fn settle(&self, id: i64, outcome: Outcome, error: &str) -> Result<(), TallyError> {
-        let Some(m) = outbox::Entity::find_by_id(id).one(&self.db).await? else {
-            return Err(TallyError::NotFound(format!("no outbox message {id}")));
-        };
-        if m.state != "pending" {
+    /// How the deliveries of these messages went, in one transaction. A
+    /// message no longer pending (settled before, by a deliverer whose
+    /// lease had ended) is left as it is.
+    pub async fn settle(&self, settled: &[(i64, Outcome, String)]) -> Result<(), TallyError> {
+        if settled.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let error: String = error.chars().take(200).collect();
-        let (state, next_at, delivery) = match outcome {
-            Outcome::Delivered => ("delivered", m.next_at_ms, "delivered".to_owned()),
-            Outcome::Refused => ("refused", m.next_at_ms, format!("refused: {error}")),
-            Outcome::Retry => (
-                "pending",
-                now + backoff_ms(m.attempts),
-                format!("retrying: {error}"),
-            ),
-        };
-        let txn = begin_write(&self.db).await?;
-        outbox::Entity::update_many()
-            .col_expr(outbox::Column::State, Expr::value(state))
-            .col_expr(outbox::Column::NextAtMs, Expr::value(next_at))
-            .col_expr(
-                outbox::Column::Attempts,
-                Expr::value(m.attempts.saturating_add(1)),
-            )
-            .col_expr(outbox::Column::LastError, Expr::value(error))
-            .col_expr(
-                outbox::Column::SettledAtMs,
-                Expr::value((state != "pending").then_some(now)),
-            )
-            .filter(outbox::Column::Id.eq(id))
+        let ids: Vec<i64> = settled.iter().map(|s| s.0).collect();
+        let found: Vec<(i64, i64, i32, String)> = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::Id)
+            .column(outbox::Column::NextAtMs)
+            .column(outbox::Column::Attempts)
+            .column(outbox::Column::TallyId)
+            .filter(outbox::Column::Id.is_in(ids))
             .filter(outbox::Column::State.eq("pending"))
-            .exec(&txn)
+            .into_tuple()
+            .all(&self.db)
             .await?;
-        tally::Entity::update_many()
-            .col_expr(tally::Column::Delivery, Expr::value(delivery))
-            .filter(tally::Column::Id.eq(&m.tally_id))
-            .exec(&txn)
-            .await?;
+        let pending: HashMap<i64, (i64, i32, String)> =
+            found.into_iter().map(|(id, at, n, t)| (id, (at, n, t))).collect();
+        let now = now_ms();
+        let txn = begin_write(&self.db).await?;
+        // Delivered, the common case: two statements for all of them.
+        let delivered: Vec<(i64, &str)> = settled
+            .iter()
+            .filter(|(id, o, _)| *o == Outcome::Delivered && pending.contains_key(id))
+            .filter_map(|(id, _, _)| pending.get(id).map(|p| (*id, p.2.as_str())))
+            .collect();
+        if !delivered.is_empty() {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::State, Expr::value("delivered"))
+                .col_expr(
+                    outbox::Column::Attempts,
+                    sea_orm::sea_query::ExprTrait::add(Expr::col(outbox::Column::Attempts), 1),
+                )
+                .col_expr(outbox::Column::LastError, Expr::value(""))
+                .col_expr(outbox::Column::SettledAtMs, Expr::value(Some(now)))
+                .filter(outbox::Column::Id.is_in(delivered.iter().map(|d| d.0)))
+                .filter(outbox::Column::State.eq("pending"))
+                .exec(&txn)
+                .await?;
+            tally::Entity::update_many()
+                .col_expr(tally::Column::Delivery, Expr::value("delivered"))
+                .filter(tally::Column::Id.is_in(delivered.iter().map(|d| d.1)))
+                .exec(&txn)
+                .await?;
+        }
+        for (id, outcome, error) in settled.iter().filter(|s| s.1 != Outcome::Delivered) {
+            let Some((next_at_ms, attempts, tally_id)) = pending.get(id) else {
+                continue;
+            };
+            let error: String = error.chars().take(200).collect();
+            let (state, next_at, delivery) = match outcome {
+                Outcome::Retry => (
+                    "pending",
+                    now + backoff_ms(*attempts),
+                    format!("retrying: {error}"),
+                ),
+                _ => ("refused", *next_at_ms, format!("refused: {error}")),
+            };
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::State, Expr::value(state))
+                .col_expr(outbox::Column::NextAtMs, Expr::value(next_at))
+                .col_expr(outbox::Column::Attempts, Expr::value(attempts.saturating_add(1)))
+                .col_expr(outbox::Column::LastError, Expr::value(error))
+                .col_expr(
+                    outbox::Column::SettledAtMs,
+                    Expr::value((state != "pending").then_some(now)),
+                )
+                .filter(outbox::Column::Id.eq(*id))
+                .filter(outbox::Column::State.eq("pending"))
+                .exec(&txn)
+                .await?;
+            tally::Entity::update_many()
+                .col_expr(tally::Column::Delivery, Expr::value(delivery))
+                .filter(tally::Column::Id.eq(tally_id))
+                .exec(&txn)
+                .await?;
+        }
         txn.commit().await?;
+        // The tallies' next messages, if any, are now the heads of their queues.
+        self.wake.notify_waiters();
         Ok(())
     }
 
     /// Pending messages per peer site (by its key's pin).
     pub async fn outbox_depth(&self) -> Result<HashMap<String, u32>, TallyError> {
-        let pins: Vec<String> = outbox::Entity::find()
+        let counts: Vec<(String, i64)> = outbox::Entity::find()
             .select_only()
             .column(outbox::Column::PeerSitePin)
+            .column_as(outbox::Column::Id.count(), "n")
             .filter(outbox::Column::State.eq("pending"))
+            .group_by(outbox::Column::PeerSitePin)
             .into_tuple()
             .all(&self.db)
             .await?;
-        let mut depth = HashMap::new();
-        for p in pins {
-            *depth.entry(p).or_insert(0_u32) += 1;
-        }
-        Ok(depth)
+        Ok(counts
+            .into_iter()
+            .map(|(pin, n)| (pin, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect())
     }
 }
 

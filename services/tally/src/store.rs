@@ -159,7 +159,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial)]
+        vec![Box::new(M0001Initial), Box::new(M0002QueueHeads)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -284,5 +284,32 @@ impl MigrationTrait for M0001Initial {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The outbox is read by the head of each tally's queue: an index that
+/// finds a tally's older pending messages at once.
+struct M0002QueueHeads;
+
+impl MigrationName for M0002QueueHeads {
+    fn name(&self) -> &str {
+        "m0002_tally_queue_heads"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002QueueHeads {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .name("tally_outbox_tally_state_id")
+                    .table(TallyOutbox::Table)
+                    .col(TallyOutbox::TallyId)
+                    .col(TallyOutbox::State)
+                    .col(TallyOutbox::Id)
+                    .to_owned(),
+            )
+            .await
     }
 }

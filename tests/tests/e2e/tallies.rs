@@ -559,3 +559,115 @@ async fn idle_sessions_close_and_the_next_step_opens_another(store: Store) {
     assert!(!logs.contains("tally step not delivered"), "{logs}");
     p.finish().await;
 }
+
+/// What keeps a site from taking or sending peer work for a while.
+#[derive(Debug, Clone, Copy)]
+enum Pause {
+    /// The receiving site's vault sealed.
+    Sealed,
+    /// The receiving site locked down.
+    SiteLocked,
+    /// The sending site's own peer server stopped: it sends nothing.
+    SenderStopped,
+}
+
+async fn pause(p: &Linked, how: Pause, on: bool) {
+    match (how, on) {
+        (Pause::Sealed, true) => {
+            p.b.admin().seal_vault(ad::SealVaultRequest {}).await.unwrap();
+        }
+        (Pause::Sealed, false) => {
+            p.b.admin()
+                .unseal_vault(ad::UnsealVaultRequest {
+                    passphrase: p.b.passphrase(),
+                })
+                .await
+                .unwrap();
+        }
+        (Pause::SiteLocked, locked) => {
+            p.b.admin()
+                .set_lockdown(ad::SetLockdownRequest {
+                    chip_id: String::new(),
+                    locked,
+                })
+                .await
+                .unwrap();
+        }
+        (Pause::SenderStopped, true) => {
+            p.a.admin()
+                .stop_peer_server(ad::StopPeerServerRequest {})
+                .await
+                .unwrap();
+            // The peer gateway has seen it once its port is closed.
+            assert!(eventually(Duration::from_secs(10), || async { !p.a.peer_port_open().await }).await);
+        }
+        (Pause::SenderStopped, false) => {
+            p.a.admin()
+                .start_peer_server(ad::StartPeerServerRequest {
+                    passphrase: p.a.passphrase(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
+store_test!(no_peer_work_while_sealed_locked_or_stopped_and_queued_steps_follow);
+async fn no_peer_work_while_sealed_locked_or_stopped_and_queued_steps_follow(store: Store) {
+    let p = linked(&store).await;
+    for how in [Pause::Sealed, Pause::SiteLocked, Pause::SenderStopped] {
+        pause(&p, how, true).await;
+        if matches!(how, Pause::Sealed) {
+            // B's peer gateway reuses what it knows of the vault for up to
+            // a second: once it refuses a new session, it refuses steps.
+            let refused = eventually(Duration::from_secs(10), || async {
+                p.a.peer_gateway_as(chipsite_tls::identity::ADMIN)
+                    .ping(chipsite_proto::peer::v1::PingRequest {
+                        chip_id: "alice".into(),
+                        peer_chip_id: "bob".into(),
+                    })
+                    .await
+                    .is_err()
+            })
+            .await;
+            assert!(refused);
+        }
+        let offered = p
+            .alice
+            .offer_tally(
+                &p.alice_at,
+                &p.bob_at,
+                &json!({"while": format!("{how:?}")}),
+                &p.alice_key,
+            )
+            .await
+            .unwrap();
+        let id = offered["id"].as_str().unwrap().to_owned();
+        let waiting = eventually(Duration::from_secs(10), || async {
+            let t =
+                p.a.tallies("alice")
+                    .await
+                    .into_iter()
+                    .find(|t| t.id == id)
+                    .unwrap();
+            match how {
+                // Refused by the other site: A keeps trying.
+                Pause::Sealed | Pause::SiteLocked => t.delivery.starts_with("retrying"),
+                // A's delivery is paused: it has not even tried.
+                Pause::SenderStopped => t.delivery == "pending",
+            }
+        })
+        .await;
+        assert!(waiting, "{how:?}: {:?}", p.a.tallies("alice").await);
+        // Watched for a while: the step does not reach B.
+        let reached = eventually(Duration::from_millis(1500), || async {
+            p.b.tallies("bob").await.iter().any(|t| t.id == id)
+        })
+        .await;
+        assert!(!reached, "{how:?}: B took the step");
+        pause(&p, how, false).await;
+        let on_b = in_state(&p.b, "bob", &id, "offered").await;
+        assert_eq!(on_b.steps.len(), 1, "{how:?}");
+    }
+    p.finish().await;
+}
