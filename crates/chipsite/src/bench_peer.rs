@@ -177,7 +177,7 @@ async fn measure(args: &Args, dir: &Path) -> anyhow::Result<()> {
         "  ratio {:.2}   (target >= 0.70)",
         gateway / base.max(f64::MIN_POSITIVE)
     );
-    println!("tally steps per second: not measured yet (tallies come next)");
+    println!("tally steps per second: chipsite bench-tally (PostgreSQL under both sites, beside pgbench)");
     Ok(())
 }
 
