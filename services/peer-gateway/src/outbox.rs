@@ -230,7 +230,15 @@ async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leas
     loop {
         let first = match tokio::time::timeout(inner.settings.session_idle, rx.recv()).await {
             Ok(Some(m)) => m,
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            // Idle: take no more, but deliver what came meanwhile.
+            Err(_) => {
+                rx.close();
+                match rx.recv().await {
+                    Some(m) => m,
+                    None => break,
+                }
+            }
         };
         // What is queued already goes after it, checked once: this site
         // takes peer work, and the user is not locked down.
@@ -240,7 +248,7 @@ async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leas
         {
             batch.push(m);
         }
-        let not_now = not_now(&inner, &key.0).await;
+        let mut not_now = not_now(&inner, &key.0).await;
         let mut settled = Vec::with_capacity(batch.len());
         let mut places = Vec::with_capacity(batch.len());
         for (m, in_flight) in batch {
@@ -248,6 +256,11 @@ async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leas
                 Some(why) => (tl::Outcome::Retry, why.clone()),
                 None => deliver(&inner, &key, &mut session, &m).await,
             };
+            // A link that fails once is not tried again in this batch (an
+            // unreachable site would hold each step for the dial timeout).
+            if outcome == tl::Outcome::Retry && not_now.is_none() {
+                not_now = Some(error.clone());
+            }
             if outcome != tl::Outcome::Delivered {
                 tracing::info!(
                     tally = m.tally_id,

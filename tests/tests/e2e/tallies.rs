@@ -653,8 +653,11 @@ async fn no_peer_work_while_sealed_locked_or_stopped_and_queued_steps_follow(sto
             match how {
                 // Refused by the other site: A keeps trying.
                 Pause::Sealed | Pause::SiteLocked => t.delivery.starts_with("retrying"),
-                // A's delivery is paused: it has not even tried.
-                Pause::SenderStopped => t.delivery == "pending",
+                // A's delivery is paused: not tried, or (taken from the
+                // outbox just before the stop) held back by A itself.
+                Pause::SenderStopped => {
+                    t.delivery == "pending" || t.delivery == "retrying: the peer server is stopped"
+                }
             }
         })
         .await;
