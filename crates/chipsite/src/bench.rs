@@ -15,24 +15,26 @@ use chipsite_proto::ticket::v1::{
 use chipsite_site::{Config, Site, config::Addresses};
 use chipsite_tls::{ReloadableTls, identity};
 
+/// A benchmark against PostgreSQL at N concurrent callers, beside
+/// `pgbench -N` at the same concurrency (`bench` and `bench-tally`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// PostgreSQL maintenance database (a fresh database is created beside it and dropped after).
+    /// PostgreSQL maintenance database (fresh databases are created beside it and dropped after).
     #[arg(
         long,
         env = "CHIPSITE_BENCH_POSTGRES_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    postgres_url: String,
+    pub(crate) postgres_url: String,
     /// Concurrent callers (and pgbench clients).
     #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Seconds each measurement runs.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Skip pgbench (then no baseline is printed).
     #[arg(long)]
-    no_pgbench: bool,
+    pub(crate) no_pgbench: bool,
 }
 
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -27,28 +27,7 @@ use chipsite_tls::{ReloadableTls, identity};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 
-use crate::bench::{BenchDatabase, ms, percentile, pgbench};
-
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// PostgreSQL maintenance database (two fresh databases are created
-    /// beside it, one per site, and dropped after).
-    #[arg(
-        long,
-        env = "CHIPSITE_BENCH_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    postgres_url: String,
-    /// Concurrent apps on site A (and pgbench clients).
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Seconds the apps submit steps.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Skip pgbench (then no baseline is printed).
-    #[arg(long)]
-    no_pgbench: bool,
-}
+use crate::bench::{Args, BenchDatabase, ms, percentile, pgbench};
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     chipsite_tls::install_crypto_provider();

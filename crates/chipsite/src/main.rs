@@ -51,7 +51,7 @@ enum Command {
     BenchPeer(bench_peer::Args),
     /// Tally steps from site A to site B, PostgreSQL under both (durable on
     /// both sides), beside pgbench.
-    BenchTally(bench_tally::Args),
+    BenchTally(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {

@@ -188,16 +188,15 @@ fn free_addr() -> String {
 }
 
 /// Wait until `check` holds (a retrying assert with a deadline).
-async fn until<F, Fut>(what: &str, mut check: F)
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        chipsite_e2e::eventually(Duration::from_secs(90), check).await,
+        "never happened: {what}"
+    );
 }
 
 /// Each tally of `chip_id` on `site` is in `state` with `steps` steps: none

@@ -511,7 +511,7 @@ impl Drop for Unregister<'_> {
 
 /// A method's params: an object, or none (docs/protocol.md section 9); an
 /// array is refused, as is any member the method does not know.
-fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, RpcError> {
+pub(crate) fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, RpcError> {
     let p = match p {
         Value::Null => json!({}),
         Value::Object(_) => p,

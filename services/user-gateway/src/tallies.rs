@@ -9,7 +9,7 @@ use chipsite_wire::{ErrorCode, RpcError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::Inner;
+use crate::{Inner, conn::params};
 
 /// The most tallies `tally.list` returns.
 const LIST_MAX: u32 = 1000;
@@ -77,18 +77,6 @@ fn step_error(s: &tonic::Status) -> RpcError {
         _ => return RpcError::new(ErrorCode::Internal, "internal error"),
     };
     RpcError::new(code, s.message())
-}
-
-fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, RpcError> {
-    let p = if p.is_null() { json!({}) } else { p };
-    if !p.is_object() {
-        return Err(RpcError::new(
-            ErrorCode::InvalidParams,
-            "invalid params: params must be an object",
-        ));
-    }
-    serde_json::from_value(p)
-        .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))
 }
 
 /// The user's tallies, newest first (for `status`, without their steps).

@@ -84,7 +84,7 @@ fn code(r: Result<Value, AppError>) -> i64 {
     }
 }
 
-async fn alarms(site: &TestSite, chip_id: &str) -> Vec<String> {
+pub(crate) async fn alarms(site: &TestSite, chip_id: &str) -> Vec<String> {
     site.events()
         .list_alarms(ev::ListAlarmsRequest {
             chip_id: chip_id.into(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chipsite_app::{AppError, AppKey, Session};
 use chipsite_e2e::{Store, TestSite, eventually, store_test};
 use chipsite_model::tally::{self, Kind, Party};
-use chipsite_proto::{admin::v1 as ad, events::v1 as ev, tally::v1 as tl};
+use chipsite_proto::{admin::v1 as ad, tally::v1 as tl};
 use serde_json::{Value, json};
 
 /// Two running sites with alice on A and bob on B, linked by a tally
@@ -85,6 +85,11 @@ impl Linked {
     }
 }
 
+/// `doc` signed with `key`, handed to its site through `session` as `kind`.
+async fn submit(session: &Session, kind: Kind, key: &AppKey, doc: &Value) -> Result<Value, AppError> {
+    session.submit_step(kind, &key.signed_step(doc).unwrap()).await
+}
+
 fn code(r: Result<Value, AppError>) -> i64 {
     match r {
         Err(AppError::Rpc { code, .. }) => code,
@@ -131,22 +136,6 @@ fn signed_steps(t: &tl::Tally) -> Vec<(u32, String, String, String, String)> {
     s
 }
 
-async fn alarm_texts(site: &TestSite, chip_id: &str) -> Vec<String> {
-    site.events()
-        .list_alarms(ev::ListAlarmsRequest {
-            chip_id: chip_id.into(),
-            include_acked: true,
-            limit: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .alarms
-        .into_iter()
-        .map(|a| a.text)
-        .collect()
-}
-
 async fn outbox_depth(site: &TestSite) -> u32 {
     site.admin()
         .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
@@ -182,7 +171,7 @@ async fn a_tally_is_offered_accepted_and_closed_between_two_sites(store: Store) 
     assert_eq!(on_b.peer_site_pin, p.alice_at.site);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            alarm_texts(&p.b, "bob")
+            crate::peers::alarms(&p.b, "bob")
                 .await
                 .iter()
                 .any(|t| t.contains("offers you a tally") && t.contains(&id))
@@ -225,7 +214,7 @@ async fn a_tally_is_offered_accepted_and_closed_between_two_sites(store: Store) 
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
-            alarm_texts(&p.a, "alice")
+            crate::peers::alarms(&p.a, "alice")
                 .await
                 .iter()
                 .any(|t| t.contains("accepted your tally"))
@@ -330,17 +319,11 @@ async fn forged_and_altered_steps_are_refused_and_nothing_is_recorded(store: Sto
     // In someone else's name, to an unlinked user, of the wrong type.
     let mut as_bob = doc.clone();
     as_bob["from"]["chip_id"] = json!("carol");
-    let r = p
-        .alice
-        .submit_step(Kind::Offer, &p.alice_key.signed_step(&as_bob).unwrap())
-        .await;
+    let r = submit(&p.alice, Kind::Offer, &p.alice_key, &as_bob).await;
     assert_eq!(code(r), -32602);
     let mut unlinked = doc.clone();
     unlinked["to"]["chip_id"] = json!("dave");
-    let r = p
-        .alice
-        .submit_step(Kind::Offer, &p.alice_key.signed_step(&unlinked).unwrap())
-        .await;
+    let r = submit(&p.alice, Kind::Offer, &p.alice_key, &unlinked).await;
     assert_eq!(code(r), -32004);
     let signed = p.alice_key.signed_step(&doc).unwrap();
     assert_eq!(code(p.alice.submit_step(Kind::Accept, &signed).await), -32602);
@@ -354,10 +337,7 @@ async fn forged_and_altered_steps_are_refused_and_nothing_is_recorded(store: Sto
         None,
         1,
     );
-    let r = p
-        .alice
-        .submit_step(Kind::Accept, &p.alice_key.signed_step(&accept).unwrap())
-        .await;
+    let r = submit(&p.alice, Kind::Accept, &p.alice_key, &accept).await;
     assert_eq!(code(r), -32004);
     assert!(p.a.tallies("alice").await.is_empty());
     assert_eq!(outbox_depth(&p.a).await, 0);
@@ -378,18 +358,12 @@ async fn forged_and_altered_steps_are_refused_and_nothing_is_recorded(store: Sto
         None,
         2,
     );
-    let r = p
-        .alice
-        .submit_step(Kind::Accept, &p.alice_key.signed_step(&own).unwrap())
-        .await;
+    let r = submit(&p.alice, Kind::Accept, &p.alice_key, &own).await;
     assert_eq!(code(r), -32006);
     // A different offer under the same tally id.
     let mut twin = doc.clone();
     twin["terms"] = json!({"limit": 11});
-    let r = p
-        .alice
-        .submit_step(Kind::Offer, &p.alice_key.signed_step(&twin).unwrap())
-        .await;
+    let r = submit(&p.alice, Kind::Offer, &p.alice_key, &twin).await;
     assert_eq!(code(r), -32006);
     in_state(&p.b, "bob", "tly_forged1", "offered").await;
     // Bob's accept naming the wrong previous step is refused by his own site.
@@ -402,10 +376,7 @@ async fn forged_and_altered_steps_are_refused_and_nothing_is_recorded(store: Sto
         None,
         2,
     );
-    let r = p
-        .bob
-        .submit_step(Kind::Accept, &p.bob_key.signed_step(&wrong).unwrap())
-        .await;
+    let r = submit(&p.bob, Kind::Accept, &p.bob_key, &wrong).await;
     assert_eq!(code(r), -32006);
     assert_eq!(p.b.tallies("bob").await[0].steps.len(), 1);
     p.finish().await;
@@ -486,8 +457,11 @@ async fn steps_wait_for_a_site_that_is_away_and_arrive_once(store: Store) {
     );
     // Each step applied once: one alarm each.
     let count = |texts: Vec<String>, what: &str| texts.iter().filter(|t| t.contains(what)).count();
-    assert_eq!(count(alarm_texts(&p.b, "bob").await, "offers you"), 1);
-    assert_eq!(count(alarm_texts(&p.a, "alice").await, "accepted your"), 1);
+    assert_eq!(count(crate::peers::alarms(&p.b, "bob").await, "offers you"), 1);
+    assert_eq!(
+        count(crate::peers::alarms(&p.a, "alice").await, "accepted your"),
+        1
+    );
     assert_eq!(
         signed_steps(&p.a.tallies("alice").await[0]),
         signed_steps(&p.b.tallies("bob").await[0])
