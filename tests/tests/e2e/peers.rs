@@ -377,7 +377,11 @@ async fn a_stopped_or_sealed_site_takes_no_peer_work(store: Store) {
     })
     .await;
     assert!(sealed);
-    assert_eq!(last_outcome(&p.a).await, "refused_stopped");
+    // The first attempt that reached A was refused as stopped and burned
+    // the ticket (an attempt B gave up on under load is followed by one
+    // that finds the ticket used).
+    let outcomes: Vec<String> = p.a.ticket_audit().await.into_iter().map(|r| r.outcome).collect();
+    assert!(outcomes.iter().any(|o| o == "refused_stopped"), "{outcomes:?}");
     assert!(p.a.peer_links("").await.is_empty());
     p.finish().await;
 }
