@@ -245,7 +245,13 @@ impl TestSite {
         ReloadableTls::from_files(self.site.endpoints.cert_paths(identity)).expect("load test certificates")
     }
 
+    /// A client's channel: mutual TLS, as a separate process would call.
     fn channel(&self, addr: &str, server: &str, as_identity: &str) -> Channel {
+        chipsite_tls::connect_tls_lazy(addr, server, self.tls(as_identity)).expect("channel")
+    }
+
+    /// A service's channel: in-process when the server is in this process.
+    fn service_channel(&self, addr: &str, server: &str, as_identity: &str) -> chipsite_tls::InternalChannel {
         chipsite_tls::connect_lazy(addr, server, self.tls(as_identity)).expect("channel")
     }
 
@@ -378,11 +384,11 @@ impl TestSite {
         let e = &self.site.endpoints;
         let gateway = UserGateway::new(
             Clients {
-                key_vault: self.channel(&e.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
-                tickets: self.channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
-                admin: self.channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
-                peer_gateway: self.channel(&e.peer_gateway, id::PEER_GATEWAY, id::USER_GATEWAY),
-                tally: self.channel(&e.tally, id::TALLY, id::USER_GATEWAY),
+                key_vault: self.service_channel(&e.key_vault, id::KEY_VAULT, id::USER_GATEWAY),
+                tickets: self.service_channel(&e.ticket, id::TICKET, id::USER_GATEWAY),
+                admin: self.service_channel(admin_addr, id::ADMIN, id::USER_GATEWAY),
+                peer_gateway: self.service_channel(&e.peer_gateway, id::PEER_GATEWAY, id::USER_GATEWAY),
+                tally: self.service_channel(&e.tally, id::TALLY, id::USER_GATEWAY),
             },
             settings,
         );

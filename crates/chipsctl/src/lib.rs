@@ -14,10 +14,10 @@ use chipsite_proto::{
     admin::v1::{self as pb, admin_service_client::AdminServiceClient},
     events::v1::{self as ev, user_events_client::UserEventsClient},
 };
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{CertPaths, identity};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(name = "chipsctl", version, about = "Administer a chipsite site")]

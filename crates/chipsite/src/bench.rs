@@ -106,7 +106,7 @@ async fn measure(args: &Args, db_url: &str) -> anyhow::Result<()> {
     };
     let site = Site::start_dev(&config).await?;
     let tls = ReloadableTls::from_files(site.endpoints.cert_paths(identity::BENCH))?;
-    let channel = chipsite_tls::connect_lazy(&site.endpoints.ticket, identity::TICKET, tls)?;
+    let channel = chipsite_tls::connect_tls_lazy(&site.endpoints.ticket, identity::TICKET, tls)?;
 
     println!(
         "chipsite bench: ticket issue + redeem over internal mTLS gRPC, PostgreSQL, {} callers, {} s",

@@ -40,6 +40,7 @@ use chipsite_proto::{
     keyvault::v1::{self as kv, key_vault_client::KeyVaultClient},
 };
 use chipsite_site::Endpoints;
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{ReloadableTls, identity};
 use rustls::{ClientConfig, pki_types::ServerName};
 use serde_json::json;
@@ -48,7 +49,6 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
-use tonic::transport::Channel;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -56,7 +56,7 @@ struct Chain {
 }
 
 impl Chain {
-    async fn issue(vault: &mut KeyVaultClient<tonic::transport::Channel>) -> anyhow::Result<Self> {
+    async fn issue(vault: &mut KeyVaultClient<chipsite_tls::InternalChannel>) -> anyhow::Result<Self> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let issued = vault
             .issue_service_certificate(kv::IssueServiceCertificateRequest {

@@ -54,7 +54,7 @@ async fn start(url: &str, dir: &std::path::Path) -> anyhow::Result<Site> {
     Ok(Site::start_dev(&config).await?)
 }
 
-fn admin(site: &Site) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
+fn admin(site: &Site) -> anyhow::Result<AdminServiceClient<chipsite_tls::InternalChannel>> {
     let tls = ReloadableTls::from_files(site.endpoints.cert_paths(identity::ADMIN_CLIENT))?;
     Ok(AdminServiceClient::new(chipsite_tls::connect_lazy(
         &site.endpoints.admin,
@@ -97,7 +97,7 @@ async fn enrolled(site: &Site, chip_id: &str) -> anyhow::Result<(AppKey, Session
     Ok((key, session, state.party()?))
 }
 
-async fn outbox_depth(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> anyhow::Result<u32> {
+async fn outbox_depth(admin: &mut AdminServiceClient<chipsite_tls::InternalChannel>) -> anyhow::Result<u32> {
     Ok(admin
         .list_peers(chipsite_proto::peer::v1::ListPeersRequest {})
         .await?
@@ -283,7 +283,7 @@ async fn submit_for(
 }
 
 /// Wait until site A's outbox is empty (every step delivered).
-async fn drain(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> anyhow::Result<()> {
+async fn drain(admin: &mut AdminServiceClient<chipsite_tls::InternalChannel>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while outbox_depth(admin).await? > 0 {
         anyhow::ensure!(Instant::now() < deadline, "site A's outbox did not drain");

@@ -44,6 +44,12 @@ impl Proc {
             // The peer port stays where the other site recorded it.
             .env("CHIPSITE_ADDRESSES__PEER", peer)
             .env("CHIPSITE_DATABASE_URL", database_url)
+            // Site B's services call each other over mutual TLS, as separate
+            // processes would; site A's in-process (chipsite_tls::local).
+            .env(
+                "CHIPSITE_INTERNAL_TCP",
+                if dir.ends_with("b") { "true" } else { "false" },
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -82,7 +88,7 @@ impl Proc {
     async fn channel(&self, addr: &str, server: &str, identity: &str) -> tonic::transport::Channel {
         let e = self.endpoints().await;
         let tls = ReloadableTls::from_files(e.cert_paths(identity)).unwrap();
-        chipsite_tls::connect_lazy(addr, server, tls).unwrap()
+        chipsite_tls::connect_tls_lazy(addr, server, tls).unwrap()
     }
 
     async fn admin(&self) -> AdminServiceClient<tonic::transport::Channel> {
@@ -209,9 +215,13 @@ async fn all_in(site: &Proc, chip_id: &str, state: &str, steps: usize) -> bool {
 store_test!(tally_steps_survive_kill_9_of_either_site);
 async fn tally_steps_survive_kill_9_of_either_site(store: Store) {
     let other = store.another().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Proc::start(dir_a.path(), &free_addr(), &store.url());
-    let mut b = Proc::start(dir_b.path(), &free_addr(), &other.url());
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    for dir in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let a = Proc::start(&dir_a, &free_addr(), &store.url());
+    let mut b = Proc::start(&dir_b, &free_addr(), &other.url());
     let (alice_key, alice, _) = a.enrolled("alice").await;
     let (bob_key, bob, b_key) = b.enrolled("bob").await;
     let ticket = alice.call("tally_ticket", json!({})).await.unwrap();

@@ -170,22 +170,44 @@ macro_rules! serve_with {
             $(reporter.set_not_serving::<$server_ty>().await;)+
             let _ = stopping_tx.send(true);
         };
+        let policy = $crate::with_common($policy);
+        let routes = $crate::tonic::service::Routes::new(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            $(.add_service($svc))+;
+        let listener: $crate::tokio::net::TcpListener = $listener;
+        let tls: ::std::sync::Arc<$crate::chipsite_tls::ReloadableTls> = $tls;
+        // The same stack, callable by services in this process
+        // (`chipsite_tls::local`); withdrawn when the server starts draining.
+        let registration = listener.local_addr().ok().and_then(|addr| {
+            $crate::chipsite_tls::local::register(
+                addr,
+                tls.clone(),
+                $crate::tower::ServiceBuilder::new()
+                    .layer($crate::chipsite_telemetry::TraceContextLayer)
+                    .layer($crate::chipsite_tls::AuthzLayer::new(policy.clone()))
+                    .layer($crate::chipsite_telemetry::metrics::RpcMetricsLayer)
+                    .option_layer($run_to_completion.then_some($crate::RunToCompletionLayer))
+                    .service(routes.clone().prepare()),
+            )
+        });
+        let shutdown = async move {
+            shutdown.await;
+            drop(registration);
+        };
         let server = $crate::tonic::transport::Server::builder()
             .layer($crate::chipsite_telemetry::TraceContextLayer)
-            .layer($crate::chipsite_tls::AuthzLayer::new($crate::with_common($policy)))
+            .layer($crate::chipsite_tls::AuthzLayer::new(policy))
             // Inside the policy: only calls it let through are counted, so
             // a caller cannot mint label values with made-up paths.
             .layer($crate::chipsite_telemetry::metrics::RpcMetricsLayer)
             .layer($crate::tower::util::option_layer(
                 $run_to_completion.then_some($crate::RunToCompletionLayer),
             ))
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            $(.add_service($svc))+
+            .add_routes(routes)
             .serve_with_incoming_shutdown($crate::chipsite_tls::tls_incoming(
-                $listener,
-                $tls,
+                listener,
+                tls,
                 $crate::chipsite_tls::Admission::new($crate::chipsite_tls::AdmissionLimits::INTERNAL),
             ), shutdown);
         $crate::serve_until(server, stopping).await

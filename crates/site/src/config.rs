@@ -275,6 +275,12 @@ pub struct Config {
     pub console: ConsoleSettings,
     /// Peer sessions (`[peer]`, `CHIPSITE_PEER__…`).
     pub peer: PeerSettings,
+    /// Services that share a process call each other in-process, with the
+    /// certificate checks and policy of a mutual-TLS call; `true` sends
+    /// those calls over TCP and TLS too (to compare, or to rule the
+    /// in-process path out). Process-wide.
+    #[serde(default)]
+    pub internal_tcp: bool,
 }
 
 /// How long peer sessions stay open with nothing to do.
@@ -472,6 +478,7 @@ impl Default for Config {
             ticket_retention_days: 90,
             console: ConsoleSettings::default(),
             peer: PeerSettings::default(),
+            internal_tcp: false,
         }
     }
 }

@@ -12,13 +12,13 @@ use std::{collections::HashMap, future::Future, net::SocketAddr, path::Path, syn
 
 use chipsite_admin::Admin;
 use chipsite_proto::admin::v1::admin_service_client::AdminServiceClient;
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{CertPaths, ReloadableTls, identity as id};
 use tokio::{
     net::TcpListener,
     sync::watch,
     task::{JoinHandle, JoinSet},
 };
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 pub use config::{Addresses, Config, Service};
@@ -295,6 +295,10 @@ async fn launch(l: Launch) -> Result<(Supervisor, watch::Sender<bool>, Report), 
         );
     }
     let mut listeners = l.listeners;
+    if l.config.internal_tcp {
+        // Process-wide: every internal call of this process takes TCP and TLS.
+        chipsite_tls::local::set_enabled(false);
+    }
     for service in l.services {
         let tls = l
             .tls

@@ -7,9 +7,9 @@ use std::{future::Future, sync::Arc};
 use chipsite_admin::Admin;
 use chipsite_key_vault::KeyVault;
 use chipsite_ticket::Tickets;
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{ReloadableTls, identity as id};
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 use crate::SiteError;
 

@@ -9,12 +9,12 @@ use std::{
     task::{Context, Poll},
 };
 
+use chipsite_tls::InternalChannel;
 use opentelemetry::propagation::{Extractor, Injector};
 use tonic::{
     Request, Status,
     metadata::{MetadataKey, MetadataMap, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::Channel,
 };
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -28,9 +28,9 @@ pub fn install_propagator() {
 }
 
 /// An internal channel whose requests carry the caller's trace context.
-pub type TracedChannel = InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, Status>>;
+pub type TracedChannel = InterceptedService<InternalChannel, fn(Request<()>) -> Result<Request<()>, Status>>;
 
-pub fn traced(channel: Channel) -> TracedChannel {
+pub fn traced(channel: InternalChannel) -> TracedChannel {
     InterceptedService::new(
         channel,
         inject_trace_context as fn(Request<()>) -> Result<Request<()>, Status>,

@@ -112,7 +112,15 @@ where
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|info| info.peer_certs())
-            .and_then(|certs| certs.first().and_then(|leaf| identity_of(leaf)));
+            .and_then(|certs| certs.first().and_then(|leaf| identity_of(leaf)))
+            // An in-process call: its certificates were verified by the
+            // channel (`crate::local`), which alone can set this.
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<crate::local::LocalCaller>()
+                    .map(|c| c.0.clone())
+            });
         let path = request.uri().path().to_owned();
         match caller {
             Some(caller) if self.policy.permits(&path, &caller) => {

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::{ReloadableTls, service_dns_name};
+use crate::{InternalChannel, ReloadableTls, service_dns_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -20,7 +20,27 @@ pub enum ChannelError {
 /// (`host:port`). The server must present a certificate for
 /// `<identity>.chipsite.internal` from the internal CA; this side presents its
 /// own certificate. Reconnects use the TLS material current at that moment.
-pub fn connect_lazy(addr: &str, identity: &str, tls: Arc<ReloadableTls>) -> Result<Channel, ChannelError> {
+/// When that service runs in this process, calls skip TCP and TLS but not
+/// their checks ([`crate::local`]).
+pub fn connect_lazy(
+    addr: &str,
+    identity: &str,
+    tls: Arc<ReloadableTls>,
+) -> Result<InternalChannel, ChannelError> {
+    Ok(InternalChannel::new(
+        connect_tls_lazy(addr, identity, tls.clone())?,
+        addr,
+        identity,
+        tls,
+    ))
+}
+
+/// [`connect_lazy`] over mutual TLS always, even to a server in this process.
+pub fn connect_tls_lazy(
+    addr: &str,
+    identity: &str,
+    tls: Arc<ReloadableTls>,
+) -> Result<Channel, ChannelError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ChannelError::BadAddress(addr.to_owned()))?
         .connect_timeout(Duration::from_secs(5))

@@ -11,6 +11,7 @@ pub mod admission;
 mod authz;
 mod client;
 mod idle;
+pub mod local;
 mod material;
 mod pki;
 mod serve;
@@ -20,8 +21,9 @@ pub use admission::{Admission, AdmissionLimits, ConnPermit, Shed};
 pub use authz::{AuthzLayer, Caller, Policy};
 /// Private files: 0600, whole or not at all, never through a symlink.
 pub use chipsite_model::files::write_private;
-pub use client::{ChannelError, connect_lazy};
+pub use client::{ChannelError, connect_lazy, connect_tls_lazy};
 pub use idle::IdleTimeout;
+pub use local::InternalChannel;
 pub use material::{CertPaths, ReloadableTls, TlsMaterial};
 pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki};
 pub use serve::{Admitted, HANDSHAKE_TIMEOUT, tls_incoming};

@@ -71,6 +71,21 @@ impl TlsMaterial {
         Ok(config)
     }
 
+    /// What an in-process call checks in place of a handshake (see
+    /// [`crate::local`]): this side's chain and identity, and verifiers for
+    /// the other side's chain built from this side's trust roots.
+    pub(crate) fn credentials(&self) -> Result<crate::local::Credentials, TlsError> {
+        let roots = Arc::new(self.root_store()?);
+        Ok(crate::local::Credentials {
+            identity: self.chain.first().and_then(|leaf| crate::identity_of(leaf)),
+            chain: self.chain.clone(),
+            clients: WebPkiClientVerifier::builder_with_provider(roots.clone(), Self::provider()).build()?,
+            servers: rustls::client::WebPkiServerVerifier::builder_with_provider(roots, Self::provider())
+                .build()
+                .map_err(|e| TlsError::Pem(format!("server verifier: {e}")))?,
+        })
+    }
+
     /// A TLS 1.3 client that trusts only the internal CA and presents this certificate.
     pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
         let mut config = ClientConfig::builder_with_provider(Self::provider())
@@ -114,6 +129,7 @@ fn modified(paths: &CertPaths) -> Option<[SystemTime; 3]> {
 pub struct ReloadableTls {
     server: ArcSwap<ServerConfig>,
     client: ArcSwap<ClientConfig>,
+    credentials: ArcSwap<crate::local::Credentials>,
     paths: Option<CertPaths>,
     stamp: std::sync::Mutex<Option<[SystemTime; 3]>>,
 }
@@ -131,6 +147,7 @@ impl ReloadableTls {
         Ok(Arc::new(Self {
             server: ArcSwap::from_pointee(material.server_config()?),
             client: ArcSwap::from_pointee(material.client_config()?),
+            credentials: ArcSwap::from_pointee(material.credentials()?),
             paths: None,
             stamp: std::sync::Mutex::new(None),
         }))
@@ -142,6 +159,7 @@ impl ReloadableTls {
         Ok(Arc::new(Self {
             server: ArcSwap::from_pointee(material.server_config()?),
             client: ArcSwap::from_pointee(material.client_config()?),
+            credentials: ArcSwap::from_pointee(material.credentials()?),
             paths: Some(paths),
             stamp: std::sync::Mutex::new(stamp),
         }))
@@ -155,12 +173,24 @@ impl ReloadableTls {
         self.client.load_full()
     }
 
+    /// This side's current credentials for in-process calls.
+    pub(crate) fn credentials(&self) -> Arc<crate::local::Credentials> {
+        self.credentials.load_full()
+    }
+
+    /// The identity of this side's current certificate.
+    pub fn identity(&self) -> Option<String> {
+        self.credentials.load().identity.clone()
+    }
+
     /// Swap in new material.
     pub fn replace(&self, material: &TlsMaterial) -> Result<(), TlsError> {
         let server = material.server_config()?;
         let client = material.client_config()?;
+        let credentials = material.credentials()?;
         self.server.store(Arc::new(server));
         self.client.store(Arc::new(client));
+        self.credentials.store(Arc::new(credentials));
         Ok(())
     }
 

@@ -756,12 +756,12 @@ fn hex(bytes: &[u8]) -> String {
 /// The services admin calls.
 #[derive(Debug, Clone)]
 pub struct Calls {
-    pub key_vault: tonic::transport::Channel,
-    pub tickets: tonic::transport::Channel,
+    pub key_vault: chipsite_tls::InternalChannel,
+    pub tickets: chipsite_tls::InternalChannel,
     /// The peer gateway (the peer sites operators see).
-    pub peer_gateway: tonic::transport::Channel,
+    pub peer_gateway: chipsite_tls::InternalChannel,
     /// The tally service (users' tallies operators see).
-    pub tally: tonic::transport::Channel,
+    pub tally: chipsite_tls::InternalChannel,
 }
 
 /// Serve admin (AdminService and UserEvents) on an already-bound `listener`

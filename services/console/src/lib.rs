@@ -41,10 +41,10 @@ use chipsite_proto::{
     ticket::v1::{self as tk, tickets_client::TicketsClient},
 };
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::InternalChannel as Channel;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -664,7 +664,8 @@ mod tests {
     use super::*;
 
     fn console() -> Arc<Console> {
-        let nowhere = || Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let nowhere =
+            || Channel::tcp_only(tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy());
         Console::with_probes(nowhere(), nowhere(), vec![])
     }
 

@@ -747,6 +747,91 @@ mod tests {
         (KeyVault::open(db).await.unwrap(), dir)
     }
 
+    /// Calls between services in one process skip TCP and TLS but make the
+    /// same checks: the same policy answers, and a certificate that would
+    /// fail the handshake (another CA, or a server that is not the one named)
+    /// never takes the in-process path.
+    #[tokio::test]
+    async fn in_process_calls_make_the_checks_a_handshake_and_the_policy_make() {
+        use chipsite_proto::keyvault::v1::{GetStatusRequest, key_vault_client::KeyVaultClient};
+        use chipsite_tls::{CertificateAuthority, ReloadableTls, TlsMaterial, identity as id};
+        chipsite_tls::install_crypto_provider();
+        let tls = |ca: &CertificateAuthority, who: &str| {
+            let c = ca.issue(who, &[], Duration::from_secs(3600)).unwrap();
+            ReloadableTls::from_material(&TlsMaterial::from_pem(&c.cert_pem, &c.key_pem, &c.ca_pem).unwrap())
+                .unwrap()
+        };
+        let site = CertificateAuthority::generate("site").unwrap();
+        let rogue = CertificateAuthority::generate("site").unwrap();
+        let (v, _dir) = vault().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve(
+            Arc::new(v),
+            listener,
+            tls(&site, id::KEY_VAULT),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+
+        // An identity the policy allows: answered in-process (once the
+        // server has registered; until then over TLS).
+        let tally = chipsite_tls::connect_lazy(&addr, id::KEY_VAULT, tls(&site, id::TALLY)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tally.local_calls() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no call was made in-process"
+            );
+            KeyVaultClient::new(tally.clone())
+                .get_status(GetStatusRequest {})
+                .await
+                .unwrap();
+        }
+
+        // One it does not: the same refusal in-process as over TLS.
+        let refusal = |e: tonic::Status| (e.code(), e.message().to_owned());
+        let console = chipsite_tls::connect_lazy(&addr, id::KEY_VAULT, tls(&site, id::CONSOLE)).unwrap();
+        let local = KeyVaultClient::new(console.clone())
+            .get_status(GetStatusRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(console.local_calls(), 1);
+        let over_tls = chipsite_tls::connect_tls_lazy(&addr, id::KEY_VAULT, tls(&site, id::CONSOLE)).unwrap();
+        let remote = KeyVaultClient::new(over_tls)
+            .get_status(GetStatusRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refusal(local.clone()).0, tonic::Code::PermissionDenied);
+        assert_eq!(refusal(local), refusal(remote));
+
+        // A certificate from another CA naming an allowed identity, and a
+        // server that is not the one named: never in-process, and refused.
+        for channel in [
+            chipsite_tls::connect_lazy(&addr, id::KEY_VAULT, tls(&rogue, id::TALLY)).unwrap(),
+            chipsite_tls::connect_lazy(&addr, id::ADMIN, tls(&site, id::TALLY)).unwrap(),
+        ] {
+            assert!(
+                KeyVaultClient::new(channel.clone())
+                    .get_status(GetStatusRequest {})
+                    .await
+                    .is_err()
+            );
+            assert_eq!(channel.local_calls(), 0);
+        }
+
+        // A stopping server takes no more in-process calls.
+        stop.send(true).unwrap();
+        server.await.unwrap().unwrap();
+        let before = tally.local_calls();
+        let _ = KeyVaultClient::new(tally.clone())
+            .get_status(GetStatusRequest {})
+            .await;
+        assert_eq!(tally.local_calls(), before);
+    }
+
     #[tokio::test]
     async fn the_site_key_seals_unseals_and_keeps_its_pin_across_a_new_pass_phrase() {
         let (v, _dir) = vault().await;

@@ -43,11 +43,11 @@ use chipsite_proto::{
     ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{Admission, AdmissionLimits, Throttle};
 use chipsite_wire::Limits;
 use sea_orm::DatabaseConnection;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::Channel;
 
 pub use chipsite_model::chip_id::session_name;
 pub use grpc::{PeerGatewayGrpc, policy, serve_grpc};
@@ -613,9 +613,10 @@ impl Inner {
     /// `fresh`: ask now (the ticket dialog, which spends tickets); else the
     /// answer may be up to [`STATE_TTL`] old (sessions).
     pub(crate) async fn refuses_peers(&self, fresh: bool) -> Result<Option<&'static str>, PeerError> {
-        if !*self.running.borrow() {
+        if fresh || !*self.running.borrow() {
             // The polled state may be a second old (or not read yet): ask
-            // before refusing.
+            // before refusing, and before anything that must not follow a
+            // stop (a ticket sent or redeemed).
             let desired = self
                 .admin
                 .clone()

@@ -37,12 +37,12 @@ use chipsite_model::{
 use chipsite_proto::keyvault::v1::{self as kv, key_vault_client::KeyVaultClient};
 use chipsite_store::{begin_write, is_unique_violation, now_ms};
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::InternalChannel as Channel;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::Expr,
 };
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 
 pub use grpc::{TalliesGrpc, policy, serve};
 use store::{outbox, step, tally};

@@ -8,8 +8,9 @@ use chipsite_proto::{
     ticket::v1::{self as pb, tickets_server::Tickets as TicketsRpc},
 };
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{Caller, Policy, identity as id};
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
 
 use crate::{Kind, TicketError, Tickets, store, visible_state};
 

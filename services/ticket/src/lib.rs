@@ -564,7 +564,7 @@ fn hex(bytes: &[u8]) -> String {
 /// the site key: the entry point of the same shape every service crate has.
 pub async fn serve(
     tickets: std::sync::Arc<Tickets>,
-    key_vault: tonic::transport::Channel,
+    key_vault: chipsite_tls::InternalChannel,
     listener: tokio::net::TcpListener,
     tls: std::sync::Arc<chipsite_tls::ReloadableTls>,
     bench: bool,

@@ -37,11 +37,11 @@ use chipsite_proto::{
     tally::v1::tallies_client::TalliesClient, ticket::v1::tickets_client::TicketsClient,
 };
 use chipsite_telemetry::{TracedChannel, traced};
+use chipsite_tls::InternalChannel as Channel;
 use chipsite_tls::{Admission, AdmissionLimits, Throttle};
 use chipsite_wire::Limits;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 pub use registry::{CloseReason, Registry};
 pub use tls::{AppCertificate, server_config};
