@@ -852,6 +852,62 @@ def tally_extra_checks(session, expect_result, expect_error, user_key, offer, pa
     key = f"{p_pin}/{doc['tally']}/1"
     expect_result("extra tally offer seq 1.0", params_for(env, key),
                   {"tally": doc["tally"], "seq": 1, "state": "offered", "duplicate": False})
+    # Section 14.3: requests may be sent without waiting for answers; the
+    # site answers each, in order. Four in one write: an offer, the same offer
+    # altered after signing (-32001), a ping, another offer; then the first
+    # offer again (duplicate) with a fifth.
+    first, second = offer(new_tally_id()), offer(new_tally_id())
+    altered = dict(envelope(user_key, offer(new_tally_id())))
+    altered["doc"] = dict(altered["doc"], terms={"limit": 2, "units": "mCHIP"})
+    batches = [
+        [("tally.step", params_for(envelope(user_key, first))),
+         ("tally.step", params_for(altered)),
+         ("ping", None),
+         ("tally.step", params_for(envelope(user_key, second)))],
+        [("tally.step", params_for(envelope(user_key, first))),
+         ("tally.step", params_for(envelope(user_key, offer(new_tally_id()))))],
+    ]
+    expected = [
+        [{"tally": first["tally"], "seq": 1, "state": "offered", "duplicate": False}, -32001,
+         {"pong": True}, {"tally": second["tally"], "seq": 1, "state": "offered", "duplicate": False}],
+        [{"tally": first["tally"], "seq": 1, "state": "offered", "duplicate": True}, "offered"],
+    ]
+    for n, (batch, want) in enumerate(zip(batches, expected), 1):
+        if session.frames is None:
+            session.open()
+        ids, lines = [], []
+        for method, params in batch:
+            ids.append(session.next_id)
+            request = {"jsonrpc": "2.0", "id": session.next_id, "method": method}
+            if params is not None:
+                request["params"] = params
+            session.next_id += 1
+            lines.append(json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n")
+        session.sock.sendall(b"".join(lines))
+        answers = []
+        for _ in batch:
+            line = session.frames.read_line()
+            if line is None:
+                fail(f"extra tally pipelined {n}", f"the session ended: {session.frames.eof}")
+                return
+            answers.append(json.loads(line))
+        if [a.get("id") for a in answers] != ids:
+            fail(f"extra tally pipelined {n}", f"answers out of order: {[a.get('id') for a in answers]} for {ids}")
+            continue
+        bad = []
+        for a, w in zip(answers, want):
+            if isinstance(w, int):
+                if a.get("error", {}).get("code") != w:
+                    bad.append(a)
+            elif isinstance(w, str):
+                if a.get("result", {}).get("state") != w:
+                    bad.append(a)
+            elif a.get("result") != w:
+                bad.append(a)
+        if bad:
+            fail(f"extra tally pipelined {n}", f"unexpected answers: {json.dumps(bad)[:600]}")
+        else:
+            ok(f"extra tally pipelined {n}", f"{len(batch)} requests in one write, answered in order")
 
 
 # --------------------------------------------------------------------------

@@ -127,10 +127,22 @@ pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     frame: &str,
     within: Duration,
 ) -> std::io::Result<()> {
+    write_frames(w, &[frame], within).await
+}
+
+/// Write several frames in one write (each with its line end), within
+/// `within` for all of them, as [`write_frame`].
+pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[impl AsRef<str>],
+    within: Duration,
+) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let mut line = Vec::with_capacity(frame.len() + 1);
-    line.extend_from_slice(frame.as_bytes());
-    line.push(b'\n');
+    let mut line = Vec::with_capacity(frames.iter().map(|f| f.as_ref().len() + 1).sum());
+    for frame in frames {
+        line.extend_from_slice(frame.as_ref().as_bytes());
+        line.push(b'\n');
+    }
     let write = async {
         w.write_all(&line).await?;
         w.flush().await

@@ -9,5 +9,5 @@
 pub mod frame;
 pub mod rpc;
 
-pub use frame::{FrameError, FrameReader, Limits, close, write_frame};
+pub use frame::{FrameError, FrameReader, Limits, close, write_frame, write_frames};
 pub use rpc::{ErrorCode, Incoming, Notification, Request, Response, RpcError};

@@ -34,16 +34,146 @@ struct StepParams {
 
 /// `tally.step`: a step signed by the session's user, for a local user.
 pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Result<Value, RpcError> {
-    let p: StepParams = serde_json::from_value(params)
-        .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))?;
-    let to = p
-        .step
-        .pointer("/doc/to/chip_id")
-        .and_then(Value::as_str)
-        .filter(|c| chipsite_model::is_chip_id(c))
-        .ok_or_else(|| RpcError::new(ErrorCode::InvalidParams, "invalid params: step.doc.to.chip_id"))?
-        .to_owned();
-    let linked = link::Entity::find_by_id((to.clone(), from.chip_id.clone(), from.site_pin.clone()))
+    receive_many(inner, from, vec![params])
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(RpcError::new(ErrorCode::Internal, "internal error")))
+}
+
+/// What the tally service's code for a step means on the wire.
+fn step_error(code: SiteCode, message: &str) -> RpcError {
+    let code = match code {
+        SiteCode::InvalidArgument => ErrorCode::InvalidParams,
+        SiteCode::Forbidden => ErrorCode::Unauthorized,
+        SiteCode::NotFound => ErrorCode::NotFound,
+        SiteCode::FailedPrecondition => ErrorCode::Conflict,
+        SiteCode::Internal => return RpcError::new(ErrorCode::Internal, "internal error"),
+        _ => {
+            return RpcError::new(
+                ErrorCode::Unavailable,
+                "the site cannot take steps now; try again later",
+            );
+        }
+    };
+    RpcError::new(code, message)
+}
+
+/// Several `tally.step` requests that arrived together on one session,
+/// answered in their order: the checks of [`receive`] made once for all
+/// (the link and the lockdown once per local user, the site's state once),
+/// and the steps applied in one call to the tally service, in one
+/// transaction there.
+pub(crate) async fn receive_many(
+    inner: &Inner,
+    from: &Caller,
+    params: Vec<Value>,
+) -> Vec<Result<Value, RpcError>> {
+    let unavailable = || {
+        RpcError::new(
+            ErrorCode::Unavailable,
+            "the site cannot tell its state; try again later",
+        )
+    };
+    let mut results: Vec<Option<Result<Value, RpcError>>> = vec![None; params.len()];
+    let mut steps = Vec::new();
+    // Which local user each step is for, and whether that user may take it.
+    let mut users: HashMap<String, Result<(), RpcError>> = HashMap::new();
+    let mut site: Option<Result<(), RpcError>> = None;
+    for (i, params) in params.into_iter().enumerate() {
+        let p: StepParams = match serde_json::from_value(params) {
+            Ok(p) => p,
+            Err(e) => {
+                results[i] = Some(Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("invalid params: {e}"),
+                )));
+                continue;
+            }
+        };
+        let Some(to) = p
+            .step
+            .pointer("/doc/to/chip_id")
+            .and_then(Value::as_str)
+            .filter(|c| chipsite_model::is_chip_id(c))
+            .map(str::to_owned)
+        else {
+            results[i] = Some(Err(RpcError::new(
+                ErrorCode::InvalidParams,
+                "invalid params: step.doc.to.chip_id",
+            )));
+            continue;
+        };
+        if !users.contains_key(&to) {
+            let verdict = may_receive(inner, from, &to, &mut site).await;
+            users.insert(to.clone(), verdict);
+        }
+        if let Some(Err(e)) = users.get(&to) {
+            results[i] = Some(Err(e.clone()));
+            continue;
+        }
+        steps.push((i, to, p));
+    }
+    if !steps.is_empty() {
+        let request = tl::ReceiveManyRequest {
+            steps: steps
+                .iter()
+                .map(|(_, _, p)| tl::ReceiveRequest {
+                    peer_site_pin: from.site_pin.clone(),
+                    peer_chip_id: from.chip_id.clone(),
+                    idempotency_key: p.idempotency_key.clone(),
+                    step: p.step.to_string(),
+                })
+                .collect(),
+        };
+        match inner.tally.clone().receive_many(request).await {
+            Ok(answer) => {
+                let outcomes = answer.into_inner().outcomes;
+                for ((i, to, _), outcome) in steps
+                    .iter()
+                    .zip(outcomes.into_iter().map(Some).chain(std::iter::repeat(None)))
+                {
+                    results[*i] = Some(match outcome {
+                        Some(tl::ReceiveOutcome {
+                            applied: Some(answer),
+                            ..
+                        }) => Ok(applied(inner, from, to, answer)),
+                        Some(o) => Err(step_error(
+                            SiteCode::parse(&o.code).unwrap_or(SiteCode::Internal),
+                            &o.message,
+                        )),
+                        None => Err(RpcError::new(ErrorCode::Internal, "internal error")),
+                    });
+                }
+            }
+            Err(s) => {
+                let e = step_error(code_of(&s), s.message());
+                for (i, _, _) in &steps {
+                    results[*i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(unavailable())))
+        .collect()
+}
+
+/// Whether steps from `from` may reach local user `to`: linked, this site
+/// taking peer work (asked once per batch, into `site`), `to` not locked down.
+async fn may_receive(
+    inner: &Inner,
+    from: &Caller,
+    to: &str,
+    site: &mut Option<Result<(), RpcError>>,
+) -> Result<(), RpcError> {
+    let unavailable = || {
+        RpcError::new(
+            ErrorCode::Unavailable,
+            "the site cannot tell its state; try again later",
+        )
+    };
+    let linked = link::Entity::find_by_id((to.to_owned(), from.chip_id.clone(), from.site_pin.clone()))
         .one(&inner.db)
         .await
         .map_err(|e| {
@@ -56,65 +186,34 @@ pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Resu
             "no link between these users: redeem a tally ticket first",
         ));
     }
-    // An open session outlives a seal or a stop: each step asks (the
-    // answer may be up to a second old, as for new sessions).
-    match inner.refuses_peers(false).await {
-        Ok(None) => {}
-        Ok(Some(why)) => {
-            return Err(RpcError::new(
+    if site.is_none() {
+        // An open session outlives a seal or a stop: each batch asks (the
+        // answer may be up to a second old, as for new sessions).
+        *site = Some(match inner.refuses_peers(false).await {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(RpcError::new(
                 ErrorCode::Unavailable,
                 format!("{why}; try again later"),
-            ));
-        }
-        Err(_) => {
-            return Err(RpcError::new(
-                ErrorCode::Unavailable,
-                "the site cannot tell its state; try again later",
-            ));
-        }
+            )),
+            Err(_) => Err(unavailable()),
+        });
     }
-    match inner.locked(&to).await {
-        Ok(false) => {}
-        Ok(true) => {
-            return Err(RpcError::new(
-                ErrorCode::LockedDown,
-                "the user is locked down; try again later",
-            ));
-        }
-        Err(_) => {
-            return Err(RpcError::new(
-                ErrorCode::Unavailable,
-                "the site cannot tell its state; try again later",
-            ));
-        }
+    if let Some(Err(e)) = site {
+        return Err(e.clone());
     }
-    let answer = inner
-        .tally
-        .clone()
-        .receive(tl::ReceiveRequest {
-            peer_site_pin: from.site_pin.clone(),
-            peer_chip_id: from.chip_id.clone(),
-            idempotency_key: p.idempotency_key,
-            step: p.step.to_string(),
-        })
-        .await
-        .map_err(|s| {
-            let code = match code_of(&s) {
-                SiteCode::InvalidArgument => ErrorCode::InvalidParams,
-                SiteCode::Forbidden => ErrorCode::Unauthorized,
-                SiteCode::NotFound => ErrorCode::NotFound,
-                SiteCode::FailedPrecondition => ErrorCode::Conflict,
-                SiteCode::Internal => return RpcError::new(ErrorCode::Internal, "internal error"),
-                _ => {
-                    return RpcError::new(
-                        ErrorCode::Unavailable,
-                        "the site cannot take steps now; try again later",
-                    );
-                }
-            };
-            RpcError::new(code, s.message())
-        })?
-        .into_inner();
+    match inner.locked(to).await {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(RpcError::new(
+            ErrorCode::LockedDown,
+            "the user is locked down; try again later",
+        )),
+        Err(_) => Err(unavailable()),
+    }
+}
+
+/// The answer to a step the tally service took; a new one is told to its
+/// local user (in the background, with the others of the moment).
+fn applied(inner: &Inner, from: &Caller, to: &str, answer: tl::ReceiveResponse) -> Value {
     let tally = answer.tally.unwrap_or_default();
     if answer.fresh {
         let what = match answer.state.as_str() {
@@ -123,19 +222,17 @@ pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Resu
             "rejected" => "rejected your tally",
             _ => "closed your tally",
         };
-        // Told in the background (the step is recorded, and the other site
-        // need not wait for the alarm), with the others of the moment.
         inner.alarm_soon(
-            &to,
+            to,
             format!("{} (on site {}) {what} {}", from.chip_id, from.site_pin, tally.id),
         );
     }
-    Ok(json!({
+    json!({
         "tally": tally.id,
         "seq": answer.seq,
         "state": answer.state,
         "duplicate": !answer.fresh,
-    }))
+    })
 }
 
 // ------------------------------------------------------------------ out
@@ -248,19 +345,17 @@ async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leas
         {
             batch.push(m);
         }
-        let mut not_now = not_now(&inner, &key.0).await;
-        let mut settled = Vec::with_capacity(batch.len());
-        let mut places = Vec::with_capacity(batch.len());
-        for (m, in_flight) in batch {
-            let (outcome, error) = match &not_now {
-                Some(why) => (tl::Outcome::Retry, why.clone()),
-                None => deliver(&inner, &key, &mut session, &m).await,
-            };
-            // A link that fails once is not tried again in this batch (an
-            // unreachable site would hold each step for the dial timeout).
-            if outcome == tl::Outcome::Retry && not_now.is_none() {
-                not_now = Some(error.clone());
-            }
+        let not_now = not_now(&inner, &key.0).await;
+        let (messages, places): (Vec<tl::Outgoing>, Vec<_>) = batch.into_iter().unzip();
+        let outcomes = match &not_now {
+            Some(why) => messages
+                .iter()
+                .map(|_| (tl::Outcome::Retry, why.clone()))
+                .collect(),
+            None => deliver(&inner, &key, &mut session, &messages).await,
+        };
+        let mut settled = Vec::with_capacity(messages.len());
+        for (m, (outcome, error)) in messages.iter().zip(outcomes) {
             if outcome != tl::Outcome::Delivered {
                 tracing::info!(
                     tally = m.tally_id,
@@ -275,7 +370,6 @@ async fn work(inner: Arc<Inner>, key: Link, mut rx: mpsc::UnboundedReceiver<Leas
                 outcome: outcome as i32,
                 error,
             });
-            places.push(in_flight);
         }
         // One settlement for the batch; their places are free after it.
         let answer = inner
@@ -312,64 +406,98 @@ async fn not_now(inner: &Inner, chip_id: &str) -> Option<String> {
     }
 }
 
-/// Send one step: over the open session, or a new one if there is none or
-/// it has ended (the other site closes idle sessions).
+/// Send a link's steps (each the head of its tally's queue, so any order
+/// among them will do) at once over the open session, or a new one if there
+/// is none or it has ended (the other site closes idle sessions). What the
+/// other site answered settles each; what it never answered is tried once
+/// more on a new session if the old one had been kept open, else later.
 async fn deliver(
     inner: &Inner,
     key: &Link,
     session: &mut Option<PeerSession>,
-    m: &tl::Outgoing,
-) -> (tl::Outcome, String) {
-    let step: Value = match serde_json::from_str(&m.step) {
-        Ok(s) => s,
-        Err(_) => return (tl::Outcome::Refused, "the stored step is not JSON".into()),
-    };
-    let params = json!({"idempotency_key": m.idempotency_key, "step": step});
+    messages: &[tl::Outgoing],
+) -> Vec<(tl::Outcome, String)> {
+    let mut outcomes: Vec<Option<(tl::Outcome, String)>> = vec![None; messages.len()];
+    let mut pending: Vec<(usize, Value)> = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        match serde_json::from_str::<Value>(&m.step) {
+            Ok(step) => pending.push((i, json!({"idempotency_key": m.idempotency_key, "step": step}))),
+            Err(_) => outcomes[i] = Some((tl::Outcome::Refused, "the stored step is not JSON".into())),
+        }
+    }
+    let mut why = "the other site closed the session".to_owned();
     for _ in 0..2 {
+        if pending.is_empty() {
+            break;
+        }
         let reused = session.is_some();
         if session.is_none() {
-            let link = match link::Entity::find_by_id(key.clone()).one(&inner.db).await {
-                Ok(Some(l)) => l,
-                Ok(None) => return (tl::Outcome::Refused, "no link with that user".into()),
-                Err(e) => return (tl::Outcome::Retry, e.to_string()),
+            let opened = match link::Entity::find_by_id(key.clone()).one(&inner.db).await {
+                Ok(Some(l)) => crate::session::dial(inner, &l)
+                    .await
+                    .map_err(|e| (tl::Outcome::Retry, e.to_string())),
+                Ok(None) => Err((tl::Outcome::Refused, "no link with that user".to_owned())),
+                Err(e) => Err((tl::Outcome::Retry, e.to_string())),
             };
-            match crate::session::dial(inner, &link).await {
+            match opened {
                 Ok(s) => *session = Some(s),
-                Err(e) => return (tl::Outcome::Retry, e.to_string()),
-            }
-        }
-        let Some(s) = session.as_mut() else { break };
-        match s
-            .call("tally.step", params.clone(), inner.settings.dial_timeout)
-            .await
-        {
-            Ok(_) => return (tl::Outcome::Delivered, String::new()),
-            Err(PeerError::Answered { code, message }) => {
-                let later = matches!(
-                    ErrorCode::from_code(code),
-                    Some(
-                        ErrorCode::Unavailable
-                            | ErrorCode::LockedDown
-                            | ErrorCode::Internal
-                            | ErrorCode::RateLimited
-                    )
-                );
-                let outcome = if later {
-                    tl::Outcome::Retry
-                } else {
-                    tl::Outcome::Refused
-                };
-                return (outcome, format!("{message} ({code})"));
-            }
-            Err(e) => {
-                *session = None;
-                // A session kept open may have been closed by the other
-                // side meanwhile: once more on a new one.
-                if !reused {
-                    return (tl::Outcome::Retry, e.to_string());
+                Err((outcome, error)) => {
+                    for (i, _) in pending.drain(..) {
+                        outcomes[i] = Some((outcome, error.clone()));
+                    }
+                    break;
                 }
             }
         }
+        let Some(s) = session.as_mut() else { break };
+        let params = pending.iter().map(|(_, p)| p.clone()).collect();
+        let answers = s
+            .call_many("tally.step", params, inner.settings.dial_timeout)
+            .await;
+        let mut again = Vec::new();
+        let mut broken = false;
+        for ((i, params), answer) in pending.drain(..).zip(answers) {
+            outcomes[i] = Some(match answer {
+                Ok(_) => (tl::Outcome::Delivered, String::new()),
+                Err(PeerError::Answered { code, message }) => {
+                    let later = matches!(
+                        ErrorCode::from_code(code),
+                        Some(
+                            ErrorCode::Unavailable
+                                | ErrorCode::LockedDown
+                                | ErrorCode::Internal
+                                | ErrorCode::RateLimited
+                        )
+                    );
+                    let outcome = if later {
+                        tl::Outcome::Retry
+                    } else {
+                        tl::Outcome::Refused
+                    };
+                    (outcome, format!("{message} ({code})"))
+                }
+                Err(e) => {
+                    broken = true;
+                    why = e.to_string();
+                    again.push((i, params));
+                    continue;
+                }
+            });
+        }
+        if broken {
+            *session = None;
+            // A session kept open may have been closed by the other side
+            // meanwhile: once more on a new one.
+            if !reused {
+                for (i, _) in again.drain(..) {
+                    outcomes[i] = Some((tl::Outcome::Retry, why.clone()));
+                }
+            }
+        }
+        pending = again;
     }
-    (tl::Outcome::Retry, "the other site closed the session".into())
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| (tl::Outcome::Retry, why.clone())))
+        .collect()
 }

@@ -9,8 +9,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use chipsite_proto::keyvault::v1 as kv;
 use chipsite_tls::ConnPermit;
 use chipsite_wire::{
-    ErrorCode, FrameError, FrameReader, Incoming, Response, RpcError, close, rpc, write_frame,
+    ErrorCode, FrameError, FrameReader, Incoming, Response, RpcError, close, rpc, write_frame, write_frames,
 };
+use futures::FutureExt;
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, time::Instant};
@@ -78,37 +79,110 @@ pub(crate) async fn answer(
     let mut reader = FrameReader::new(tls, inner.settings.limits);
     let within = inner.settings.write_timeout;
     loop {
-        let frame = match reader.next_frame().await {
+        let first = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
-            // Oversized or not UTF-8: one error, then the end (section 2).
-            Err(e @ (FrameError::TooLong(_) | FrameError::NotUtf8)) => {
-                let code = if matches!(e, FrameError::NotUtf8) {
-                    ErrorCode::ParseError
-                } else {
-                    ErrorCode::InvalidRequest
-                };
-                let reply = Response::error(Value::Null, RpcError::new(code, e.to_string()));
-                let _ = write_frame(reader.get_mut(), &reply.to_frame(), within).await;
+            end => {
+                framing_end(&mut reader, end, within).await;
                 break;
             }
-            Ok(None) | Err(_) => break,
         };
-        let reply = match rpc::parse(&frame) {
-            Err(reply) => reply,
-            Ok(Incoming::Notification(_)) => continue,
-            Ok(Incoming::Request(req)) => match call(&inner, &from, &req.method, req.params).await {
-                Ok(result) => Response::result(req.id, result),
-                Err(e) => Response::error(req.id, e),
-            },
-        };
-        if write_frame(reader.get_mut(), &reply.to_frame(), within)
-            .await
-            .is_err()
-        {
+        // The requests that came with it (already read, or readable now)
+        // are answered with it: steps among them in one batch.
+        let mut frames = vec![first];
+        let mut end = None;
+        while frames.len() < BATCH {
+            match reader.next_frame().now_or_never() {
+                None => break,
+                Some(Ok(Some(frame))) => frames.push(frame),
+                Some(other) => {
+                    end = Some(other);
+                    break;
+                }
+            }
+        }
+        let replies = answer_frames(&inner, &from, frames).await;
+        if !replies.is_empty() && write_frames(reader.get_mut(), &replies, within).await.is_err() {
             return;
+        }
+        if let Some(end) = end {
+            framing_end(&mut reader, end, within).await;
+            break;
         }
     }
     close(reader.get_mut(), within).await;
+}
+
+/// Requests answered together at most.
+const BATCH: usize = 64;
+
+/// The end of a session's requests: an oversized or non-UTF-8 frame gets
+/// one error (section 2); a clean close, a timeout or a broken stream none.
+async fn framing_end(
+    reader: &mut FrameReader<tokio_rustls::server::TlsStream<TcpStream>>,
+    end: Result<Option<String>, FrameError>,
+    within: Duration,
+) {
+    let code = match end {
+        Err(FrameError::NotUtf8) => ErrorCode::ParseError,
+        Err(FrameError::TooLong(_)) => ErrorCode::InvalidRequest,
+        _ => return,
+    };
+    let message = match end {
+        Err(e) => e.to_string(),
+        Ok(_) => return,
+    };
+    let reply = Response::error(Value::Null, RpcError::new(code, message));
+    let _ = write_frame(reader.get_mut(), &reply.to_frame(), within).await;
+}
+
+/// The answers to requests that arrived together, in their order. Runs of
+/// `tally.step` are taken as one batch ([`crate::outbox::receive_many`]);
+/// any other request after the steps before it.
+async fn answer_frames(inner: &Arc<Inner>, from: &Caller, frames: Vec<String>) -> Vec<String> {
+    let mut replies: Vec<Option<Response>> = Vec::with_capacity(frames.len());
+    let mut steps: Vec<(usize, Value, Value)> = Vec::new();
+    for frame in frames {
+        match rpc::parse(&frame) {
+            Err(reply) => replies.push(Some(reply)),
+            Ok(Incoming::Notification(_)) => replies.push(None),
+            Ok(Incoming::Request(req)) if req.method == "tally.step" => {
+                steps.push((replies.len(), req.id, req.params));
+                replies.push(None);
+            }
+            Ok(Incoming::Request(req)) => {
+                take_steps(inner, from, &mut steps, &mut replies).await;
+                replies.push(Some(match call(inner, from, &req.method, req.params).await {
+                    Ok(result) => Response::result(req.id, result),
+                    Err(e) => Response::error(req.id, e),
+                }));
+            }
+        }
+    }
+    take_steps(inner, from, &mut steps, &mut replies).await;
+    replies.into_iter().flatten().map(|r| r.to_frame()).collect()
+}
+
+/// Apply the steps waiting in `steps` and put their answers in their places.
+async fn take_steps(
+    inner: &Arc<Inner>,
+    from: &Caller,
+    steps: &mut Vec<(usize, Value, Value)>,
+    replies: &mut [Option<Response>],
+) {
+    if steps.is_empty() {
+        return;
+    }
+    let (places, params): (Vec<(usize, Value)>, Vec<Value>) =
+        steps.drain(..).map(|(i, id, params)| ((i, id), params)).unzip();
+    let answers = crate::outbox::receive_many(inner, from, params).await;
+    for ((i, id), answer) in places.into_iter().zip(answers) {
+        if let Some(place) = replies.get_mut(i) {
+            *place = Some(match answer {
+                Ok(result) => Response::result(id, result),
+                Err(e) => Response::error(id, e),
+            });
+        }
+    }
 }
 
 /// The server configuration for a session naming `chip_id`: this site's
@@ -257,39 +331,91 @@ impl PeerSession {
         params: Value,
         within: Duration,
     ) -> Result<Value, PeerError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
-        write_frame(self.reader.get_mut(), &request, self.write_timeout)
+        self.call_many(method, vec![params], within)
             .await
-            .map_err(|e| PeerError::Unreachable(e.to_string()))?;
-        let answer = async {
-            loop {
-                let frame = match self.reader.next_frame().await {
-                    Ok(Some(frame)) => frame,
-                    // The handshake's refusal surfaces here in TLS 1.3.
-                    Ok(None) | Err(_) => return Err(PeerError::Refused),
+            .pop()
+            .unwrap_or(Err(PeerError::Refused))
+    }
+
+    /// Several requests sent at once (one write), their answers read as
+    /// they come (the responder answers in order), all within `within`.
+    /// A request left unanswered when the session ends gets the reason
+    /// (the first of them exactly as [`Self::call`] would say it).
+    pub(crate) async fn call_many(
+        &mut self,
+        method: &str,
+        params: Vec<Value>,
+        within: Duration,
+    ) -> Vec<Result<Value, PeerError>> {
+        let n = params.len();
+        let first = self.next_id;
+        self.next_id += n as u64;
+        let frames: Vec<String> = params
+            .into_iter()
+            .zip(first..)
+            .map(|(params, id)| {
+                json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+            })
+            .collect();
+        let mut answers: Vec<Option<Result<Value, PeerError>>> = (0..n).map(|_| None).collect();
+        let mut failure = match write_frames(self.reader.get_mut(), &frames, self.write_timeout).await {
+            Err(e) => Some(PeerError::Unreachable(e.to_string())),
+            Ok(()) => {
+                let reader = &mut self.reader;
+                let answers = &mut answers;
+                let read = async move {
+                    let mut left = n;
+                    while left > 0 {
+                        let frame = match reader.next_frame().await {
+                            Ok(Some(frame)) => frame,
+                            // The handshake's refusal surfaces here in TLS 1.3.
+                            Ok(None) | Err(_) => return Err(PeerError::Refused),
+                        };
+                        match rpc::parse_from_server(&frame) {
+                            Ok(Ok(r)) => {
+                                let place =
+                                    r.id.as_u64()
+                                        .and_then(|id| id.checked_sub(first))
+                                        .and_then(|k| usize::try_from(k).ok())
+                                        .and_then(|k| answers.get_mut(k))
+                                        .filter(|a| a.is_none());
+                                if let Some(place) = place {
+                                    *place = Some(r.outcome.map_err(|e| PeerError::Answered {
+                                        code: e.code,
+                                        message: e.message.chars().take(300).collect(),
+                                    }));
+                                    left -= 1;
+                                }
+                            }
+                            Ok(_) => continue,
+                            Err(e) => {
+                                return Err(PeerError::Upstream(format!(
+                                    "a bad answer from the other site: {}",
+                                    e.message
+                                )));
+                            }
+                        }
+                    }
+                    Ok(())
                 };
-                match rpc::parse_from_server(&frame) {
-                    Ok(Ok(r)) if r.id == json!(id) => {
-                        return r.outcome.map_err(|e| PeerError::Answered {
-                            code: e.code,
-                            message: e.message.chars().take(300).collect(),
-                        });
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        return Err(PeerError::Upstream(format!(
-                            "a bad answer from the other site: {}",
-                            e.message
-                        )));
-                    }
+                match tokio::time::timeout(within, read).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some(PeerError::Unreachable("no answer in time".into())),
                 }
             }
         };
-        tokio::time::timeout(within, answer)
-            .await
-            .map_err(|_| PeerError::Unreachable("no answer in time".into()))?
+        let why = failure.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(failure
+                        .take()
+                        .unwrap_or_else(|| PeerError::Unreachable(why.clone())))
+                })
+            })
+            .collect()
     }
 
     pub(crate) async fn close(mut self) {

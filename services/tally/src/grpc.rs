@@ -9,12 +9,16 @@ use tonic::{Request, Response, Status};
 use crate::{Outcome, Tallies, TallyError, TallyView, store};
 
 /// Which internal identities may call which Tallies RPC.
+/// Steps in one `ReceiveMany` at most (a peer gateway batches up to 64).
+const MAX_RECEIVE: usize = 256;
+
 pub fn policy() -> Policy {
     const S: &str = "/chipsite.tally.v1.Tallies/";
     let m = |name: &str| format!("{S}{name}");
     Policy::new()
         .allow(&m("Submit"), &[id::USER_GATEWAY])
         .allow(&m("Receive"), &[id::PEER_GATEWAY])
+        .allow(&m("ReceiveMany"), &[id::PEER_GATEWAY])
         .allow(&m("ListTallies"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("NextOutgoing"), &[id::PEER_GATEWAY])
         .allow(&m("Settle"), &[id::PEER_GATEWAY])
@@ -104,6 +108,61 @@ impl TalliesRpc for TalliesGrpc {
             seq: applied.seq,
             state: applied.state,
         }))
+    }
+
+    async fn receive_many(&self, req: Request<pb::ReceiveManyRequest>) -> R<pb::ReceiveManyResponse> {
+        let req = req.into_inner();
+        if req.steps.len() > MAX_RECEIVE {
+            return Err(
+                crate::TallyError::InvalidArgument(format!("at most {MAX_RECEIVE} steps at once")).into(),
+            );
+        }
+        let items: Vec<crate::Received<'_>> = req
+            .steps
+            .iter()
+            .map(|r| crate::Received {
+                peer_site_pin: &r.peer_site_pin,
+                peer_chip_id: &r.peer_chip_id,
+                idempotency_key: &r.idempotency_key,
+                step: &r.step,
+            })
+            .collect();
+        let outcomes = self
+            .0
+            .receive_many(&items)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(applied) => pb::ReceiveOutcome {
+                    applied: Some(pb::ReceiveResponse {
+                        tally: Some(pb::Tally {
+                            id: applied.tally_id,
+                            state: applied.state.clone(),
+                            ..Default::default()
+                        }),
+                        fresh: applied.fresh,
+                        seq: applied.seq,
+                        state: applied.state,
+                    }),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let code = e.code();
+                    let message = if code == chipsite_model::ErrorCode::Internal {
+                        tracing::error!(error = %e, "receiving a tally step");
+                        "internal error".to_owned()
+                    } else {
+                        e.to_string()
+                    };
+                    pb::ReceiveOutcome {
+                        applied: None,
+                        code: code.as_str().to_owned(),
+                        message,
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReceiveManyResponse { outcomes }))
     }
 
     async fn list_tallies(&self, req: Request<pb::ListTalliesRequest>) -> R<pb::ListTalliesResponse> {

@@ -62,6 +62,14 @@ async fn a_python_peer_site_offers_a_tally_with_signed_steps(store: Store) {
     .await;
     assert_eq!(code, 0, "[{}] {out}", store.label());
     assert!(!out.lines().any(|l| l.starts_with("FAIL")), "{out}");
+    // Requests sent without waiting (a batch at the site) were answered in order.
+    for n in [1, 2] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("ok extra tally pipelined {n}:"))),
+            "{out}"
+        );
+    }
     let line = |name: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
