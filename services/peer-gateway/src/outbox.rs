@@ -244,7 +244,7 @@ type Link = (String, String, String);
 type Leased = (tl::Outgoing, tokio::sync::OwnedSemaphorePermit);
 
 /// Messages in flight (leased, not yet settled) at most.
-const IN_FLIGHT: usize = 256;
+const IN_FLIGHT: usize = 1024;
 
 /// Ask the tally service for due messages and hand them to the workers of
 /// their links, for ever. Paused while this site refuses peer work (peer
