@@ -63,7 +63,7 @@ async fn trace_context_crosses_every_internal_hop() {
 
     let site = TestSite::start(&Store::Sqlite).await;
     let mut admin = site.admin();
-    // admin → key-vault (CreateUser looks up whether the user has a key).
+    // admin → key-vault (CreateUser has key-vault forget any stale key).
     let t1 = "4bf92f3577b34da6a3ce929d0e0e4736";
     admin
         .create_user(traced(
@@ -91,7 +91,7 @@ async fn trace_context_crosses_every_internal_hop() {
 
     let expect = [
         (t1, "/chipsite.admin.v1.AdminService/CreateUser"),
-        (t1, "/chipsite.keyvault.v1.KeyVault/GetUserKey"),
+        (t1, "/chipsite.keyvault.v1.KeyVault/DeleteUserKey"),
         (t2, "/chipsite.admin.v1.AdminService/IssueUserTicket"),
         (t2, "/chipsite.ticket.v1.Tickets/IssueTicket"),
         (t2, "/chipsite.keyvault.v1.KeyVault/GetStatus"),

@@ -9,7 +9,7 @@ mod tally;
 mod verify;
 
 pub use key::AppKey;
-pub use session::{AppState, Session, enroll, enroll_from};
+pub use session::{AppState, Dial, Session, enroll, enroll_from, enroll_with};
 pub use tally::new_tally_id;
 pub use verify::PinnedSiteKey;
 

@@ -32,6 +32,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Stream = TlsStream<TcpStream>;
 
+/// How an app's connections are made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dial {
+    /// The local address to connect from (the default: the system's choice).
+    pub source: Option<IpAddr>,
+    /// Leave Nagle's algorithm on, as many platforms' sockets do by
+    /// default (this client turns it off): to check how a site serves such
+    /// clients (`chipsite bench-enroll`).
+    pub nagle: bool,
+}
+
 /// Open TLS 1.3 to `host:port`, trusting only a gateway certified by
 /// `site_key` (SPKI DER); present `identity` when given.
 async fn connect(
@@ -39,7 +50,7 @@ async fn connect(
     port: u16,
     site_key: &[u8],
     identity: Option<(&AppKey, &str)>,
-    source: Option<IpAddr>,
+    dial: Dial,
 ) -> Result<Stream, AppError> {
     let addr = format!("{host}:{port}");
     let identity = match identity {
@@ -55,7 +66,7 @@ async fn connect(
         message: "not a host name or IP address".into(),
     })?;
     let connecting = async {
-        let Some(source) = source else {
+        let Some(source) = dial.source else {
             return TcpStream::connect(&addr).await;
         };
         let target = tokio::net::lookup_host(&addr)
@@ -77,7 +88,7 @@ async fn connect(
             addr: addr.clone(),
             message: e.to_string(),
         })?;
-    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_nodelay(!dial.nagle);
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         TlsConnector::from(Arc::new(config)).connect(name, tcp),
@@ -127,6 +138,16 @@ pub async fn enroll_from(
     key: &AppKey,
     source: Option<IpAddr>,
 ) -> Result<(), AppError> {
+    enroll_with(ticket, chip_id, key, Dial { source, nagle: false }).await
+}
+
+/// [`enroll`] over a connection made as `dial` says.
+pub async fn enroll_with(
+    ticket: &PublishedTicket,
+    chip_id: &str,
+    key: &AppKey,
+    dial: Dial,
+) -> Result<(), AppError> {
     if ticket.kind != "user" {
         return Err(AppError::Ticket(format!(
             "a {} ticket cannot enroll an app",
@@ -134,7 +155,7 @@ pub async fn enroll_from(
         )));
     }
     let site_key = site_key_of(ticket)?;
-    let stream = connect(&ticket.host, ticket.port, &site_key, None, source).await?;
+    let stream = connect(&ticket.host, ticket.port, &site_key, None, dial).await?;
     let (read, mut write) = tokio::io::split(stream);
     let request = rpc::Request {
         id: json!(1),
@@ -206,7 +227,19 @@ impl Session {
         key: &AppKey,
         source: Option<IpAddr>,
     ) -> Result<Self, AppError> {
-        let stream = connect(host, port, site_key, Some((key, chip_id)), source).await?;
+        Self::connect_with(host, port, site_key, chip_id, key, Dial { source, nagle: false }).await
+    }
+
+    /// [`Session::connect`] over a connection made as `dial` says.
+    pub async fn connect_with(
+        host: &str,
+        port: u16,
+        site_key: &[u8],
+        chip_id: &str,
+        key: &AppKey,
+        dial: Dial,
+    ) -> Result<Self, AppError> {
+        let stream = connect(host, port, site_key, Some((key, chip_id)), dial).await?;
         let (read, write) = tokio::io::split(stream);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::unbounded_channel();

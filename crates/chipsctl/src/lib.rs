@@ -1058,6 +1058,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     chip_id,
                     include_acked: all,
                     limit: 100,
+                    ..Default::default()
                 })
                 .await
                 .map_err(&err)?

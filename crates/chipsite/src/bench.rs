@@ -19,13 +19,8 @@ use chipsite_tls::{ReloadableTls, identity};
 /// `pgbench -N` at the same concurrency (`bench` and `bench-tally`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// PostgreSQL maintenance database (fresh databases are created beside it and dropped after).
-    #[arg(
-        long,
-        env = "CHIPSITE_BENCH_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub(crate) postgres_url: String,
+    #[command(flatten)]
+    pub(crate) postgres: Postgres,
     /// Concurrent callers (and pgbench clients).
     #[arg(long, default_value_t = 16)]
     pub(crate) concurrency: usize,
@@ -35,6 +30,18 @@ pub struct Args {
     /// Skip pgbench (then no baseline is printed).
     #[arg(long)]
     pub(crate) no_pgbench: bool,
+}
+
+/// Where the benchmarks make their PostgreSQL databases.
+#[derive(clap::Args, Debug)]
+pub struct Postgres {
+    /// PostgreSQL maintenance database (fresh databases are created beside it and dropped after).
+    #[arg(
+        long,
+        env = "CHIPSITE_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub(crate) postgres_url: String,
 }
 
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -51,7 +58,7 @@ pub(crate) fn ms(d: Duration) -> String {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     chipsite_tls::install_crypto_provider();
-    let db = BenchDatabase::create(&args.postgres_url).await?;
+    let db = BenchDatabase::create(&args.postgres.postgres_url).await?;
     let result = measure(&args, &db.url).await;
     db.drop().await;
     result
@@ -79,11 +86,13 @@ impl BenchDatabase {
         admin
             .execute_unprepared(&format!("CREATE DATABASE {name}"))
             .await?;
-        let base = postgres_url
-            .rsplit_once('/')
-            .map(|(b, _)| b)
-            .unwrap_or(postgres_url);
-        let url = format!("{base}/{name}");
+        // The same server and options (`?sslmode=…`), another database.
+        let (server, options) = match postgres_url.split_once('?') {
+            Some((s, o)) => (s, format!("?{o}")),
+            None => (postgres_url, String::new()),
+        };
+        let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(server);
+        let url = format!("{base}/{name}{options}");
         Ok(Self { admin, name, url })
     }
 
@@ -234,15 +243,20 @@ pub(crate) fn pgbench(db_url: &str, clients: usize, seconds: u64) -> anyhow::Res
     if !out.status.success() {
         bail!("pgbench -N failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    tps_of(&out.stdout)
+}
+
+/// The `tps = …` figure of pgbench's output.
+pub(crate) fn tps_of(stdout: &[u8]) -> anyhow::Result<f64> {
+    let text = String::from_utf8_lossy(stdout);
     text.lines()
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| {
             l.trim_start_matches("tps = ")
                 .split_whitespace()
-                .next()
-                .map(str::to_owned)
+                .next()?
+                .parse()
+                .ok()
         })
-        .and_then(|n| n.parse().ok())
         .with_context(|| format!("no tps in pgbench output: {text}"))
 }

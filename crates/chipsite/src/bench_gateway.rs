@@ -87,14 +87,23 @@ fn user(i: usize) -> String {
 }
 
 /// What every client needs: the gateway, the site key, the shared app key.
-struct Work {
+pub(crate) struct Work {
     endpoints: Endpoints,
     site_key: Vec<u8>,
     key: AppKey,
 }
 
+/// What [`Work::load`] (and the baseline server) read beside the site's
+/// data: its key, and a new app key for every bench user, returned.
+pub(crate) fn write_work(dir: &Path, site_key: &[u8]) -> anyhow::Result<AppKey> {
+    std::fs::write(dir.join("site-key.b64"), URL_SAFE_NO_PAD.encode(site_key))?;
+    let key = AppKey::generate()?;
+    chipsite_tls::write_private(&dir.join("app.key"), key.to_pem().as_bytes())?;
+    Ok(key)
+}
+
 impl Work {
-    fn load(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn load(dir: &Path) -> anyhow::Result<Self> {
         let endpoints = Endpoints::read(&dir.join("site"))?;
         let site_key = URL_SAFE_NO_PAD.decode(std::fs::read_to_string(dir.join("site-key.b64"))?.trim())?;
         let key = AppKey::from_pem(&std::fs::read_to_string(dir.join("app.key"))?)?;
@@ -114,7 +123,7 @@ impl Work {
         Ok(chipsite_tls::connect_lazy(addr, server, tls)?)
     }
 
-    fn client_config(&self, chip_id: &str) -> anyhow::Result<Arc<ClientConfig>> {
+    pub(crate) fn client_config(&self, chip_id: &str) -> anyhow::Result<Arc<ClientConfig>> {
         let (chain, key) = self.key.client_identity(chip_id)?;
         Ok(Arc::new(
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -137,20 +146,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return hold_sessions(&work, hold[0], hold[1], hold[2]).await;
     }
     let dir = tempfile::tempdir()?;
-    let mut site = start_site(dir.path())?;
+    let mut site = start_site(dir.path(), "")?;
     let result = measure(&args, dir.path(), &site).await;
     let _ = site.kill();
     let _ = site.wait();
     result
 }
 
-pub(crate) fn start_site(dir: &Path) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
+/// `chipsite dev` in `dir/site` on `database_url` (empty: SQLite).
+pub(crate) fn start_site(dir: &Path, database_url: &str) -> anyhow::Result<Child> {
+    start_site_with(&std::env::current_exe()?, dir, database_url)
+}
+
+/// [`start_site`] with another `chipsite` binary (to compare two builds).
+pub(crate) fn start_site_with(exe: &Path, dir: &Path, database_url: &str) -> anyhow::Result<Child> {
     let data = dir.join("site");
     let child = Command::new(exe)
         .arg("dev")
         .env("CHIPSITE_DATA_DIR", &data)
-        .env("CHIPSITE_DATABASE_URL", "")
+        .env("CHIPSITE_DATABASE_URL", database_url)
         .env("CHIPSITE_LOG", "warn")
         .envs(chipsite_site::config::Addresses::ephemeral_env())
         .stdout(Stdio::null())
@@ -193,8 +207,7 @@ async fn measure(args: &Args, dir: &Path, site: &Child) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .site_public_key;
-    std::fs::write(dir.join("site-key.b64"), URL_SAFE_NO_PAD.encode(&site_key))?;
-    chipsite_tls::write_private(&dir.join("app.key"), AppKey::generate()?.to_pem().as_bytes())?;
+    write_work(dir, &site_key)?;
     let work = Work::load(dir)?;
 
     // Users u00000.. with the same app key (the gateway compares keys per CHIP ID).
@@ -230,20 +243,7 @@ async fn measure(args: &Args, dir: &Path, site: &Child) -> anyhow::Result<()> {
     );
 
     // 1. Setups per second, baseline first.
-    let port_file = dir.join("baseline.port");
-    let mut baseline = Command::new(std::env::current_exe()?)
-        .args(["bench-gateway", "--work"])
-        .arg(dir)
-        .arg("--baseline-server")
-        .arg(&port_file)
-        .stdout(Stdio::null())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !port_file.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let base_addr: SocketAddr =
-        format!("127.0.0.1:{}", std::fs::read_to_string(&port_file)?.trim()).parse()?;
+    let (mut baseline, base_addr) = start_baseline(dir).await?;
     let base = setups(&work, base_addr, b"ping\n", args).await;
     let _ = baseline.kill();
     let _ = baseline.wait();
@@ -494,6 +494,29 @@ async fn status_rounds(work: &Work, args: &Args) -> anyhow::Result<()> {
         ms(lat.last().copied().unwrap_or_default())
     );
     Ok(())
+}
+
+/// The baseline server ([`baseline_server`]) in a child process, for the
+/// site whose bench directory is `dir` (`site-key.b64` and `app.key` written).
+pub(crate) async fn start_baseline(dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let port_file = dir.join("baseline.port");
+    let mut baseline = Command::new(std::env::current_exe()?)
+        .args(["bench-gateway", "--work"])
+        .arg(dir)
+        .arg("--baseline-server")
+        .arg(&port_file)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !port_file.exists() {
+        if Instant::now() > deadline {
+            let _ = baseline.kill();
+            bail!("the baseline server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file)?.trim()).parse()?;
+    Ok((baseline, addr))
 }
 
 /// The baseline: the gateway's TLS configuration (certified the same way)

@@ -108,7 +108,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return baseline_server(dir).await;
     }
     let dir = tempfile::tempdir()?;
-    let mut site = start_site(dir.path())?;
+    let mut site = start_site(dir.path(), "")?;
     let result = measure(&args, dir.path()).await;
     let _ = site.kill();
     let _ = site.wait();

@@ -34,8 +34,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The sites' warnings and errors, on stderr.
     let _logs = chipsite_telemetry::init("bench-tally", "warn", "")?;
     let (db_a, db_b) = (
-        BenchDatabase::create(&args.postgres_url).await?,
-        BenchDatabase::create(&args.postgres_url).await?,
+        BenchDatabase::create(&args.postgres.postgres_url).await?,
+        BenchDatabase::create(&args.postgres.postgres_url).await?,
     );
     let result = measure(&args, &db_a.url, &db_b.url).await;
     db_a.drop().await;

@@ -7,6 +7,7 @@ use chipsite_site::{Config, Service, Site};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_enroll;
 mod bench_gateway;
 mod bench_peer;
 mod bench_tally;
@@ -52,6 +53,10 @@ enum Command {
     /// Tally steps from site A to site B, PostgreSQL under both (durable on
     /// both sides), beside pgbench.
     BenchTally(bench::Args),
+    /// The enrollment cycle (ticket, redeem, first session, status) on SQLite
+    /// and PostgreSQL: cycles per second, CPU and internal calls per cycle,
+    /// beside bare handshakes and pgbench.
+    BenchEnroll(bench_enroll::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchGateway(args) => runtime.block_on(bench_gateway::run(args)),
         Command::BenchPeer(args) => runtime.block_on(bench_peer::run(args)),
         Command::BenchTally(args) => runtime.block_on(bench_tally::run(args)),
+        Command::BenchEnroll(args) => runtime.block_on(bench_enroll::run(args)),
     }
 }
 

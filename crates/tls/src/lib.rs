@@ -29,6 +29,20 @@ pub use pki::{CertificateAuthority, IssuedCertificate, identity_of, pin_of_spki}
 pub use serve::{Admitted, HANDSHAKE_TIMEOUT, tls_incoming};
 pub use throttle::{Attempt, Throttle};
 
+/// Acknowledge at once what the peer sent last (`TCP_QUICKACK`): called by
+/// every server when its TLS handshake completes. A client that leaves
+/// Nagle's algorithm on (the default of Python's and Java's sockets) holds
+/// its first request until its last handshake flight is acknowledged, and a
+/// server with nothing to send delays that acknowledgement by up to 40 ms.
+pub fn ack_now(tcp: &tokio::net::TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = tcp;
+}
+
 /// The trust domain of internal identities.
 pub const TRUST_DOMAIN: &str = "chipsite.internal";
 

@@ -56,6 +56,7 @@ pub fn tls_incoming(
                 permit.handshake_done();
                 match handshake {
                     Ok(Ok(stream)) => {
+                        crate::ack_now(stream.get_ref().0);
                         let _ = tx
                             .send(Ok(Admitted {
                                 stream,

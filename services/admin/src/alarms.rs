@@ -111,6 +111,16 @@ impl Admin {
             .await?)
     }
 
+    /// How many alarms the user has (unacknowledged only, unless `include_acked`).
+    pub async fn count_alarms(&self, chip_id: &str, include_acked: bool) -> Result<u64, AdminError> {
+        use sea_orm::PaginatorTrait;
+        let mut q = alarm::Entity::find().filter(alarm::Column::ChipId.eq(chip_id));
+        if !include_acked {
+            q = q.filter(alarm::Column::AckedAtMs.eq(0));
+        }
+        Ok(q.count(&self.db).await?)
+    }
+
     /// Acknowledge one of the user's alarms (again is fine).
     pub async fn ack_alarm(&self, chip_id: &str, id: i64) -> Result<alarm::Model, AdminError> {
         alarm::Entity::update_many()

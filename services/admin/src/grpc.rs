@@ -134,32 +134,8 @@ impl AdminGrpc {
     }
 
     async fn user_pb(&self, u: user::Model) -> Result<pb::User, Status> {
-        let has_key = match self
-            .vault
-            .clone()
-            .get_user_key(kv::GetUserKeyRequest {
-                chip_id: u.chip_id.clone(),
-            })
-            .await
-        {
-            Ok(_) => true,
-            Err(s) if s.code() == Code::NotFound => false,
-            Err(s) => return Err(s),
-        };
-        Ok(pb::User {
-            chip_id: u.chip_id,
-            name: u.name,
-            address: u.address,
-            contact: Some(pb::Contact {
-                email: u.email,
-                phone: u.phone,
-            }),
-            status: u.status,
-            created_at_ms: u.created_at_ms,
-            updated_at_ms: u.updated_at_ms,
-            locked: u.locked,
-            has_key,
-        })
+        let has_key = self.has_key(&u.chip_id).await?;
+        Ok(user_view(u, has_key))
     }
 
     async fn vault_view(&self, s: kv::VaultStatus) -> pb::VaultStatusView {
@@ -215,7 +191,8 @@ impl AdminService for AdminGrpc {
                     format!("key-vault: {}; nothing was created", s.message()),
                 ));
             }
-            self.user_pb(u).await
+            // Just created, its key just forgotten: it has none.
+            Ok(user_view(u, false))
         })
         .await
     }
@@ -811,6 +788,24 @@ impl AdminService for AdminGrpc {
         entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
         entries.truncate(limit as usize);
         Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+}
+
+/// A user as AdminService shows it.
+fn user_view(u: user::Model, has_key: bool) -> pb::User {
+    pb::User {
+        chip_id: u.chip_id,
+        name: u.name,
+        address: u.address,
+        contact: Some(pb::Contact {
+            email: u.email,
+            phone: u.phone,
+        }),
+        status: u.status,
+        created_at_ms: u.created_at_ms,
+        updated_at_ms: u.updated_at_ms,
+        locked: u.locked,
+        has_key,
     }
 }
 

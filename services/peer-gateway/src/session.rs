@@ -52,7 +52,10 @@ pub(crate) async fn answer(
     let tls = tokio::time::timeout_at(deadline, handshake).await;
     permit.handshake_done();
     let tls = match tls {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            chipsite_tls::ack_now(tls.get_ref().0);
+            tls
+        }
         Ok(Err(why)) => {
             tracing::info!(%peer, chip_id, why, "peer session refused in its handshake");
             return;

@@ -98,7 +98,10 @@ pub(crate) async fn answer(
     .await;
     permit.handshake_done();
     let tls = match tls {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            chipsite_tls::ack_now(tls.get_ref().0);
+            tls
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "peer handshake failed");
             return;

@@ -79,6 +79,7 @@ pub(crate) async fn handle(
     let stream = match handshake {
         Ok(Ok(s)) => {
             counted("ok");
+            chipsite_tls::ack_now(s.get_ref().0);
             s
         }
         Ok(Err(e)) => {
@@ -208,6 +209,7 @@ async fn enroll_checked(
     let locked = match &judged {
         Ok((params, _)) => {
             // The site cannot tell: nothing is spent, the app may retry.
+            let generation = inner.cache.known(&params.chip_id).generation;
             let lock = inner
                 .admin
                 .clone()
@@ -217,6 +219,11 @@ async fn enroll_checked(
                 .await
                 .map_err(|_| "lockdown state unavailable")?
                 .into_inner();
+            // The app's first session, which follows at once, asks again
+            // only once the admission cache's entry has expired.
+            inner
+                .cache
+                .store_lockdown(generation, &params.chip_id, lock.site_locked, lock.user_locked);
             lock.site_locked || lock.user_locked
         }
         Err(_) => false,
@@ -610,12 +617,13 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                 events.list_alarms(ev::ListAlarmsRequest {
                     chip_id: chip_id.to_owned(),
                     include_acked: false,
-                    limit: 1000,
+                    limit: 0,
+                    count_only: true,
                 }),
                 crate::tallies::list(inner, chip_id, 100)
             );
             let user = user.map_err(grpc)?.into_inner();
-            let pending = alarms.map_err(grpc)?.into_inner().alarms.len();
+            let pending = alarms.map_err(grpc)?.into_inner().count;
             Ok(json!({
                 "chip_id": user.chip_id,
                 "name": user.name,
@@ -732,6 +740,7 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
                     chip_id: chip_id.to_owned(),
                     include_acked,
                     limit: limit.unwrap_or(100),
+                    ..Default::default()
                 })
                 .await
                 .map_err(grpc)?

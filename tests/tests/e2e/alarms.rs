@@ -223,6 +223,7 @@ async fn alarms_reach_sessions_or_email_and_text_once(store: Store) {
                 chip_id: chip.into(),
                 include_acked: true,
                 limit: 10,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -90,6 +90,7 @@ pub(crate) async fn alarms(site: &TestSite, chip_id: &str) -> Vec<String> {
             chip_id: chip_id.into(),
             include_acked: true,
             limit: 100,
+            ..Default::default()
         })
         .await
         .unwrap()
