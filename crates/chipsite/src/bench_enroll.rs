@@ -276,6 +276,8 @@ async fn pg_counters(db: &BenchDatabase) -> anyhow::Result<(i64, i64)> {
 struct Run {
     per_second: f64,
     cpu_ms: f64,
+    /// Of it, the site's own process.
+    site_cpu_ms: f64,
     calls: f64,
     by_method: Vec<(String, f64)>,
     latencies: [Vec<Duration>; 4],
@@ -294,6 +296,7 @@ async fn cycles(
     let latencies: Arc<Mutex<[Vec<Duration>; 4]>> = Arc::default();
     let failed = Arc::new(AtomicU64::new(0));
     let (calls_before, cpu_before) = (site.rpc_counts().await?, site.cpu_ticks(db.is_some()));
+    let own_before = site.cpu_ticks(false);
     let pg_before = match db {
         Some(db) => Some(pg_counters(db).await?),
         None => None,
@@ -334,6 +337,7 @@ async fn cycles(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = site.cpu_ticks(db.is_some()).saturating_sub(cpu_before);
+    let own = site.cpu_ticks(false).saturating_sub(own_before);
     let calls_after = site.rpc_counts().await?;
     let pg = match (db, pg_before) {
         (Some(db), Some((commits, rows))) => {
@@ -365,6 +369,7 @@ async fn cycles(
     Ok(Run {
         per_second: done as f64 / elapsed,
         cpu_ms: per_cycle(cpu as f64 * 1000.0 / TICKS_PER_SECOND),
+        site_cpu_ms: per_cycle(own as f64 * 1000.0 / TICKS_PER_SECOND),
         calls,
         by_method,
         latencies,
@@ -521,9 +526,10 @@ async fn measure(args: &Args, dir: &Path, db: Option<&BenchDatabase>) -> anyhow:
             let (redeemed, redeem_cpu) =
                 redemptions(&site, apps, args.redemptions, Dial::default(), db.is_some()).await?;
             println!(
-                "  c={apps:<2}  {:>6.1} cycles/s  CPU {:.2} ms/cycle  internal calls {:.1}/cycle{}   redemption alone {:>6.1}/s, CPU {:.2} ms",
+                "  c={apps:<2}  {:>6.1} cycles/s  CPU {:.2} ms/cycle (site {:.2})  internal calls {:.1}/cycle{}   redemption alone {:>6.1}/s, CPU {:.2} ms",
                 run.per_second,
                 run.cpu_ms,
+                run.site_cpu_ms,
                 run.calls,
                 if run.failed > 0 {
                     format!("  ({} failed)", run.failed)
