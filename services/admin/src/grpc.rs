@@ -230,9 +230,22 @@ impl AdminService for AdminGrpc {
         } else {
             String::new()
         };
+        // Which have keys: one call for the page.
+        let with_keys: std::collections::HashSet<String> = self
+            .vault
+            .clone()
+            .users_with_keys(kv::UsersWithKeysRequest {
+                chip_ids: users.iter().map(|u| u.chip_id.clone()).collect(),
+            })
+            .await?
+            .into_inner()
+            .chip_ids
+            .into_iter()
+            .collect();
         let mut out = Vec::with_capacity(users.len());
         for u in users {
-            out.push(self.user_pb(u).await?);
+            let has_key = with_keys.contains(&u.chip_id);
+            out.push(user_view(u, has_key));
         }
         Ok(Response::new(pb::ListUsersResponse {
             users: out,

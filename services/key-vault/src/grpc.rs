@@ -45,6 +45,7 @@ pub fn policy() -> Policy {
         .allow(&m("RegisterUserKey"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("GetUserKey"), &[id::USER_GATEWAY, id::ADMIN, id::TALLY])
         .allow(&m("DeleteUserKey"), &[id::ADMIN])
+        .allow(&m("UsersWithKeys"), &[id::ADMIN])
         .allow(&m("RegisterPeerKey"), &[id::PEER_GATEWAY])
         .allow(&m("GetPeerKey"), &[id::PEER_GATEWAY])
         .allow(&m("ListPeerKeys"), &[id::PEER_GATEWAY])
@@ -146,6 +147,16 @@ impl KeyVaultRpc for KeyVaultGrpc {
             chip_id: k.chip_id,
             public_key: k.public_key,
             registered_at_ms: k.registered_at_ms,
+        }))
+    }
+
+    async fn users_with_keys(&self, req: Request<pb::UsersWithKeysRequest>) -> R<pb::UsersWithKeysResponse> {
+        let ids = req.into_inner().chip_ids;
+        if ids.len() > 1000 {
+            return Err(crate::VaultError::InvalidArgument("at most 1000 users at once".into()).into());
+        }
+        Ok(Response::new(pb::UsersWithKeysResponse {
+            chip_ids: self.0.users_with_keys(&ids).await?,
         }))
     }
 

@@ -452,6 +452,21 @@ impl KeyVault {
             .ok_or_else(|| VaultError::NotFound(format!("key of user {chip_id:?}")))
     }
 
+    /// Which of `chip_ids` have a key.
+    pub async fn users_with_keys(&self, chip_ids: &[String]) -> Result<Vec<String>, VaultError> {
+        use sea_orm::QuerySelect;
+        if chip_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(user_key::Entity::find()
+            .select_only()
+            .column(user_key::Column::ChipId)
+            .filter(user_key::Column::ChipId.is_in(chip_ids.iter().cloned()))
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Remember a peer site's key for one of its users. A key learned once
     /// is never replaced by another (`AlreadyExists`): whoever holds a tally
     /// ticket could otherwise claim an existing peer's name and host and
@@ -830,6 +845,26 @@ mod tests {
             .get_status(GetStatusRequest {})
             .await;
         assert_eq!(tally.local_calls(), before);
+    }
+
+    /// A page of users' key status in one query: exactly those with a key.
+    #[tokio::test]
+    async fn users_with_keys_names_exactly_those_with_one() {
+        use p256::pkcs8::EncodePublicKey;
+        let (v, _dir) = vault().await;
+        let spki = SecretKey::try_generate()
+            .unwrap()
+            .public_key()
+            .to_public_key_der()
+            .unwrap();
+        v.register_user_key("alice", spki.as_bytes()).await.unwrap();
+        v.register_user_key("carol", spki.as_bytes()).await.unwrap();
+        let ids = ["alice", "bob", "carol"].map(str::to_owned);
+        let mut with = v.users_with_keys(&ids).await.unwrap();
+        with.sort();
+        assert_eq!(with, ["alice", "carol"]);
+        assert!(v.users_with_keys(&[]).await.unwrap().is_empty());
+        assert!(v.users_with_keys(&["bob".to_owned()]).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -91,12 +91,16 @@ pub(crate) async fn answer(
         };
         // The requests that came with it (already read, or readable now)
         // are answered with it: steps among them in one batch.
+        let mut bytes = first.len();
         let mut frames = vec![first];
         let mut end = None;
-        while frames.len() < BATCH {
+        while frames.len() < BATCH && bytes < BATCH_BYTES {
             match reader.next_frame().now_or_never() {
                 None => break,
-                Some(Ok(Some(frame))) => frames.push(frame),
+                Some(Ok(Some(frame))) => {
+                    bytes += frame.len();
+                    frames.push(frame);
+                }
                 Some(other) => {
                     end = Some(other);
                     break;
@@ -115,8 +119,10 @@ pub(crate) async fn answer(
     close(reader.get_mut(), within).await;
 }
 
-/// Requests answered together at most.
+/// Requests answered together at most, and their bytes (the internal call
+/// that applies a batch of steps stays far below gRPC's 4 MiB).
 const BATCH: usize = 64;
+const BATCH_BYTES: usize = 1 << 20;
 
 /// The end of a session's requests: an oversized or non-UTF-8 frame gets
 /// one error (section 2); a clean close, a timeout or a broken stream none.
