@@ -117,6 +117,13 @@ pub enum AlarmCmd {
 pub struct UserFields {
     #[arg(long)]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub contact: ContactFields,
+}
+
+/// A user's address and contact details, each optional.
+#[derive(Args, Debug)]
+pub struct ContactFields {
     #[arg(long)]
     pub address: Option<String>,
     #[arg(long)]
@@ -125,12 +132,24 @@ pub struct UserFields {
     pub phone: Option<String>,
 }
 
+/// A new user's fields: the name is required (checked by chipsctl itself, so
+/// that a missing one is a one-line error like every other).
+#[derive(Args, Debug)]
+pub struct NewUserFields {
+    /// The user's name (required).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub contact: ContactFields,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
+    /// Create a user (a name is required; contact details are optional).
     Create {
         chip_id: String,
         #[command(flatten)]
-        fields: UserFields,
+        fields: NewUserFields,
     },
     Show {
         chip_id: String,
@@ -172,10 +191,12 @@ pub enum UserCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum TicketCmd {
-    /// Issue a user's connection ticket.
+    /// Issue a user's connection ticket. A user who is locked down (or not
+    /// active) gets none: lift the lockdown first.
     Issue {
         chip_id: String,
-        /// Lifetime in seconds (default: the site's ticket.ttl_seconds).
+        /// Lifetime in seconds, at most 2592000 (30 days); 0, the default,
+        /// takes the site's ticket.ttl_seconds (60 to 2592000, 86400 unless changed).
         #[arg(long, default_value_t = 0)]
         ttl: u32,
         /// Also draw the ticket as a QR code in the terminal.
@@ -654,10 +675,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     .create_user(pb::CreateUserRequest {
                         chip_id,
                         name,
-                        address: fields.address.unwrap_or_default(),
+                        address: fields.contact.address.unwrap_or_default(),
                         contact: Some(pb::Contact {
-                            email: fields.email.unwrap_or_default(),
-                            phone: fields.phone.unwrap_or_default(),
+                            email: fields.contact.email.unwrap_or_default(),
+                            phone: fields.contact.phone.unwrap_or_default(),
                         }),
                     })
                     .await
@@ -715,9 +736,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     .update_user(pb::UpdateUserRequest {
                         chip_id,
                         name: fields.name,
-                        address: fields.address,
-                        email: fields.email,
-                        phone: fields.phone,
+                        address: fields.contact.address,
+                        email: fields.contact.email,
+                        phone: fields.contact.phone,
                         status,
                     })
                     .await

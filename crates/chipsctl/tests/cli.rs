@@ -432,3 +432,34 @@ fn an_unreachable_admin_service_is_one_clear_line() {
     );
     assert_eq!(stderr.lines().count(), 1);
 }
+
+/// The help says what the commands require (issue 16): `user create` needs
+/// `--name` (a missing one is refused in one line, `every_admin_command_…`),
+/// and `ticket issue` states its lifetime's range and that a locked-down
+/// user gets no ticket.
+#[test]
+fn the_help_says_what_commands_require() {
+    let run = |args: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_chipsctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
+        )
+    };
+    let (ok, help) = run(&["user", "create", "--help"]);
+    assert!(ok, "{help}");
+    assert!(
+        help.lines()
+            .any(|l| l.trim_start().starts_with("--name <NAME>") && l.contains("(required)")),
+        "{help}"
+    );
+    let (ok, help) = run(&["ticket", "issue", "--help"]);
+    assert!(ok, "{help}");
+    assert!(
+        help.contains("2592000 (30 days)") && help.contains("locked down"),
+        "{help}"
+    );
+}
