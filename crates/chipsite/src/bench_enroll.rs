@@ -107,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// A `chipsite dev` child and what the bench's clients need of it.
 struct Site {
     child: Child,
-    admin: AdminServiceClient<chipsite_tls::InternalChannel>,
+    admin: AdminServiceClient<tonic::transport::Channel>,
     ops: String,
     site_key: Vec<u8>,
     key: AppKey,
@@ -126,9 +126,11 @@ impl Site {
         let child = crate::bench_gateway::start_site_with(exe, dir, database_url)?;
         let endpoints = Endpoints::read(&dir.join("site"))?;
         let tls = |id: &str| ReloadableTls::from_files(endpoints.cert_paths(id));
-        let admin = AdminServiceClient::new(chipsite_tls::InternalChannel::tcp_only(
-            chipsite_tls::connect_tls_lazy(&endpoints.admin, identity::ADMIN, tls(identity::ADMIN_CLIENT)?)?,
-        ));
+        let admin = AdminServiceClient::new(chipsite_tls::connect_tls_lazy(
+            &endpoints.admin,
+            identity::ADMIN,
+            tls(identity::ADMIN_CLIENT)?,
+        )?);
         let mut vault = KeyVaultClient::new(chipsite_tls::connect_tls_lazy(
             &endpoints.key_vault,
             identity::KEY_VAULT,

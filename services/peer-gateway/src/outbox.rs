@@ -7,7 +7,7 @@
 //!   message is settled only after the other site answered, so a crash of
 //!   either site leaves it pending, and it is sent again; the other site
 //!   applies it once.
-//! * **In:** `tally.step` on a peer session ([`receive`]): the link must
+//! * **In:** `tally.step` on a peer session ([`receive_many`]): the link must
 //!   exist, the local user must not be locked down, and the tally service
 //!   checks the signature and the tally's state and records the step.
 
@@ -32,14 +32,6 @@ struct StepParams {
     step: Value,
 }
 
-/// `tally.step`: a step signed by the session's user, for a local user.
-pub(crate) async fn receive(inner: &Inner, from: &Caller, params: Value) -> Result<Value, RpcError> {
-    receive_many(inner, from, vec![params])
-        .await
-        .pop()
-        .unwrap_or_else(|| Err(RpcError::new(ErrorCode::Internal, "internal error")))
-}
-
 /// What the tally service's code for a step means on the wire.
 fn step_error(code: SiteCode, message: &str) -> RpcError {
     let code = match code {
@@ -58,11 +50,11 @@ fn step_error(code: SiteCode, message: &str) -> RpcError {
     RpcError::new(code, message)
 }
 
-/// Several `tally.step` requests that arrived together on one session,
-/// answered in their order: the checks of [`receive`] made once for all
-/// (the link and the lockdown once per local user, the site's state once),
-/// and the steps applied in one call to the tally service, in one
-/// transaction there.
+/// `tally.step`: the requests that arrived together on one session (one or
+/// more), answered in their order. The link must exist, this site must take
+/// peer work and the local user must not be locked down (checked once per
+/// local user, the site's state once); the steps are then applied in one
+/// call to the tally service, in one transaction there.
 pub(crate) async fn receive_many(
     inner: &Inner,
     from: &Caller,

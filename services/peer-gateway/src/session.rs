@@ -131,16 +131,12 @@ async fn framing_end(
     end: Result<Option<String>, FrameError>,
     within: Duration,
 ) {
-    let code = match end {
-        Err(FrameError::NotUtf8) => ErrorCode::ParseError,
-        Err(FrameError::TooLong(_)) => ErrorCode::InvalidRequest,
+    let (code, e) = match end {
+        Err(e @ FrameError::NotUtf8) => (ErrorCode::ParseError, e),
+        Err(e @ FrameError::TooLong(_)) => (ErrorCode::InvalidRequest, e),
         _ => return,
     };
-    let message = match end {
-        Err(e) => e.to_string(),
-        Ok(_) => return,
-    };
-    let reply = Response::error(Value::Null, RpcError::new(code, message));
+    let reply = Response::error(Value::Null, RpcError::new(code, e.to_string()));
     let _ = write_frame(reader.get_mut(), &reply.to_frame(), within).await;
 }
 
@@ -160,7 +156,7 @@ async fn answer_frames(inner: &Arc<Inner>, from: &Caller, frames: Vec<String>) -
             }
             Ok(Incoming::Request(req)) => {
                 take_steps(inner, from, &mut steps, &mut replies).await;
-                replies.push(Some(match call(inner, from, &req.method, req.params).await {
+                replies.push(Some(match call(&req.method, req.params) {
                     Ok(result) => Response::result(req.id, result),
                     Err(e) => Response::error(req.id, e),
                 }));
@@ -252,10 +248,10 @@ pub(crate) struct Caller {
     pub(crate) site_pin: String,
 }
 
-/// The methods of a peer session.
-async fn call(inner: &Arc<Inner>, from: &Caller, method: &str, params: Value) -> Result<Value, RpcError> {
+/// A peer session's methods other than `tally.step` (which
+/// [`answer_frames`] takes in batches).
+fn call(method: &str, params: Value) -> Result<Value, RpcError> {
     match method {
-        "tally.step" => crate::outbox::receive(inner, from, params).await,
         "ping" => {
             if params.as_object().is_some_and(|o| !o.is_empty()) || params.is_array() {
                 return Err(RpcError::new(

@@ -17,7 +17,6 @@ pub fn policy() -> Policy {
     let m = |name: &str| format!("{S}{name}");
     Policy::new()
         .allow(&m("Submit"), &[id::USER_GATEWAY])
-        .allow(&m("Receive"), &[id::PEER_GATEWAY])
         .allow(&m("ReceiveMany"), &[id::PEER_GATEWAY])
         .allow(&m("ListTallies"), &[id::USER_GATEWAY, id::ADMIN])
         .allow(&m("NextOutgoing"), &[id::PEER_GATEWAY])
@@ -81,33 +80,6 @@ impl TalliesRpc for TalliesGrpc {
             .view
             .ok_or_else(|| TallyError::NotFound(format!("no tally {}", applied.tally_id)))?;
         Ok(Response::new(tally_pb(view)))
-    }
-
-    async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<pb::ReceiveResponse> {
-        let req = req.into_inner();
-        let applied = self
-            .0
-            .receive(
-                &req.peer_site_pin,
-                &req.peer_chip_id,
-                &req.idempotency_key,
-                &req.step,
-            )
-            .await?;
-        let tally = match applied.view {
-            Some(v) => tally_pb(v),
-            None => pb::Tally {
-                id: applied.tally_id,
-                state: applied.state.clone(),
-                ..Default::default()
-            },
-        };
-        Ok(Response::new(pb::ReceiveResponse {
-            tally: Some(tally),
-            fresh: applied.fresh,
-            seq: applied.seq,
-            state: applied.state,
-        }))
     }
 
     async fn receive_many(&self, req: Request<pb::ReceiveManyRequest>) -> R<pb::ReceiveManyResponse> {

@@ -296,24 +296,9 @@ impl Tallies {
         Ok(applied)
     }
 
-    /// A step from the other site (`Receive`): signed by the user its peer
-    /// session names, on the site whose key authenticated the session.
-    pub async fn receive(
-        &self,
-        peer_site_pin: &str,
-        peer_chip_id: &str,
-        idempotency_key: &str,
-        text: &str,
-    ) -> Result<Applied, TallyError> {
-        let own = self.own_pin().await?;
-        let step = received(peer_site_pin, peer_chip_id, idempotency_key, text, &own)?;
-        // The other site needs only the outcome.
-        self.apply(&step, Side::Peer, false).await
-    }
-
     /// Steps from the other site as one session carried them
-    /// (`ReceiveMany`): each checked as [`Self::receive`] checks it, then
-    /// applied in order in one transaction, each in a savepoint of its own
+    /// (`ReceiveMany`): each signed by the user the session names, on the
+    /// site whose key authenticated it ([`received`]), then applied in order in one transaction, each in a savepoint of its own
     /// (a refused step leaves nothing, and the next still applies).
     pub async fn receive_many(&self, items: &[Received<'_>]) -> Vec<Result<Applied, TallyError>> {
         let own = match self.own_pin().await {
