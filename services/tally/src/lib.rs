@@ -76,9 +76,7 @@ impl TallyError {
             Self::Store(_) => ErrorCode::Internal,
         }
     }
-}
 
-impl TallyError {
     /// The same error for another item of a batch that failed as a whole.
     fn again(&self) -> Self {
         match self {
