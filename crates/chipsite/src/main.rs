@@ -11,6 +11,7 @@ mod bench_enroll;
 mod bench_gateway;
 mod bench_peer;
 mod bench_tally;
+mod health;
 
 #[derive(Parser)]
 #[command(name = "chipsite", version, about = "The chipsite site server")]
@@ -42,6 +43,13 @@ enum Command {
     },
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Ask this process's ops port whether the service is ready (or, with
+    /// --live, alive): exit 0 if so, 1 if not. For container health checks,
+    /// with no shell in the image.
+    Health(health::Args),
+    /// The internal PKI for a deployment (compose secrets, a Kubernetes Secret).
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Ticket issue + redeem benchmark against PostgreSQL, beside pgbench.
     Bench(bench::Args),
     /// User gateway benchmark: mutual-TLS setups beside a bare tokio-rustls
@@ -59,6 +67,28 @@ enum Command {
     BenchEnroll(bench_enroll::Args),
 }
 
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make the internal CA and one certificate and key per identity (every
+    /// service, the console, and `admin-client` for operators) in DIR:
+    /// `ca.pem`, `<identity>.pem`, `<identity>.key`, and the CA's key in
+    /// `DIR/ca/ca.key` (keep it offline; a `kubectl create secret generic
+    /// --from-file=DIR` skips that folder). Files already there are kept.
+    Init {
+        dir: PathBuf,
+        /// Named in the CA's subject.
+        #[arg(long, default_value = "chipsite")]
+        site_name: String,
+        /// Days each identity's certificate is valid (the CA: ten years).
+        #[arg(long, default_value_t = 397, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+        /// Issue every identity's certificate again from the same CA (the
+        /// services reload the new files without a restart).
+        #[arg(long)]
+        renew: bool,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config =
@@ -70,6 +100,38 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Config => {
             print!("{}", config.to_masked_toml());
+            Ok(())
+        }
+        Command::Health(args) => {
+            let ok = runtime.block_on(health::check(&config, &args));
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Command::Pki(PkiCommand::Init {
+            dir,
+            site_name,
+            days,
+            renew,
+        }) => {
+            let layout = chipsite_site::pki::Layout::deploy(&dir);
+            let made = chipsite_site::pki::ensure(
+                &layout,
+                &site_name,
+                &chipsite_site::pki::deploy_identities(),
+                Duration::from_secs(days * 86_400),
+                renew,
+            )?;
+            if made.created_ca {
+                println!("made the internal CA: {}", layout.ca_cert.display());
+                println!(
+                    "  its key: {} (keep it offline; only `pki init` needs it)",
+                    layout.ca_key.display()
+                );
+            }
+            if made.issued.is_empty() {
+                println!("every identity already has a certificate in {}", dir.display());
+            } else {
+                println!("issued ({} days): {}", days, made.issued.join(", "));
+            }
             Ok(())
         }
         Command::Dev {

@@ -387,31 +387,179 @@ fn serve_key_vault_takes_its_pass_phrase_from_the_environment_only() {
     }
 }
 
-/// Two `chipsite serve key-vault` processes started together against one
-/// fresh PostgreSQL database: their migrations take turns under the advisory
-/// lock, and both serve. (Without `CHIPSITE_TEST_POSTGRES_URL` this says so
-/// and passes; CI sets it.)
+/// `chipsite serve <service>` with the files `chipsite pki init` made, its
+/// store at `database_url`, its ops port at `ops`.
+fn serve_from_pki(service: &str, pki: &Path, database_url: &str, ops: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
+    cmd.args(["serve", service])
+        .env("CHIPSITE_LISTEN", free_addr())
+        .env("CHIPSITE_ADDRESSES__OPS", ops)
+        .env("CHIPSITE_DATABASE_URL", database_url)
+        .env("CHIPSITE_TLS__CERT", pki.join(format!("{service}.pem")))
+        .env("CHIPSITE_TLS__KEY", pki.join(format!("{service}.key")))
+        .env("CHIPSITE_TLS__CA", pki.join("ca.pem"))
+        .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+        .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn pki_init(dir: &Path) {
+    let made = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .args(["pki", "init"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+/// Until `chipsite health` passes for the ops port `ops` (or 30 s pass).
+fn until_ready(ops: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = health(&[], Some(ops));
+        if ready.status.success() {
+            return;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("never ready: {}", String::from_utf8_lossy(&ready.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Against one fresh PostgreSQL database: two `serve ticket` replicas
+/// started together both serve (their migrations take turns under the
+/// advisory lock); a second key-vault, which must run alone, stops at once
+/// saying why, and once the first has stopped another one serves. (Without
+/// `CHIPSITE_TEST_POSTGRES_URL` this says so and passes; CI sets it.)
 #[test]
-fn two_processes_starting_together_against_one_postgres_both_serve() {
+fn replicas_share_one_postgres_and_a_single_service_refuses_a_second() {
     let runtime = client_runtime();
     let Some(store) = runtime.block_on(chipsite_e2e::fresh_store(chipsite_e2e::StoreKind::Postgres)) else {
         eprintln!("not run: set CHIPSITE_TEST_POSTGRES_URL (CI does)");
         return;
     };
-    let files = KeyVaultFiles::new();
-    let addrs = [free_addr(), free_addr()];
-    let replicas: Vec<Child> = addrs
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    pki_init(&pki);
+    let url = store.url();
+
+    let ops: Vec<String> = (0..2).map(|_| free_addr()).collect();
+    let mut replicas: Vec<Child> = ops
         .iter()
-        .map(|addr| files.serve(addr, &store.url()).spawn().unwrap())
+        .map(|o| serve_from_pki("ticket", &pki, &url, o).spawn().unwrap())
         .collect();
-    for addr in &addrs {
-        let status = files
-            .status(&runtime, addr, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("the replica at {addr} never served: {e}"));
-        assert!(!status.has_key, "a fresh database has no site key yet");
+    for (o, r) in ops.iter().zip(replicas.iter_mut()) {
+        until_ready(o, r);
     }
+
+    let first_ops = free_addr();
+    let mut first = serve_from_pki("key-vault", &pki, &url, &first_ops)
+        .spawn()
+        .unwrap();
+    until_ready(&first_ops, &mut first);
+    let second = serve_from_pki("key-vault", &pki, &url, &free_addr())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second key-vault served");
+    let why = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        why.contains("another key-vault process already runs against this database"),
+        "{why}"
+    );
+    assert!(interrupt_and_wait(first).0, "a clean stop");
+    // The claim went with the process: a new key-vault serves.
+    let third_ops = free_addr();
+    let mut third = serve_from_pki("key-vault", &pki, &url, &third_ops)
+        .spawn()
+        .unwrap();
+    until_ready(&third_ops, &mut third);
+    assert!(interrupt_and_wait(third).0, "a clean stop");
     for replica in replicas {
         assert!(interrupt_and_wait(replica).0, "a clean stop");
     }
     runtime.block_on(store.drop_database());
+}
+
+/// `chipsite health` as a container runtime runs it.
+fn health(args: &[&str], ops: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chipsite"));
+    cmd.arg("health").args(args).env_remove("CHIPSITE_ADDRESSES__OPS");
+    if let Some(ops) = ops {
+        cmd.env("CHIPSITE_ADDRESSES__OPS", ops);
+    }
+    cmd.output().unwrap()
+}
+
+/// `chipsite pki init` makes the files `serve` runs with, and `chipsite
+/// health` (the containers' health check) passes while the service is
+/// ready and fails, saying why, when no one answers or nothing is set.
+#[test]
+fn pki_init_makes_what_serve_needs_and_health_checks_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    let made = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .args(["pki", "init"])
+        .arg(&pki)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let out = String::from_utf8_lossy(&made.stdout);
+    assert!(
+        out.contains("made the internal CA") && out.contains("admin-client"),
+        "{out}"
+    );
+    assert!(!out.contains("bench"), "{out}");
+    assert!(pki.join("ca").join("ca.key").exists() && !pki.join("ca.key").exists());
+
+    let (addr, ops) = (free_addr(), free_addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chipsite"))
+        .args(["serve", "key-vault"])
+        .env("CHIPSITE_LISTEN", &addr)
+        .env("CHIPSITE_ADDRESSES__OPS", &ops)
+        .env(
+            "CHIPSITE_DATABASE_URL",
+            format!("sqlite://{}/kv.sqlite?mode=rwc", tmp.path().display()),
+        )
+        .env("CHIPSITE_TLS__CERT", pki.join("key-vault.pem"))
+        .env("CHIPSITE_TLS__KEY", pki.join("key-vault.key"))
+        .env("CHIPSITE_TLS__CA", pki.join("ca.pem"))
+        .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE")
+        .env_remove("CHIPSITE_SITE_KEY_PASSPHRASE_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = health(&[], Some(&ops));
+        if ready.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("never ready: {}", String::from_utf8_lossy(&ready.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The ops address as a container sets it: every interface, asked on loopback.
+    let port = ops.rsplit_once(':').unwrap().1;
+    assert!(
+        health(&["--live"], Some(&format!("0.0.0.0:{port}")))
+            .status
+            .success()
+    );
+    assert!(interrupt_and_wait(child).0);
+
+    let gone = health(&["--addr", &ops, "--timeout-ms", "2000"], None);
+    assert_eq!(gone.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&gone.stderr);
+    assert!(why.contains(&ops) && why.contains("/readyz"), "{why}");
+    let unset = health(&[], None);
+    assert_eq!(unset.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unset.stderr).contains("no ops port"));
 }

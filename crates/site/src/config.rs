@@ -47,6 +47,15 @@ impl Service {
         }
     }
 
+    /// Services of which one process at a time may run against a database:
+    /// admin (the alarm sweeper, the settings), key-vault (the unsealed key
+    /// in its memory), tally (its outbox leasing is serialised in its memory,
+    /// and it lets go of every lease when it opens). `serve` claims this
+    /// with an advisory lock on PostgreSQL (ADR 0012).
+    pub fn must_run_alone(self) -> bool {
+        matches!(self, Self::Admin | Self::KeyVault | Self::Tally)
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|x| x.identity() == s)
     }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use base64::Engine;
-use chipsite_tls::{CertPaths, CertificateAuthority, identity};
+use chipsite_tls::{CertPaths, identity};
 
 use crate::SiteError;
 
@@ -41,27 +41,13 @@ fn read_own(path: &Path) -> Result<String, SiteError> {
 
 /// Create the dev CA and every identity's certificate unless present.
 pub fn ensure_pki(data_dir: &Path, site_name: &str) -> Result<(), SiteError> {
-    let dir = pki_dir(data_dir);
-    chipsite_model::files::private_dir(&dir).map_err(io_err(&dir))?;
-    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (ca, fresh) = if ca_cert.exists() && ca_key.exists() {
-        let cert = std::fs::read_to_string(&ca_cert).map_err(io_err(&ca_cert))?;
-        let key = read_own(&ca_key)?;
-        (CertificateAuthority::from_pem(&cert, &key)?, false)
-    } else {
-        let ca = CertificateAuthority::generate(site_name)?;
-        write_private(&ca_key, ca.key_pem().as_bytes())?;
-        std::fs::write(&ca_cert, ca.cert_pem()).map_err(io_err(&ca_cert))?;
-        (ca, true)
-    };
-    for id in identity::ALL {
-        let paths = cert_paths(data_dir, id);
-        if fresh || !paths.cert.exists() || !paths.key.exists() {
-            let issued = ca.issue(id, &[], DEV_CERT_VALIDITY)?;
-            write_private(&paths.key, issued.key_pem.as_bytes())?;
-            std::fs::write(&paths.cert, &issued.cert_pem).map_err(io_err(&paths.cert))?;
-        }
-    }
+    crate::pki::ensure(
+        &crate::pki::Layout::dev(data_dir),
+        site_name,
+        identity::ALL,
+        DEV_CERT_VALIDITY,
+        false,
+    )?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod dev;
 pub mod ops;
+pub mod pki;
 pub mod services;
 
 use std::{collections::HashMap, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
@@ -532,6 +533,13 @@ pub async fn serve_one(
             listeners.insert(*name, Listen::At(addr));
         }
     }
+    // Before anything is migrated or served: a second admin, key-vault or
+    // tally against the same database stops here, naming why.
+    let single = if service.must_run_alone() {
+        chipsite_store::claim_single(&config.database_url_for(service), service.identity()).await?
+    } else {
+        None
+    };
     let (mut supervisor, stop, _) = launch(Launch {
         services: vec![service],
         config: config.clone(),
@@ -549,6 +557,16 @@ pub async fn serve_one(
         },
     })
     .await?;
+    if let Some(single) = single {
+        supervisor.watch(
+            "single-instance lock".into(),
+            Some(tokio::spawn(async move {
+                if let Err(e) = single.hold(Duration::from_secs(5)).await {
+                    tracing::error!(error = %e, "stopping");
+                }
+            })),
+        );
+    }
     tokio::select! {
         () = shutdown => {
             let _ = stop.send(true);

@@ -16,6 +16,12 @@ pub enum StoreError {
     Dir { path: String, source: std::io::Error },
     #[error("cannot connect to the database: {0}")]
     Connect(DbErr),
+    #[error(
+        "another {0} process already runs against this database, and {0} must run alone: stop it, or give this one another database"
+    )]
+    Taken(String),
+    #[error("the connection holding {0}'s single-instance lock was lost: {1}")]
+    LockLost(String, String),
 }
 
 /// Which engine a URL names.
@@ -202,6 +208,67 @@ pub async fn migrate<M: sea_orm_migration::MigratorTrait>(db: &DatabaseConnectio
     .await?;
     M::up(&txn, None).await?;
     txn.commit().await
+}
+
+/// A claim that this is the only process of a service against its
+/// database: a session-level advisory lock on a connection of its own,
+/// held for as long as the claim lives (PostgreSQL drops it when the process
+/// or its connection goes). See [`claim_single`].
+pub struct SingleInstance {
+    service: String,
+    conn: sea_orm::sqlx::PgConnection,
+}
+
+impl std::fmt::Debug for SingleInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SingleInstance")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Claim that `service` runs once against the database at `url`: `None` on
+/// SQLite (a file belongs to one process anyway), [`StoreError::Taken`] if
+/// another process holds the claim. Replicas of a service that must stay
+/// single (admin, key-vault, tally) would otherwise each believe they are
+/// the only one.
+pub async fn claim_single(url: &str, service: &str) -> Result<Option<SingleInstance>, StoreError> {
+    use sea_orm::sqlx::{Connection, Row};
+    if Engine::of_url(url)? != Engine::Postgres {
+        return Ok(None);
+    }
+    let connect = |e: sea_orm::sqlx::Error| StoreError::Connect(DbErr::Custom(e.to_string()));
+    let mut conn = sea_orm::sqlx::PgConnection::connect(url).await.map_err(connect)?;
+    let row = sea_orm::sqlx::query("SELECT pg_try_advisory_lock($1)")
+        .bind(migration_lock_key(&format!(
+            "chipsite single instance: {service}"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(connect)?;
+    let held: bool = row.try_get(0).map_err(connect)?;
+    if !held {
+        return Err(StoreError::Taken(service.to_owned()));
+    }
+    Ok(Some(SingleInstance {
+        service: service.to_owned(),
+        conn,
+    }))
+}
+
+impl SingleInstance {
+    /// Keep the claim, checking its connection every `every`; returns (an
+    /// error) only when the connection, and so the claim, is lost: the
+    /// service must then stop, since another process may claim it now.
+    pub async fn hold(mut self, every: Duration) -> Result<(), StoreError> {
+        use sea_orm::sqlx::Connection;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.conn.ping().await {
+                return Err(StoreError::LockLost(self.service, e.to_string()));
+            }
+        }
+    }
 }
 
 /// A stable advisory-lock key for a migration table (FNV-1a of its name).
