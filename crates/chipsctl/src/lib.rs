@@ -221,7 +221,8 @@ pub enum TicketCmd {
 #[derive(Args, Debug, Default)]
 #[group(id = "passphrase_source")]
 pub struct Passphrase {
-    /// Read the pass phrase from this file (else $CHIPSCTL_PASSPHRASE, else one line of stdin).
+    /// Read the pass phrase from this file (else $CHIPSCTL_PASSPHRASE, else typed at the
+    /// terminal without echo, or one line of piped stdin).
     #[arg(long)]
     pub passphrase_file: Option<PathBuf>,
 }
@@ -348,7 +349,8 @@ fn rpc_error(admin: &str) -> impl Fn(tonic::Status) -> CliError + '_ {
 }
 
 /// Where pass phrases come from: a file, else an environment variable, else
-/// the next line of stdin (never the command line, where `ps` shows it).
+/// stdin: typed at a terminal without echo (a new one twice), or the next
+/// line of a pipe (never the command line, where `ps` shows it).
 #[derive(Default)]
 struct Secrets {
     stdin: Option<std::io::Lines<std::io::StdinLock<'static>>>,
@@ -362,6 +364,9 @@ impl Secrets {
         }
         if let Ok(s) = std::env::var(env) {
             return Ok(s);
+        }
+        if self.stdin.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return typed(env == "CHIPSCTL_NEW_PASSPHRASE");
         }
         match self
             .stdin
@@ -378,6 +383,25 @@ impl Secrets {
     fn passphrase(&mut self, p: &Passphrase) -> Result<String, CliError> {
         self.read(&p.passphrase_file, "CHIPSCTL_PASSPHRASE")
     }
+}
+
+/// A pass phrase typed at the terminal, not echoed; a new one is asked for
+/// twice and must match.
+fn typed(new: bool) -> Result<String, CliError> {
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt).map_err(|e| CliError::Io(format!("reading the pass phrase: {e}")))
+    };
+    let first = ask(if new {
+        "new site key pass phrase: "
+    } else {
+        "site key pass phrase: "
+    })?;
+    if new && ask("the new pass phrase again: ")? != first {
+        return Err(CliError::Usage(
+            "the two new pass phrases differ; nothing was changed".into(),
+        ));
+    }
+    Ok(first)
 }
 
 fn connect(cli: &Cli) -> Result<(Channel, String), CliError> {
@@ -631,9 +655,21 @@ fn config_json(c: &pb::SiteConfig) -> Value {
     json!(sorted)
 }
 
+/// `key = value`, with `(changed)` after a value that is not the default.
+/// Secrets inside values come masked (`****`); `config set key=<as shown>`
+/// leaves such a value unchanged.
 fn config_text(c: &pb::SiteConfig) -> String {
     let sorted: std::collections::BTreeMap<_, _> = c.values.iter().collect();
-    sorted.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+    sorted
+        .into_iter()
+        .map(|(k, v)| {
+            if c.changed.contains(k) {
+                format!("{k} = {v}  (changed)\n")
+            } else {
+                format!("{k} = {v}\n")
+            }
+        })
+        .collect()
 }
 
 /// Lock down a user (`chip_id`) or the whole site (empty), or lift it.

@@ -37,6 +37,53 @@ fn chipsctl(data_dir: &Path, args: &[&str], stdin: Option<&str>) -> Run {
     }
 }
 
+/// chipsctl on a terminal (a pseudo-terminal made by Python's `pty`), with
+/// `typed` answering its prompt once the prompt has appeared; everything
+/// the terminal showed, and whether chipsctl succeeded.
+fn at_terminal(data_dir: &Path, args: &[&str], typed: &str) -> (bool, String) {
+    const DRIVER: &str = r#"
+import os, pty, select, sys, time
+argv, typed = sys.argv[1:-1], sys.argv[-1]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+seen, deadline = b"", time.time() + 30
+def more():
+    global seen
+    r, _, _ = select.select([fd], [], [], 0.5)
+    if r:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        seen += chunk
+    return True
+while b"pass phrase: " not in seen and time.time() < deadline and more():
+    pass
+os.write(fd, typed.encode() + b"\n")
+while time.time() < deadline and more():
+    pass
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(seen.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", DRIVER, env!("CARGO_BIN_EXE_chipsctl"), "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .arg(typed)
+        .env_remove("CHIPSCTL_PASSPHRASE")
+        .env_remove("CHIPSCTL_NEW_PASSPHRASE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 fn ok(data_dir: &Path, args: &[&str]) -> String {
     let r = chipsctl(data_dir, args, None);
     assert!(r.ok, "chipsctl {args:?} failed: {}", r.stderr);
@@ -195,6 +242,27 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     fails(d, &["ticket", "revoke", "tkt_nope"], None, "not found");
     fails(d, &["ticket", "issue", "bob"], None, "suspended");
     assert!(ok(d, &["ticket", "list", "--all"]).contains("revoked"));
+    // An operator's console sign-in link is listed as one, for no user.
+    ok(d, &["console", "link"]);
+    let listed = json(&ok(d, &["--json", "ticket", "list"]));
+    let console: Vec<_> = listed["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "console")
+        .collect();
+    assert!(
+        !console.is_empty() && console.iter().all(|t| t["chip_id"] == ""),
+        "{listed}"
+    );
+    assert!(
+        listed["tickets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["kind"] != "unknown"),
+        "{listed}"
+    );
 
     // Site key.
     assert!(ok(d, &["key", "status"]).starts_with("site key unsealed"));
@@ -230,6 +298,18 @@ async fn every_admin_command_through_chipsctl(store: Store) {
         Some("wrong pass phrase\n"),
         "wrong pass phrase",
     );
+    // Typed at a terminal: asked for, and not echoed.
+    let (unsealed, screen) = at_terminal(d, &["key", "unseal"], &pass);
+    assert!(unsealed, "{screen}");
+    assert!(
+        screen.contains("site key pass phrase: ") && screen.contains("site key unsealed"),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains(pass.as_str()),
+        "the pass phrase was echoed: {screen}"
+    );
+    assert!(ok(d, &["key", "seal"]).starts_with("site key SEALED"));
     assert!(ok(d, &["key", "unseal", "--passphrase-file", pass_arg]).starts_with("site key unsealed"));
     let r = chipsctl(
         d,
@@ -349,7 +429,17 @@ async fn every_admin_command_through_chipsctl(store: Store) {
         None,
         "unknown configuration key",
     );
-    assert!(ok(d, &["config", "reset", "site.name"]).contains("site.name = chipsite"));
+    let reset = ok(d, &["config", "reset", "site.name"]);
+    assert!(reset.contains("site.name = chipsite\n"), "{reset}");
+    assert!(reset.contains("ticket.ttl_seconds = 3600  (changed)"), "{reset}");
+    let smtp = ok(
+        d,
+        &["config", "set", "alarm.smtp_url=smtp://mailer:hunter2@relay:25"],
+    );
+    assert!(
+        smtp.contains("alarm.smtp_url = smtp://mailer:****@relay:25  (changed)") && !smtp.contains("hunter2"),
+        "{smtp}"
+    );
 
     // Audit.
     let audit = ok(d, &["audit", "--limit", "500"]);

@@ -152,12 +152,18 @@ fn ticket_pb(t: tk::TicketInfo) -> pb::TicketInfo {
     let kind = match tk::TicketKind::try_from(t.kind) {
         Ok(tk::TicketKind::User) => "user",
         Ok(tk::TicketKind::Tally) => "tally",
+        Ok(tk::TicketKind::Console) => "console",
         _ => "unknown",
     };
     pb::TicketInfo {
         id: t.id,
         kind: kind.to_owned(),
-        chip_id: t.chip_id,
+        // A console sign-in is for an operator, not a user.
+        chip_id: if kind == "console" {
+            String::new()
+        } else {
+            t.chip_id
+        },
         created_at_ms: t.created_at_ms,
         expires_at_ms: t.expires_at_ms,
         state: t.state,
@@ -731,9 +737,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn get_site_config(&self, _: Request<pb::GetSiteConfigRequest>) -> R<pb::SiteConfig> {
-        Ok(Response::new(pb::SiteConfig {
-            values: self.admin.config().await?.into_iter().collect(),
-        }))
+        Ok(Response::new(site_config(self.admin.config().await?)))
     }
 
     async fn update_site_config(&self, req: Request<pb::UpdateSiteConfigRequest>) -> R<pb::SiteConfig> {
@@ -749,10 +753,7 @@ impl AdminService for AdminGrpc {
         let subject = keys.join(",");
         self.audited(&caller, "update_site_config", &subject, async {
             let set: BTreeMap<String, String> = r.set.clone().into_iter().collect();
-            let values = self.admin.update_config(&set, &r.reset).await?;
-            Ok(pb::SiteConfig {
-                values: values.into_iter().collect(),
-            })
+            Ok(site_config(self.admin.update_config(&set, &r.reset).await?))
         })
         .await
     }
@@ -819,6 +820,24 @@ fn user_view(u: user::Model, has_key: bool) -> pb::User {
         updated_at_ms: u.updated_at_ms,
         locked: u.locked,
         has_key,
+    }
+}
+
+/// The configuration as callers see it: secrets in values masked, and which
+/// keys differ from their defaults.
+fn site_config(values: BTreeMap<String, String>) -> pb::SiteConfig {
+    let defaults = crate::config_defaults();
+    let changed = values
+        .iter()
+        .filter(|(k, v)| defaults.get(k.as_str()) != Some(&v.as_str()))
+        .map(|(k, _)| k.clone())
+        .collect();
+    pb::SiteConfig {
+        values: values
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::masked(v)))
+            .collect(),
+        changed,
     }
 }
 

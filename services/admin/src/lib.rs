@@ -242,6 +242,56 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
     }
 }
 
+/// What stands for a secret in a value shown to a caller.
+pub const MASK: &str = "****";
+
+/// A configuration value as callers see it: a password or token inside a URL
+/// (`scheme://user:secret@host`, `scheme://token@host`, `?token=…`) replaced
+/// by [`MASK`]. The stored value is kept, and setting a key to its masked form
+/// leaves it unchanged.
+pub fn masked(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{MASK}@{host}"),
+            None => format!("{MASK}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if names_a_secret(k) => format!("{k}={MASK}"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            let mut t = format!("{path}?{}", pairs.join("&"));
+            if let Some(f) = fragment {
+                t.push('#');
+                t.push_str(f);
+            }
+            t
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// Whether a query parameter's name says it carries a secret.
+fn names_a_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token", "key", "auth", "sig", "credential"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
 const CONFIG: &str = "config";
 const STATE: &str = "state";
 
@@ -673,6 +723,20 @@ impl Admin {
         set: &BTreeMap<String, String>,
         reset: &[String],
     ) -> Result<BTreeMap<String, String>, AdminError> {
+        // A value sent back as it was shown (masked, see [`masked`]) means
+        // "unchanged": the console's form and `config show | config set`
+        // round trips keep the secret instead of storing the mask.
+        let current = self.config().await?;
+        let set: BTreeMap<String, String> = set
+            .iter()
+            .filter(|(k, v)| {
+                !current
+                    .get(k.as_str())
+                    .is_some_and(|now| now != *v && masked(now) == **v)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let set = &set;
         for (k, v) in set {
             validate_config(k, v)?;
         }
@@ -834,6 +898,26 @@ mod tests {
             "http://:1",
         ] {
             assert_eq!(parse_http_url(bad), None, "{bad}");
+        }
+    }
+
+    /// Secrets inside URL values are masked for every caller, and what is
+    /// not a secret is left as it was.
+    #[test]
+    fn secrets_in_values_are_masked() {
+        for (stored, shown) in [
+            ("smtp://relay:25", "smtp://relay:25"),
+            ("smtp://mailer:hunter2@relay:25", "smtp://mailer:****@relay:25"),
+            ("http://tok3n@sms.example/send", "http://****@sms.example/send"),
+            (
+                "http://sms.example/send?to=x&api_key=abc&Token=def#frag",
+                "http://sms.example/send?to=x&api_key=****&Token=****#frag",
+            ),
+            ("http://sms.example/a@b?x=1", "http://sms.example/a@b?x=1"),
+            ("chipsite", "chipsite"),
+            ("", ""),
+        ] {
+            assert_eq!(masked(stored), shown, "{stored}");
         }
     }
 

@@ -367,10 +367,13 @@ pub fn router(console: Arc<Console>) -> Router {
             get(users::confirm_lockdown).post(users::set_lockdown),
         )
         .route("/tickets", get(site::tickets))
-        .route("/tickets/{id}/revoke", post(site::revoke_ticket))
+        .route(
+            "/tickets/{id}/revoke",
+            get(site::confirm_revoke).post(site::revoke_ticket),
+        )
         .route("/key", get(site::key))
         .route("/key/unseal", post(site::unseal))
-        .route("/key/seal", post(site::seal))
+        .route("/key/seal", get(site::confirm_seal).post(site::seal))
         .route("/key/create", post(site::create_key))
         .route("/key/passphrase", post(site::change_passphrase))
         .route("/peer", get(site::peer))
@@ -427,10 +430,47 @@ struct SigninQuery {
 
 async fn signin_page(
     cert: Option<Extension<https::ClientIdentity>>,
-    Query(q): Query<SigninQuery>,
+    PageQuery(q): PageQuery<SigninQuery>,
 ) -> Response {
     let cert = cert.map(|Extension(https::ClientIdentity(id))| id);
     pages::signin(&q.t, cert.as_deref(), None).into_response()
+}
+
+/// Whether a sign-in post came from another web site, by what the browser
+/// says of it: `Sec-Fetch-Site` (anything but `same-origin`, or `none` for a
+/// link the operator opened), else an `Origin` that is not this console's
+/// own. Such posts are refused before they count against the per-address
+/// limit, so that a page the operator visits cannot lock them out. Clients
+/// that send neither header (curl, scripts) are not browsers and are let
+/// through to the limit as before.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(site) = value("sec-fetch-site") {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (value("origin"), value("host")) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => origin.split_once("://").is_none_or(|(_, o)| o != host),
+        // HTTP/2 carries the host elsewhere; browsers that speak it send
+        // Sec-Fetch-Site anyway.
+        (Some(_), None) => false,
+    }
+}
+
+/// A sign-in post from another web site: 403, not counted.
+fn refused_cross_site(peer: SocketAddr) -> Response {
+    tracing::info!(%peer, "console sign-in from another web site refused");
+    (
+        StatusCode::FORBIDDEN,
+        pages::signin(
+            "",
+            None,
+            Some(
+                "This sign-in was sent by another web site and was refused. Open the sign-in link yourself.",
+            ),
+        ),
+    )
+        .into_response()
 }
 
 /// Too many attempts from one address: 429, without asking anyone.
@@ -473,8 +513,12 @@ fn session_response(c: &Console) -> Response {
 async fn signin_with_certificate(
     State(c): App,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     cert: Option<Extension<https::ClientIdentity>>,
 ) -> Response {
+    if cross_site(&headers) {
+        return refused_cross_site(peer);
+    }
     if !c.may_sign_in(peer.ip()) {
         return rate_limited(peer);
     }
@@ -507,8 +551,12 @@ struct SigninForm {
 async fn signin(
     State(c): App,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Form(f): Form<SigninForm>,
 ) -> Response {
+    if cross_site(&headers) {
+        return refused_cross_site(peer);
+    }
     if !c.may_sign_in(peer.ip()) {
         return rate_limited(peer);
     }
@@ -549,6 +597,41 @@ async fn signin(
 pub(crate) struct CsrfForm {
     #[serde(default)]
     pub csrf: String,
+}
+
+/// A page's query parameters. A query string that does not parse (say
+/// `/audit?limit=-1`) answers `400` with a page that says which parameter,
+/// instead of the framework's plain text.
+pub(crate) struct PageQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for PageQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(t)) => Ok(Self(t)),
+            Err(e) => {
+                let why = e.body_text();
+                let why = why
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&why);
+                Err((
+                    StatusCode::BAD_REQUEST,
+                    pages::message(
+                        "Not understood",
+                        &format!(
+                            "This page's address has a value it does not take ({why}). Go back and try again."
+                        ),
+                    ),
+                )
+                    .into_response())
+            }
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -607,7 +690,11 @@ struct HomeQuery {
     after: String,
 }
 
-async fn home(State(c): App, headers: HeaderMap, Query(q): Query<HomeQuery>) -> Result<Response, Refusal> {
+async fn home(
+    State(c): App,
+    headers: HeaderMap,
+    PageQuery(q): PageQuery<HomeQuery>,
+) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     let mut admin = c.admin();
     let (chrome, users) = tokio::join!(
@@ -667,6 +754,39 @@ mod tests {
         let nowhere =
             || Channel::tcp_only(tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy());
         Console::with_probes(nowhere(), nowhere(), vec![])
+    }
+
+    /// What a browser says of a sign-in post decides whether it counts.
+    #[test]
+    fn sign_in_posts_from_other_web_sites_are_told_apart() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let host = ("host", "127.0.0.1:44303");
+        for (headers, cross) in [
+            (h(&[host]), false),
+            (h(&[host, ("sec-fetch-site", "same-origin")]), false),
+            (h(&[host, ("sec-fetch-site", "none")]), false),
+            (h(&[host, ("sec-fetch-site", "cross-site")]), true),
+            (h(&[host, ("sec-fetch-site", "same-site")]), true),
+            (h(&[host, ("origin", "http://127.0.0.1:44303")]), false),
+            (h(&[host, ("origin", "http://127.0.0.1:8080")]), true),
+            (h(&[host, ("origin", "null")]), true),
+            (
+                h(&[
+                    host,
+                    ("origin", "http://evil.example"),
+                    ("sec-fetch-site", "same-origin"),
+                ]),
+                false,
+            ),
+        ] {
+            assert_eq!(cross_site(&headers), cross, "{headers:?}");
+        }
     }
 
     /// The sign-in limit, without a site: per source, and a full table

@@ -19,7 +19,8 @@ table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;
 .card{background:#fff;border:1px solid #dde;border-radius:6px;padding:1rem;margin-bottom:1rem}\
 .error{color:#b00020}.done{color:#1e7d32}button,input,select{font:inherit;padding:.3rem .6rem}\
 code{word-break:break-all}.qr{display:block;image-rendering:pixelated;background:#fff;padding:8px}\
-.row{display:flex;gap:1rem;flex-wrap:wrap}.row>.card{flex:1;min-width:18rem}";
+.row{display:flex;gap:1rem;flex-wrap:wrap}.row>.card{flex:1;min-width:18rem}\
+.caution{border-left:4px solid #b26a00;background:#fff6e5;padding:.4rem .6rem}td.origin{white-space:nowrap}";
 
 pub async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css")], CSS)
@@ -230,6 +231,8 @@ pub(crate) fn user(
     chrome: &Chrome,
     u: &ad::User,
     ticket: Option<IssuedTicket<'_>>,
+    // Other connection tickets of the user still outstanding.
+    outstanding: usize,
     tallies: &Result<Vec<chipsite_proto::tally::v1::Tally>, String>,
 ) -> Markup {
     let contact = u.contact.clone().unwrap_or_default();
@@ -250,7 +253,7 @@ pub(crate) fn user(
             }
             @if let Some(t) = ticket {
                 div.card #ticket {
-                    h2 { "Connection ticket" }
+                    h2 { "The new connection ticket" }
                     p { "Show this once; it works once, until " (crate::site::when(t.expires_at_ms)) "." }
                     @if let Some(qr) = t.qr { img.qr src=(qr) alt="ticket QR code" width="384" height="384"; }
                     p { "URI: " code { (t.uri) } }
@@ -259,7 +262,16 @@ pub(crate) fn user(
             }
             div.row {
                 div.card {
-                    h2 { "Connection ticket" }
+                    h2 { "Issue a connection ticket" }
+                    @if outstanding > 0 {
+                        p.caution role="note" {
+                            "This user already has " (outstanding) " outstanding connection ticket"
+                            @if outstanding > 1 { "s" }
+                            ": a new one does not revoke "
+                            @if outstanding > 1 { "them" } @else { "it" }
+                            ". " a href={ "/tickets?chip_id=" (urlencode(&u.chip_id)) } { "See or revoke" }
+                        }
+                    }
                     form method="post" action={ (path) "/ticket" } {
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button type="submit" { "Issue a ticket" }
@@ -319,6 +331,40 @@ pub(crate) fn user(
     )
 }
 
+/// What a confirmation step asks, and the form it confirms.
+pub(crate) struct Ask<'a> {
+    pub question: &'a str,
+    /// What it does; empty: nothing more to say.
+    pub explain: &'a str,
+    pub action: &'a str,
+    /// Hidden fields the form carries besides the CSRF token.
+    pub hidden: &'a [(&'a str, &'a str)],
+    pub button: &'a str,
+    pub cancel: &'a str,
+}
+
+/// A confirmation step before a form that cannot be undone: the question,
+/// what it does, and the form (with the CSRF token) or Cancel.
+pub(crate) fn confirm(chrome: &Chrome, ask: &Ask<'_>) -> Markup {
+    page(
+        chrome,
+        "Confirm",
+        None,
+        html! {
+            div.card {
+                h2 { (ask.question) }
+                @if !ask.explain.is_empty() { p { (ask.explain) } }
+                form method="post" action=(ask.action) {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    @for (name, value) in ask.hidden { input type="hidden" name=(name) value=(value); }
+                    button type="submit" { (ask.button) }
+                    " " a href=(ask.cancel) { "Cancel" }
+                }
+            }
+        },
+    )
+}
+
 /// Lockdown changes ask first (`chip_id` empty: the whole site).
 pub(crate) fn confirm_lockdown(chrome: &Chrome, chip_id: &str, locked: bool) -> Markup {
     let (what, action) = if chip_id.is_empty() {
@@ -326,21 +372,24 @@ pub(crate) fn confirm_lockdown(chrome: &Chrome, chip_id: &str, locked: bool) -> 
     } else {
         (format!("user {chip_id}"), format!("/users/{chip_id}/lockdown"))
     };
-    page(
+    let question = if locked {
+        format!("Lock down {what}?")
+    } else {
+        format!("Lift the lockdown of {what}?")
+    };
+    confirm(
         chrome,
-        "Confirm",
-        None,
-        html! {
-            div.card {
-                h2 { @if locked { "Lock down " (what) "?" } @else { "Lift the lockdown of " (what) "?" } }
-                @if locked { p { "Open sessions are closed at once and new ones refused until it is lifted." } }
-                form method="post" action=(action) {
-                    input type="hidden" name="csrf" value=(chrome.csrf);
-                    input type="hidden" name="locked" value=(locked);
-                    button type="submit" { @if locked { "Lock down" } @else { "Lift" } }
-                    " " a href="/" { "Cancel" }
-                }
-            }
+        &Ask {
+            question: &question,
+            explain: if locked {
+                "Open sessions are closed at once and new ones refused until it is lifted."
+            } else {
+                ""
+            },
+            action: &action,
+            hidden: &[("locked", if locked { "true" } else { "false" })],
+            button: if locked { "Lock down" } else { "Lift" },
+            cancel: "/",
         },
     )
 }

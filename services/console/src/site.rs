@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::{
     Form,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -19,7 +19,7 @@ use zeroize::Zeroize;
 
 use crate::{
     Chrome, Console, CsrfForm, Refusal, checked,
-    pages::{Notice, page, urlencode},
+    pages::{self, Notice, page, urlencode},
     users::failed,
 };
 
@@ -71,7 +71,7 @@ pub(crate) struct TicketsQuery {
 pub(crate) async fn tickets(
     State(c): App,
     headers: HeaderMap,
-    Query(q): Query<TicketsQuery>,
+    crate::PageQuery(q): crate::PageQuery<TicketsQuery>,
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     Ok(tickets_page(&c, c.chrome(op).await, &q, None).await)
@@ -103,17 +103,14 @@ async fn tickets_page(c: &Console, chrome: Chrome, q: &TicketsQuery, notice: Opt
                     @for t in &tickets {
                         tr {
                             td { code { (t.id) } }
-                            td { (t.kind) }
+                            td { @if t.kind == "console" { "console sign-in" } @else { (t.kind) } }
                             td { @if t.chip_id.is_empty() { "—" } @else { a href={ "/users/" (t.chip_id) } { (t.chip_id) } } }
                             td { (when(t.created_at_ms)) }
                             td { (when(t.expires_at_ms)) }
                             td { (t.state) }
                             td {
                                 @if t.state == "outstanding" {
-                                    form method="post" action={ "/tickets/" (t.id) "/revoke" } {
-                                        input type="hidden" name="csrf" value=(chrome.csrf);
-                                        button type="submit" { "Revoke" }
-                                    }
+                                    a href={ "/tickets/" (t.id) "/revoke" } { "Revoke…" }
                                 }
                             }
                         }
@@ -124,6 +121,27 @@ async fn tickets_page(c: &Console, chrome: Chrome, q: &TicketsQuery, notice: Opt
         }
     };
     with_notice(&chrome, "Tickets", notice, body)
+}
+
+/// Revoking asks first (as lockdowns do).
+pub(crate) async fn confirm_revoke(
+    State(c): App,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(pages::confirm(
+        &c.chrome(op).await,
+        &pages::Ask {
+            question: &format!("Revoke ticket {id}?"),
+            explain: "It can no longer be redeemed; the user needs a new one.",
+            action: &format!("/tickets/{id}/revoke"),
+            hidden: &[],
+            button: "Revoke",
+            cancel: "/tickets",
+        },
+    )
+    .into_response())
 }
 
 pub(crate) async fn revoke_ticket(
@@ -146,6 +164,23 @@ pub(crate) async fn revoke_ticket(
 }
 
 // ---- site key ----
+
+/// Sealing asks first: nothing is signed until the pass phrase is given again.
+pub(crate) async fn confirm_seal(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, None)?;
+    Ok(pages::confirm(
+        &c.chrome(op).await,
+        &pages::Ask {
+            question: "Seal the site key?",
+            explain: "The site forgets the unsealed key: no enrollment, session certificate, ticket or tally step is signed until someone unseals it with the pass phrase.",
+            action: "/key/seal",
+            hidden: &[],
+            button: "Seal",
+            cancel: "/key",
+        },
+    )
+    .into_response())
+}
 
 pub(crate) async fn key(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
@@ -189,10 +224,7 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
                         div.card {
                             h2 { "Seal" }
                             p { "Forget the unsealed key until the pass phrase is given again." }
-                            form method="post" action="/key/seal" {
-                                input type="hidden" name="csrf" value=(chrome.csrf);
-                                button type="submit" { "Seal" }
-                            }
+                            p { a href="/key/seal" { "Seal…" } }
                         }
                     }
                     @if v.has_key {
@@ -449,24 +481,28 @@ pub(crate) async fn config(State(c): App, headers: HeaderMap) -> Result<Response
 }
 
 async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Response {
-    let values = match c.admin().get_site_config(ad::GetSiteConfigRequest {}).await {
+    let (values, changed) = match c.admin().get_site_config(ad::GetSiteConfigRequest {}).await {
         Ok(v) => {
-            let mut v: Vec<(String, String)> = v.into_inner().values.into_iter().collect();
-            v.sort();
-            v
+            let v = v.into_inner();
+            let mut values: Vec<(String, String)> = v.values.into_iter().collect();
+            values.sort();
+            (values, v.changed)
         }
         Err(s) => return failed(&s),
     };
     let body = html! {
         div.card {
             h2 { "Site configuration" }
-            p { "Defaults for the whole site. Every value is checked before anything is saved; “Reset” goes back to the built-in default." }
+            p { "Defaults for the whole site. Every value is checked before anything is saved; “Reset” goes back to the built-in default. A password or token inside a value is shown as ****: saving it as shown keeps it." }
             table {
-                thead { tr { th { "Key" } th { "Value" } th {} } }
+                thead { tr { th { "Key" } th { "Set" } th { "Value" } th {} } }
                 tbody {
                     @for (k, v) in &values {
                         tr {
                             td { code { (k) } }
+                            td.origin {
+                                @if changed.contains(k) { strong { "changed" } } @else { "default" }
+                            }
                             td {
                                 form method="post" action="/config" {
                                     input type="hidden" name="csrf" value=(chrome.csrf);
@@ -546,7 +582,7 @@ pub(crate) struct AuditQuery {
 pub(crate) async fn audit(
     State(c): App,
     headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
+    crate::PageQuery(q): crate::PageQuery<AuditQuery>,
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     let limit = q.limit.unwrap_or(200).clamp(1, 2000);

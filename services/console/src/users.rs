@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::{
     Form,
-    extract::{Multipart, Path, Query, State, multipart::MultipartRejection},
+    extract::{Multipart, Path, State, multipart::MultipartRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
 };
@@ -77,15 +77,16 @@ pub(crate) async fn show(
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     let mut admin = c.admin();
-    let (chrome, user, tallies) = tokio::join!(
+    let (chrome, user, tallies, outstanding) = tokio::join!(
         c.chrome(op),
         admin.get_user(ad::GetUserRequest {
             chip_id: chip_id.clone()
         }),
-        tallies_of(&c, &chip_id)
+        tallies_of(&c, &chip_id),
+        outstanding_tickets(&c, &chip_id)
     );
     Ok(match user {
-        Ok(u) => pages::user(&chrome, &u.into_inner(), None, &tallies).into_response(),
+        Ok(u) => pages::user(&chrome, &u.into_inner(), None, outstanding, &tallies).into_response(),
         Err(s) => failed(&s),
     })
 }
@@ -257,11 +258,12 @@ pub(crate) async fn ticket(
         Ok(t) => t.into_inner(),
         Err(s) => return failed(&s),
     };
-    let (user, tallies) = tokio::join!(
+    let (user, tallies, outstanding) = tokio::join!(
         admin.get_user(ad::GetUserRequest {
             chip_id: chip_id.clone()
         }),
-        tallies_of(&c, &chip_id)
+        tallies_of(&c, &chip_id),
+        outstanding_tickets(&c, &chip_id)
     );
     let user = match user {
         Ok(u) => u.into_inner(),
@@ -275,11 +277,38 @@ pub(crate) async fn ticket(
         qr: qr.as_deref(),
         expires_at_ms: issued.expires_at_ms,
     };
-    pages::user(&chrome, &user, Some(shown), &tallies).into_response()
+    // The one just issued is not "already" outstanding.
+    pages::user(
+        &chrome,
+        &user,
+        Some(shown),
+        outstanding.saturating_sub(1),
+        &tallies,
+    )
+    .into_response()
 }
 
 /// A user's tallies for the user page, or why they cannot be shown (the
 /// page still works when the tally service does not answer).
+/// How many connection tickets of the user are outstanding (0 if the list
+/// cannot be had: the page still works, without the warning).
+async fn outstanding_tickets(c: &Console, chip_id: &str) -> usize {
+    c.admin()
+        .list_tickets(ad::ListTicketsRequest {
+            chip_id: chip_id.to_owned(),
+            include_closed: false,
+        })
+        .await
+        .map(|r| {
+            r.into_inner()
+                .tickets
+                .iter()
+                .filter(|t| t.kind == "user" && t.state == "outstanding")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 async fn tallies_of(c: &Console, chip_id: &str) -> Result<Vec<chipsite_proto::tally::v1::Tally>, String> {
     c.admin()
         .list_tallies(chipsite_proto::tally::v1::ListTalliesRequest {
@@ -302,7 +331,7 @@ pub(crate) async fn confirm_lockdown(
     State(c): App,
     headers: HeaderMap,
     chip_id: Option<Path<String>>,
-    Query(q): Query<LockQuery>,
+    crate::PageQuery(q): crate::PageQuery<LockQuery>,
 ) -> Response {
     let op = match checked(&c, &headers, None) {
         Ok(op) => op,

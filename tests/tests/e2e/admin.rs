@@ -428,6 +428,43 @@ async fn lockdown_peer_server_config_and_audit(store: Store) {
         .unwrap()
         .into_inner();
     assert_eq!(c.values["site.name"], "chipsite");
+    assert!(!c.changed.contains(&"site.name".to_owned()), "a default again");
+    assert!(
+        c.changed.contains(&"ticket.ttl_seconds".to_owned()),
+        "{:?}",
+        c.changed
+    );
+
+    // A password inside a value is masked for every caller; sent back as
+    // shown (the console's form, `config show | config set`), it is kept.
+    let set_smtp = |value: &str| pb::UpdateSiteConfigRequest {
+        set: [("alarm.smtp_url".to_owned(), value.to_owned())].into(),
+        reset: vec![],
+    };
+    let shown = "smtp://mailer:****@relay:25";
+    let c = admin
+        .update_site_config(set_smtp("smtp://mailer:hunter2@relay:25"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.values["alarm.smtp_url"], shown);
+    assert!(c.changed.contains(&"alarm.smtp_url".to_owned()));
+    let c = admin
+        .update_site_config(set_smtp(shown))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.values["alarm.smtp_url"], shown);
+    let c = admin
+        .get_site_config(pb::GetSiteConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.values["alarm.smtp_url"], shown);
+    let stored = site.stored_bytes().await;
+    let holds = |needle: &[u8]| stored.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(b"mailer:hunter2@relay"), "the secret is kept");
+    assert!(!holds(b"mailer:****@relay"), "the mask was stored");
 
     let audit = admin
         .list_audit(pb::ListAuditRequest {

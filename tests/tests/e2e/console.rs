@@ -13,8 +13,10 @@ use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Pages that need a session.
-const GETS: [&str; 12] = [
+const GETS: [&str; 14] = [
     "/",
+    "/tickets/x/revoke",
+    "/key/seal",
     "/?q=x",
     "/users/alice",
     "/users/alice/lockdown?locked=true",
@@ -350,6 +352,69 @@ async fn console_sessions_csrf_and_escaping(store: Store) {
     site.finish().await;
 }
 
+/// A sign-in post with these extra headers, as a browser sends them.
+async fn signin_post(site: &TestSite, headers: &[(&str, &str)], form: &str) -> Reply {
+    let addr = site
+        .site
+        .endpoints
+        .console
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut req = format!(
+        "POST /signin HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+        form.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(form);
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = vec![];
+    tcp.read_to_end(&mut out).await.unwrap();
+    reply(&out)
+}
+
+store_test!(a_web_page_cannot_spend_the_sign_in_limit);
+/// Sign-in posts another web site makes the operator's browser send are
+/// refused before they count: after many of them, the operator's own
+/// sign-in (same origin) still goes through on the same address.
+async fn a_web_page_cannot_spend_the_sign_in_limit(store: Store) {
+    let site = TestSite::start(&store).await;
+    let own = format!(
+        "http://{}",
+        site.site.endpoints.console.trim_start_matches("http://")
+    );
+    for headers in [
+        vec![("Sec-Fetch-Site", "cross-site")],
+        vec![("Sec-Fetch-Site", "same-site")],
+        vec![("Origin", "http://evil.example")],
+        vec![("Origin", "null")],
+    ] {
+        for _ in 0..15 {
+            let r = signin_post(&site, &headers, "t=bm9wZQ").await;
+            assert_eq!(r.status, 403, "{headers:?}: {}", r.body);
+            assert!(r.body.contains("sent by another web site"), "{}", r.body);
+        }
+    }
+    // The operator's own junk and own link, from the same address: counted
+    // as usual (403 for the junk, not 429), and the link signs in.
+    let r = signin_post(&site, &[("Origin", own.as_str())], "t=bm9wZQ").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("not valid"), "{}", r.body);
+    let token = link(&site).await;
+    let r = signin_post(
+        &site,
+        &[("Sec-Fetch-Site", "same-origin"), ("Origin", own.as_str())],
+        &format!("t={token}"),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    site.finish().await;
+}
+
 /// A signed-in session: (cookie, CSRF token).
 pub(crate) async fn sign_in(site: &TestSite) -> (String, String) {
     let token = link(site).await;
@@ -515,12 +580,38 @@ async fn console_pages_do_what_they_say(store: Store) {
     );
 
     // Tickets: issue, list, revoke.
+    let before = http(&site, "GET", "/users/u01", c, None).await;
+    assert!(!before.body.contains("already has"), "{}", before.body);
     let t = http(&site, "POST", "/users/u01/ticket", c, Some(&f(""))).await;
     assert_eq!(t.status, 200);
+    assert!(
+        t.body.contains("The new connection ticket") && t.body.contains("Issue a connection ticket"),
+        "two cards, two titles: {}",
+        t.body
+    );
+    assert!(
+        !t.body.contains("already has"),
+        "the new one is not a warning: {}",
+        t.body
+    );
+    let page = http(&site, "GET", "/users/u01", c, None).await;
+    assert!(
+        page.body.contains("already has 1 outstanding connection ticket:"),
+        "{}",
+        page.body
+    );
+    let t2 = http(&site, "POST", "/users/u01/ticket", c, Some(&f(""))).await;
+    assert!(t2.body.contains("already has 1 outstanding"), "{}", t2.body);
+    let page = http(&site, "GET", "/users/u01", c, None).await;
+    assert!(
+        page.body.contains("already has 2 outstanding connection tickets"),
+        "{}",
+        page.body
+    );
     let list = http(&site, "GET", "/tickets", c, None).await;
     let id = list
         .body
-        .split("action=\"/tickets/")
+        .split("href=\"/tickets/")
         .nth(1)
         .unwrap()
         .split('/')
@@ -528,6 +619,29 @@ async fn console_pages_do_what_they_say(store: Store) {
         .unwrap()
         .to_owned();
     assert!(list.body.contains("u01"), "{}", list.body);
+    // An operator's sign-in link is listed as one, with no user to link to.
+    let _unused_link = link(&site).await;
+    let list = http(&site, "GET", "/tickets", c, None).await;
+    assert!(list.body.contains("console sign-in"), "{}", list.body);
+    assert!(
+        !list.body.contains("/users/console") && !list.body.contains(">unknown<"),
+        "{}",
+        list.body
+    );
+    // Revoking asks first, and asking changes nothing.
+    let ask = http(&site, "GET", &format!("/tickets/{id}/revoke"), c, None).await;
+    assert_eq!(ask.status, 200, "{}", ask.body);
+    assert!(
+        ask.body.contains(&format!("Revoke ticket {id}?"))
+            && ask.body.contains(&format!("action=\"/tickets/{id}/revoke\"")),
+        "{}",
+        ask.body
+    );
+    let still = http(&site, "GET", "/tickets", c, None).await;
+    assert!(
+        still.body.contains(&format!("/tickets/{id}/revoke")),
+        "still outstanding"
+    );
     let r = http(&site, "POST", &format!("/tickets/{id}/revoke"), c, Some(&f(""))).await;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("revoked"), "{}", r.body);
@@ -542,7 +656,22 @@ async fn console_pages_do_what_they_say(store: Store) {
         all.body
     );
 
-    // The site key: seal, a wrong pass phrase (never shown back), unseal.
+    // The site key: seal (asked first), a wrong pass phrase (never shown
+    // back), unseal.
+    let key = http(&site, "GET", "/key", c, None).await;
+    assert!(key.body.contains("href=\"/key/seal\""), "{}", key.body);
+    let ask = http(&site, "GET", "/key/seal", c, None).await;
+    assert!(
+        ask.body.contains("Seal the site key?") && ask.body.contains("action=\"/key/seal\""),
+        "{}",
+        ask.body
+    );
+    let key = http(&site, "GET", "/key", c, None).await;
+    assert!(
+        key.body.contains("unsealed"),
+        "asking changes nothing: {}",
+        key.body
+    );
     let r = http(&site, "POST", "/key/seal", c, Some(&f(""))).await;
     assert!(r.body.contains("site key SEALED"), "{}", r.body);
     let r = http(
@@ -664,6 +793,50 @@ async fn console_pages_do_what_they_say(store: Store) {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("value=\"600\""));
+    let changed = |body: &str, key: &str| {
+        let row = body
+            .split("<tr>")
+            .find(|r| r.contains(&format!("<code>{key}</code>")))
+            .unwrap_or("");
+        row.contains("<strong>changed</strong>")
+    };
+    assert!(changed(&r.body, "ticket.ttl_seconds"), "{}", r.body);
+    assert!(!changed(&r.body, "site.name"), "{}", r.body);
+    // A password inside a value is shown masked, and saving the form as
+    // shown keeps it.
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f(
+            "key=alarm.smtp_url&value=smtp%3A%2F%2Fmailer%3Ahunter2%40relay%3A25",
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("hunter2"), "{}", r.body);
+    assert!(r.body.contains("smtp://mailer:****@relay:25"), "{}", r.body);
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f(
+            "key=alarm.smtp_url&value=smtp%3A%2F%2Fmailer%3A****%40relay%3A25",
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stored = site.stored_bytes().await;
+    assert!(
+        !stored.windows(17).any(|w| w == b"mailer:****@relay"),
+        "the mask was stored"
+    );
+    assert!(
+        stored.windows(20).any(|w| w == b"mailer:hunter2@relay"),
+        "the secret was lost"
+    );
     let r = http(
         &site,
         "POST",
@@ -675,6 +848,23 @@ async fn console_pages_do_what_they_say(store: Store) {
     assert!(r.body.contains("value=\"86400\""), "{}", r.body);
     let r = http(&site, "POST", "/config", c, Some(&f("key=no.such.key&value=1"))).await;
     assert_eq!(r.status, 422, "{}", r.body);
+
+    // Query strings a page does not take: a page that says which, not the
+    // framework's plain text.
+    for (path, which) in [
+        ("/audit?limit=-1", "limit"),
+        ("/audit?limit=lots", "limit"),
+        ("/tickets?all=maybe", "all"),
+        ("/lockdown?locked=2", "locked"),
+    ] {
+        let r = http(&site, "GET", path, c, None).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert!(
+            r.body.contains("<html") && r.body.contains("Not understood") && r.body.contains(which),
+            "{path}: {}",
+            r.body
+        );
+    }
 
     // The audit log: newest first, filtered.
     let a = http(&site, "GET", "/audit?q=PASSPHRASE", c, None).await;
