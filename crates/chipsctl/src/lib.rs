@@ -37,6 +37,10 @@ pub struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Who you are, for the audit ("admin-client (NAME)"): 1-48 of letters,
+    /// digits and . _ @ + - (default: $USER when it is such a name).
+    #[arg(long, global = true, env = "CHIPSCTL_OPERATOR")]
+    pub operator: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -672,9 +676,42 @@ fn config_text(c: &pb::SiteConfig) -> String {
         .collect()
 }
 
+/// Names the operator on every AdminService call (`chipsite-operator`).
+#[derive(Clone)]
+struct NameOperator(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for NameOperator {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut()
+                .insert(chipsite_model::operator::METADATA, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type AdminClient = AdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, NameOperator>>;
+
+/// The operator to name: `--operator` (refused if not a plain name), else
+/// `$USER` when it is one, else none.
+fn operator(cli: &Cli) -> Result<NameOperator, CliError> {
+    let name = match &cli.operator {
+        Some(n) if chipsite_model::operator::valid(n) => Some(n.clone()),
+        Some(_) => {
+            return Err(CliError::Usage(
+                "--operator must be 1-48 of letters, digits and . _ @ + -".into(),
+            ));
+        }
+        None => std::env::var("USER")
+            .ok()
+            .filter(|n| chipsite_model::operator::valid(n)),
+    };
+    Ok(NameOperator(name.and_then(|n| n.parse().ok())))
+}
+
 /// Lock down a user (`chip_id`) or the whole site (empty), or lift it.
 async fn set_lockdown(
-    client: &mut AdminServiceClient<Channel>,
+    client: &mut AdminClient,
     chip_id: String,
     locked: bool,
 ) -> Result<pb::LockdownState, tonic::Status> {
@@ -686,8 +723,9 @@ async fn set_lockdown(
 
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let named = operator(&cli)?;
     let (channel, admin_addr) = connect(&cli)?;
-    let mut client = AdminServiceClient::new(channel.clone());
+    let mut client = AdminServiceClient::with_interceptor(channel.clone(), named);
     let mut events = UserEventsClient::new(channel);
     let err = rpc_error(&admin_addr);
     let mut secrets = Secrets::default();

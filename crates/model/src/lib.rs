@@ -7,6 +7,7 @@ pub mod chip_id;
 pub mod endpoints;
 mod error;
 pub mod files;
+pub mod operator;
 pub mod signed;
 pub mod tally;
 pub mod ticket;

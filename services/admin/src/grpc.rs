@@ -55,6 +55,25 @@ pub fn policy(bench: bool) -> Policy {
         .allow(&format!("{E}KeyChanged"), &[id::USER_GATEWAY])
 }
 
+/// Who an audit row names: the caller's identity and, for the operators'
+/// identities, the operator it acts for (`console (alice)`).
+fn actor<T>(req: &Request<T>) -> Result<String, Status> {
+    let caller = Caller::of(req);
+    if caller != id::ADMIN_CLIENT && caller != id::CONSOLE {
+        return Ok(caller);
+    }
+    let Some(value) = req.metadata().get(chipsite_model::operator::METADATA) else {
+        return Ok(caller);
+    };
+    match value.to_str() {
+        Ok(name) if chipsite_model::operator::valid(name) => Ok(format!("{caller} ({name})")),
+        _ => Err(status(
+            ErrorCode::InvalidArgument,
+            "the operator's name (chipsite-operator) must be 1-48 of letters, digits and . _ @ + -",
+        )),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminGrpc {
     admin: Arc<Admin>,
@@ -176,7 +195,7 @@ type R<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
     async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> R<pb::User> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "create_user", &r.chip_id.clone(), async {
             let contact = r.contact.unwrap_or_default();
@@ -260,7 +279,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn update_user(&self, req: Request<pb::UpdateUserRequest>) -> R<pb::User> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "update_user", &r.chip_id.clone(), async {
             let changes = UserChanges {
@@ -277,7 +296,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn dump_user(&self, req: Request<pb::DumpUserRequest>) -> R<pb::DumpUserResponse> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let chip_id = req.into_inner().chip_id;
         self.audited(&caller, "dump_user", &chip_id, async {
             let u = self.admin.user(&chip_id).await?;
@@ -302,7 +321,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn load_user(&self, req: Request<pb::LoadUserRequest>) -> R<pb::User> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let json = req.into_inner().json;
         let dump = match Admin::parse_dump(&json) {
             Ok(d) => d,
@@ -382,7 +401,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn issue_user_ticket(&self, req: Request<pb::IssueUserTicketRequest>) -> R<pb::IssuedTicketView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "issue_user_ticket", &r.chip_id.clone(), async {
             let u = self.admin.user(&r.chip_id).await?;
@@ -446,7 +465,7 @@ impl AdminService for AdminGrpc {
         &self,
         req: Request<pb::IssueConsoleTicketRequest>,
     ) -> R<pb::ConsoleTicket> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "issue_console_ticket", "console", async {
             let ttl = match r.ttl_seconds {
@@ -513,7 +532,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn revoke_ticket(&self, req: Request<pb::RevokeTicketRequest>) -> R<pb::RevokeTicketResponse> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let id = req.into_inner().id;
         self.audited(&caller, "revoke_ticket", &id.clone(), async {
             let t = self
@@ -540,7 +559,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn unseal_vault(&self, req: Request<pb::UnsealVaultRequest>) -> R<pb::VaultStatusView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "unseal_vault", "site key", async {
             let s = self
@@ -555,7 +574,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn seal_vault(&self, req: Request<pb::SealVaultRequest>) -> R<pb::VaultStatusView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         self.audited(&caller, "seal_vault", "site key", async {
             let s = self.vault.clone().seal(kv::SealRequest {}).await?.into_inner();
             Ok(self.vault_view(s).await)
@@ -564,7 +583,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn create_site_key(&self, req: Request<pb::CreateSiteKeyRequest>) -> R<pb::VaultStatusView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "create_site_key", "site key", async {
             let s = self
@@ -582,7 +601,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn change_passphrase(&self, req: Request<pb::ChangePassphraseRequest>) -> R<pb::VaultStatusView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "change_passphrase", "site key", async {
             let s = self
@@ -600,7 +619,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn import_site_key(&self, req: Request<pb::ImportSiteKeyRequest>) -> R<pb::VaultStatusView> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         self.audited(&caller, "import_site_key", "site key", async {
             let s = self
@@ -619,7 +638,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn export_site_key(&self, req: Request<pb::ExportSiteKeyRequest>) -> R<pb::ExportSiteKeyResponse> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "export_site_key", "site key", async {
             let k = self
@@ -644,7 +663,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn start_peer_server(&self, req: Request<pb::StartPeerServerRequest>) -> R<pb::PeerServerState> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let passphrase = req.into_inner().passphrase;
         self.audited(&caller, "start_peer_server", "peer server", async {
             // The pass phrase proves the operator holds the site key, and
@@ -679,7 +698,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn stop_peer_server(&self, req: Request<pb::StopPeerServerRequest>) -> R<pb::PeerServerState> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         self.audited(&caller, "stop_peer_server", "peer server", async {
             let (desired, changed_at_ms) = self.admin.set_peer_server(false).await?;
             Ok(pb::PeerServerState {
@@ -691,7 +710,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn set_lockdown(&self, req: Request<pb::SetLockdownRequest>) -> R<pb::LockdownState> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         let action = if r.locked { "lockdown" } else { "lift_lockdown" };
         let subject = if r.chip_id.is_empty() {
@@ -741,7 +760,7 @@ impl AdminService for AdminGrpc {
     }
 
     async fn update_site_config(&self, req: Request<pb::UpdateSiteConfigRequest>) -> R<pb::SiteConfig> {
-        let caller = Caller::of(&req);
+        let caller = actor(&req)?;
         let r = req.into_inner();
         let mut keys: Vec<&str> = r
             .set
@@ -756,6 +775,36 @@ impl AdminService for AdminGrpc {
             Ok(site_config(self.admin.update_config(&set, &r.reset).await?))
         })
         .await
+    }
+
+    async fn record_console_sign_in(
+        &self,
+        req: Request<pb::RecordConsoleSignInRequest>,
+    ) -> R<pb::RecordConsoleSignInResponse> {
+        if Caller::of(&req) != id::CONSOLE {
+            return Err(status(
+                ErrorCode::Forbidden,
+                "only the console records its sign-ins",
+            ));
+        }
+        let caller = actor(&req)?;
+        let r = req.into_inner();
+        if !matches!(r.method.as_str(), "ticket" | "certificate") {
+            return Err(status(
+                ErrorCode::InvalidArgument,
+                "method is ticket or certificate",
+            ));
+        }
+        let source: String = r.source.chars().filter(|c| !c.is_control()).take(64).collect();
+        self.admin
+            .audit(
+                &caller,
+                "console_sign_in",
+                &r.method,
+                &format!("ok from {source}"),
+            )
+            .await?;
+        Ok(Response::new(pb::RecordConsoleSignInResponse {}))
     }
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {

@@ -72,7 +72,43 @@ const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; f
 struct Session {
     csrf: String,
     expires: Instant,
+    /// Who signed in (see [`Operator::name`]).
+    operator: String,
 }
+
+tokio::task_local! {
+    /// The operator the request being answered acts for: every AdminService
+    /// call made while answering it names them (`chipsite-operator`), so
+    /// admin's audit says `console (alice)`.
+    static OPERATOR: String;
+}
+
+/// The AdminService channel, naming the current request's operator on
+/// every call (gRPC metadata is an HTTP/2 header).
+#[derive(Clone)]
+pub(crate) struct NamesOperator<S>(S);
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for NamesOperator<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: tonic::codegen::http::Request<B>) -> S::Future {
+        if let Ok(Ok(v)) = OPERATOR.try_with(|name| HeaderValue::from_str(name)) {
+            req.headers_mut().insert(chipsite_model::operator::METADATA, v);
+        }
+        self.0.call(req)
+    }
+}
+
+type AdminClient = AdminServiceClient<NamesOperator<TracedChannel>>;
 
 /// How the health page checks one service.
 pub enum Check {
@@ -92,7 +128,7 @@ pub struct Probe {
 }
 
 pub struct Console {
-    admin: AdminServiceClient<TracedChannel>,
+    admin: AdminClient,
     tickets: TicketsClient<TracedChannel>,
     /// By SHA-256 of the cookie value.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
@@ -146,9 +182,13 @@ fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-/// The signed-in operator's session: its CSRF token.
+/// The signed-in operator's session: its CSRF token, and who signed in:
+/// the operator named when the sign-in ticket was issued (`chipsctl
+/// --operator`, else the issuing identity), or `admin-client` for the
+/// admin certificate.
 pub(crate) struct Operator {
     pub csrf: String,
+    pub name: String,
 }
 
 impl Console {
@@ -160,7 +200,7 @@ impl Console {
     /// The same, with the services its health page checks.
     pub fn with_probes(admin: Channel, tickets: Channel, probes: Vec<Probe>) -> Arc<Self> {
         Arc::new(Self {
-            admin: AdminServiceClient::new(traced(admin)),
+            admin: AdminServiceClient::new(NamesOperator(traced(admin))),
             tickets: TicketsClient::new(traced(tickets)),
             sessions: Mutex::new(HashMap::new()),
             attempts: chipsite_tls::Throttle::new(SIGNIN_ATTEMPTS, SIGNIN_REFILL).with_capacity(MAX_SOURCES),
@@ -270,11 +310,14 @@ impl Console {
         self.with_sessions(|m| {
             let now = Instant::now();
             m.retain(|_, s| s.expires > now);
-            m.get(&id).map(|s| Operator { csrf: s.csrf.clone() })
+            m.get(&id).map(|s| Operator {
+                csrf: s.csrf.clone(),
+                name: s.operator.clone(),
+            })
         })
     }
 
-    fn open_session(&self) -> Option<String> {
+    fn open_session(&self, operator: &str) -> Option<String> {
         let (id, csrf) = (random_token()?, random_token()?);
         self.with_sessions(|m| {
             if m.len() >= MAX_SESSIONS
@@ -287,6 +330,7 @@ impl Console {
                 Session {
                     csrf,
                     expires: Instant::now() + SESSION_TTL,
+                    operator: operator.to_owned(),
                 },
             );
         });
@@ -300,7 +344,7 @@ impl Console {
         }
     }
 
-    pub(crate) fn admin(&self) -> AdminServiceClient<TracedChannel> {
+    pub(crate) fn admin(&self) -> AdminClient {
         self.admin.clone()
     }
 
@@ -384,12 +428,38 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/health", get(site::health))
         .route("/style.css", get(pages::style))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(console.clone(), as_operator))
+        .layer(axum::middleware::from_fn(traced_request))
         .layer(axum::middleware::from_fn_with_state(console.clone(), known_host))
         .layer(axum::middleware::map_response(secured))
         .with_state(console)
 }
 
 /// Refuse a request whose `Host` is not this console's (DNS rebinding): 421.
+/// A span per request, named for its route (`POST /users/{chip_id}/edit`),
+/// never for its path or query, which may hold a sign-in token.
+async fn traced_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(no route)", |p| p.as_str());
+    let name = format!("console {} {route}", request.method());
+    let span = tracing::info_span!("console request", otel.name = %name, otel.kind = "server");
+    tracing::Instrument::instrument(next.run(request), span).await
+}
+
+/// Answer the request as its session's operator (see [`OPERATOR`]).
+async fn as_operator(
+    State(c): App,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match c.operator(request.headers()) {
+        Some(op) => OPERATOR.scope(op.name, next.run(request)).await,
+        None => next.run(request).await,
+    }
+}
+
 async fn known_host(
     State(c): App,
     request: axum::extract::Request,
@@ -496,9 +566,32 @@ fn session_cookie(id: &str, max_age: Duration) -> String {
     )
 }
 
-/// A new session, as the redirect that sets its cookie.
-fn session_response(c: &Console) -> Response {
-    let Some(id) = c.open_session() else {
+/// A new session for `operator`, as the redirect that sets its cookie, once
+/// admin has recorded the sign-in (`method`: "ticket" or "certificate").
+/// If it cannot, no session: who signed in must be on record.
+async fn session_response(c: &Console, operator: &str, method: &str, peer: SocketAddr) -> Response {
+    let recorded = OPERATOR
+        .scope(
+            operator.to_owned(),
+            c.admin().record_console_sign_in(ad::RecordConsoleSignInRequest {
+                method: method.to_owned(),
+                source: peer.ip().to_string(),
+            }),
+        )
+        .await;
+    if let Err(s) = recorded {
+        tracing::error!(%peer, error = %s.message(), "console sign-in not recorded; refused");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::signin(
+                "",
+                None,
+                Some("The sign-in could not be recorded (the admin service did not answer). Try again with a new link."),
+            ),
+        )
+            .into_response();
+    }
+    let Some(id) = c.open_session(operator) else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness").into_response();
     };
     let mut r = Redirect::to("/").into_response();
@@ -525,7 +618,7 @@ async fn signin_with_certificate(
     match cert {
         Some(Extension(https::ClientIdentity(id))) if id == chipsite_tls::identity::ADMIN_CLIENT => {
             tracing::info!(%peer, "console sign-in with the admin client certificate");
-            session_response(&c)
+            session_response(&c, chipsite_tls::identity::ADMIN_CLIENT, "certificate", peer).await
         }
         other => {
             tracing::info!(%peer, identity = ?other.map(|Extension(i)| i.0), "console certificate sign-in refused");
@@ -577,7 +670,7 @@ async fn signin(
             refusal: String::new(),
         })
         .await;
-    if redeemed.is_err() {
+    let Ok(redeemed) = redeemed else {
         tracing::info!(%peer, "console sign-in refused");
         return (
             StatusCode::FORBIDDEN,
@@ -588,9 +681,16 @@ async fn signin(
             ),
         )
             .into_response();
-    }
-    tracing::info!(%peer, "console sign-in");
-    session_response(&c)
+    };
+    // Who the link was issued for: `alice` of `admin-client (alice)`.
+    let operator = chipsite_model::operator::of_actor(&redeemed.into_inner().issued_by).to_owned();
+    let operator = if chipsite_model::operator::valid(&operator) {
+        operator
+    } else {
+        "unknown".to_owned()
+    };
+    tracing::info!(%peer, %operator, "console sign-in");
+    session_response(&c, &operator, "ticket", peer).await
 }
 
 #[derive(Deserialize)]

@@ -212,6 +212,7 @@ impl TicketsRpc for TicketsGrpc {
         Ok(Response::new(pb::RedeemTicketResponse {
             ticket_id: t.id,
             chip_id: t.chip_id,
+            issued_by: t.issued_by,
         }))
     }
 

@@ -136,7 +136,8 @@ async fn enroll(inner: &Inner, stream: Stream, peer: SocketAddr, deadline: Insta
             .inc();
         return;
     };
-    let outcome = enroll_request(inner, &frame, peer).await;
+    let span = tracing::info_span!("enroll", otel.name = "user-gateway enroll", otel.kind = "server");
+    let outcome = tracing::Instrument::instrument(enroll_request(inner, &frame, peer), span).await;
     let labels = OutcomeLabels {
         outcome: if outcome.is_ok() { "enrolled" } else { "refused" },
     };
@@ -483,10 +484,20 @@ async fn session(inner: &Inner, stream: Stream, app: AppCertificate, peer: Socke
                 let reply = match rpc::parse(&frame) {
                     Err(reply) => Some(reply),
                     Ok(Incoming::Notification(_)) => None,
-                    Ok(Incoming::Request(req)) => Some(Response {
-                        outcome: call(inner, &app.chip_id, handle.id, &req.method, req.params).await,
-                        id: req.id,
-                    }),
+                    Ok(Incoming::Request(req)) => {
+                        // A span per request, named for a method of the
+                        // protocol's shape only (the app chooses the string).
+                        let plain = req.method.len() <= 32
+                            && req.method.chars().all(|c| c.is_ascii_lowercase() || matches!(c, '.' | '_' | '-'));
+                        let name = format!("user-gateway {}", if plain { req.method.as_str() } else { "other" });
+                        let span = tracing::info_span!("app request", otel.name = %name, otel.kind = "server");
+                        let outcome = tracing::Instrument::instrument(
+                            call(inner, &app.chip_id, handle.id, &req.method, req.params),
+                            span,
+                        )
+                        .await;
+                        Some(Response { outcome, id: req.id })
+                    }
                 };
                 if let Some(reply) = reply
                     && write_frame(&mut write, &reply.to_frame(), within).await.is_err()

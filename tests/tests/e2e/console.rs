@@ -415,9 +415,92 @@ async fn a_web_page_cannot_spend_the_sign_in_limit(store: Store) {
     site.finish().await;
 }
 
+store_test!(the_audit_names_the_operator_behind_each_console_action);
+/// An operator named when the sign-in link was issued is named on every
+/// audit row the console session causes, and on the sign-in itself; a bad
+/// name is refused, and only the console records console sign-ins.
+async fn the_audit_names_the_operator_behind_each_console_action(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut admin = site.admin();
+    let as_alice = |msg| {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("chipsite-operator", "alice".parse().unwrap());
+        r
+    };
+    let url = admin
+        .issue_console_ticket(as_alice(pb::IssueConsoleTicketRequest { ttl_seconds: 0 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let token = url.split_once("/signin?t=").unwrap().1;
+    let (cookie, csrf) = sign_in_with(&site, token).await;
+    let made = http(
+        &site,
+        "POST",
+        "/users",
+        Some(&cookie),
+        Some(&format!("csrf={csrf}&chip_id=zoe&name=Zoe")),
+    )
+    .await;
+    assert!(made.status < 400, "{}", made.body);
+
+    let audit = admin
+        .list_audit(pb::ListAuditRequest {
+            limit: 50,
+            source: "admin".into(),
+            contains: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let row = |action: &str| {
+        audit
+            .iter()
+            .find(|e| e.action == action)
+            .unwrap_or_else(|| panic!("no {action} in {audit:?}"))
+    };
+    assert_eq!(row("issue_console_ticket").actor, "admin-client (alice)");
+    let signed_in = row("console_sign_in");
+    assert_eq!(
+        (signed_in.actor.as_str(), signed_in.subject.as_str()),
+        ("console (alice)", "ticket")
+    );
+    assert_eq!(row("create_user").actor, "console (alice)");
+
+    let mut bad = tonic::Request::new(pb::GetSiteConfigRequest {});
+    bad.metadata_mut()
+        .insert("chipsite-operator", "two words".parse().unwrap());
+    let e = admin.get_site_config(bad).await;
+    assert!(e.is_ok(), "reads are not audited, so the name is not read");
+    let mut bad = tonic::Request::new(pb::SetLockdownRequest {
+        chip_id: "zoe".into(),
+        locked: true,
+    });
+    bad.metadata_mut()
+        .insert("chipsite-operator", "two words".parse().unwrap());
+    let e = admin.set_lockdown(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = admin
+        .record_console_sign_in(pb::RecordConsoleSignInRequest {
+            method: "ticket".into(),
+            source: "127.0.0.1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    site.finish().await;
+}
+
 /// A signed-in session: (cookie, CSRF token).
 pub(crate) async fn sign_in(site: &TestSite) -> (String, String) {
-    let token = link(site).await;
+    sign_in_with(site, &link(site).await).await
+}
+
+/// A session signed in with this console ticket: (cookie, CSRF token).
+async fn sign_in_with(site: &TestSite, token: &str) -> (String, String) {
     let ok = http(site, "POST", "/signin", None, Some(&format!("t={token}"))).await;
     assert_eq!(ok.status, 303, "{}", ok.body);
     let cookie = header(&ok, "set-cookie")
@@ -1089,6 +1172,24 @@ async fn the_admin_certificate_signs_in_over_https(store: Store) {
 
     // No client certificate: the handshake is refused, nothing is served.
     assert!(https(&site, None, "GET", "/signin", None).await.is_none());
+    // The certificate sign-in is in the audit, once: the refused ones are not.
+    let audit = site
+        .admin()
+        .list_audit(pb::ListAuditRequest {
+            limit: 50,
+            source: "admin".into(),
+            contains: "console_sign_in".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let rows: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|e| e.action == "console_sign_in")
+        .map(|e| (e.actor.as_str(), e.subject.as_str()))
+        .collect();
+    assert_eq!(rows, [("console (admin-client)", "certificate")], "{audit:?}");
     site.finish().await;
 }
 
