@@ -1186,7 +1186,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         e.actor,
                         e.action,
                         e.subject,
-                        e.outcome
+                        // Words for people; --json keeps the code.
+                        chipsite_model::audit::outcome_words(&e.outcome)
                     )
                 })
                 .collect();

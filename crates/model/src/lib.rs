@@ -3,6 +3,7 @@
 //! the site, so clients (the reference app, chipsctl) use it without
 //! pulling in a service.
 
+pub mod audit;
 pub mod chip_id;
 pub mod endpoints;
 mod error;

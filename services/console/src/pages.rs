@@ -20,7 +20,7 @@ table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;
 .error{color:#b00020}.done{color:#1e7d32}button,input,select{font:inherit;padding:.3rem .6rem}\
 code{word-break:break-all}.qr{display:block;image-rendering:pixelated;background:#fff;padding:8px}\
 .row{display:flex;gap:1rem;flex-wrap:wrap}.row>.card{flex:1;min-width:18rem}\
-.caution{border-left:4px solid #b26a00;background:#fff6e5;padding:.4rem .6rem}td.origin{white-space:nowrap}";
+.caution{border-left:4px solid #b26a00;background:#fff6e5;padding:.4rem .6rem}td.origin,td.when{white-space:nowrap}";
 
 pub async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css")], CSS)

@@ -624,12 +624,12 @@ pub(crate) async fn audit(
                 tbody {
                     @for e in &entries {
                         tr {
-                            td { (when(e.at_ms)) }
+                            td.when { (when(e.at_ms)) }
                             td { (e.source) }
                             td { (e.actor) }
                             td { (e.action) }
                             td { code { (e.subject) } }
-                            td { (e.outcome) }
+                            td title=(e.outcome) { (chipsite_model::audit::outcome_words(&e.outcome)) }
                         }
                     }
                 }

@@ -412,6 +412,17 @@ async fn a_web_page_cannot_spend_the_sign_in_limit(store: Store) {
     )
     .await;
     assert_eq!(r.status, 303, "{}", r.body);
+    // The audit page says in words what the junk was (the code stays in
+    // the cell's title and in the API), each time on one line.
+    let (cookie, _) = sign_in(&site).await;
+    let a = http(&site, "GET", "/audit?source=ticket", Some(&cookie), None).await;
+    assert!(
+        a.body
+            .contains("title=\"refused_unknown\">refused: no such ticket<"),
+        "{}",
+        a.body
+    );
+    assert!(a.body.contains("<td class=\"when\">"), "{}", a.body);
     site.finish().await;
 }
 
