@@ -242,6 +242,49 @@ fn validate_config(key: &str, value: &str) -> Result<(), AdminError> {
     }
 }
 
+/// A user dump that does not parse, in an operator's words: where (the
+/// line, and the field when there is one) and what is wrong, rather than the
+/// parser's wording ("line 3: `chip_id` must be a string, not integer `7`").
+fn dump_error_words(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    use serde_json::error::Category;
+    let inner = e.inner();
+    let line = inner.line();
+    let text = inner.to_string();
+    // serde_json appends " at line L column C"; the line is said first instead.
+    let what = text.rsplit_once(" at line ").map_or(text.as_str(), |(w, _)| w);
+    match inner.classify() {
+        Category::Eof => format!("the file ends too soon, on line {line}: it is not one whole JSON object"),
+        Category::Syntax => format!(
+            "line {line}, column {}: this is not JSON ({what})",
+            inner.column()
+        ),
+        Category::Data | Category::Io => {
+            let said = if let Some(rest) = what.strip_prefix("invalid type: ") {
+                match rest.split_once(", expected ") {
+                    Some((found, wanted)) => format!("must be {wanted}, not {found}"),
+                    None => what.to_owned(),
+                }
+            } else if let Some(rest) = what.strip_prefix("invalid value: ") {
+                match rest.split_once(", expected ") {
+                    Some((found, wanted)) => format!("must be {wanted}, not {found}"),
+                    None => what.to_owned(),
+                }
+            } else if let Some(rest) = what.strip_prefix("missing field ") {
+                return format!("line {line}: the field {rest} is missing");
+            } else if let Some(rest) = what.strip_prefix("unknown field ") {
+                let field = rest.split_once(", expected").map_or(rest, |(f, _)| f);
+                return format!("line {line}: {field} is not a field of a user dump");
+            } else {
+                what.to_owned()
+            };
+            match e.path().to_string().as_str() {
+                "." | "" => format!("line {line}: {said}"),
+                path => format!("line {line}: `{path}` {said}"),
+            }
+        }
+    }
+}
+
 /// What stands for a secret in a value shown to a caller.
 pub const MASK: &str = "****";
 
@@ -540,7 +583,11 @@ impl Admin {
         if json.len() > 1 << 20 {
             return Err(AdminError::BadDump("larger than 1 MiB".into()));
         }
-        let dump: UserDump = serde_json::from_str(json).map_err(|e| AdminError::BadDump(e.to_string()))?;
+        if json.trim().is_empty() {
+            return Err(AdminError::BadDump("the file is empty".into()));
+        }
+        let dump: UserDump = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json))
+            .map_err(|e| AdminError::BadDump(dump_error_words(&e)))?;
         if dump.format != DUMP_FORMAT {
             return Err(AdminError::BadDump(format!(
                 "format must be {DUMP_FORMAT:?}, not {:?}",
@@ -898,6 +945,42 @@ mod tests {
             "http://:1",
         ] {
             assert_eq!(parse_http_url(bad), None, "{bad}");
+        }
+    }
+
+    /// A dump that does not parse says where and what, in an operator's
+    /// words; an empty file says it is empty.
+    #[test]
+    fn bad_dumps_are_told_in_words() {
+        let good = r#"{"format":"chipsite.user.v1","chip_id":"alice","name":"A","address":"",
+"contact":{"email":"","phone":""},"status":"active","locked":false,"created_at_ms":1,"updated_at_ms":1,"public_key":null}"#;
+        assert!(Admin::parse_dump(good).is_ok());
+        let told = |json: &str| Admin::parse_dump(json).unwrap_err().to_string();
+        for (json, says) in [
+            ("", "bad user dump: the file is empty"),
+            ("  \n", "bad user dump: the file is empty"),
+            ("not json", "line 1, column 2: this is not JSON"),
+            ("{\"format\":", "the file ends too soon, on line 1"),
+            (
+                &good.replace("\"chip_id\":\"alice\"", "\"chip_id\":7"),
+                "line 1: `chip_id` must be a string, not integer `7`",
+            ),
+            (
+                &good.replace("\"email\":\"\"", "\"email\":false"),
+                "line 2: `contact.email` must be a string, not boolean `false`",
+            ),
+            (
+                &good.replace("\"name\":\"A\",", ""),
+                "the field `name` is missing",
+            ),
+            (
+                &good.replace("\"name\":", "\"was\":\"x\",\"name\":"),
+                "`was` is not a field of a user dump",
+            ),
+        ] {
+            let e = told(json);
+            assert!(e.contains(says), "{json:?}: {e}");
+            assert!(!e.contains(" at line "), "the parser's wording: {e}");
         }
     }
 

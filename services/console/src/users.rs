@@ -137,7 +137,7 @@ pub(crate) async fn load(
             "the form is stale (CSRF check failed): reload the page",
         ));
     };
-    let (mut csrf, mut file) = (String::new(), None::<Vec<u8>>);
+    let (mut csrf, mut file, mut file_name) = (String::new(), None::<Vec<u8>>, String::new());
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -151,6 +151,9 @@ pub(crate) async fn load(
             }
         };
         let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            file_name = field.file_name().unwrap_or_default().to_owned();
+        }
         let bytes = match field.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -176,7 +179,12 @@ pub(crate) async fn load(
             .into_response()
     };
     let Some(file) = file.filter(|f| !f.is_empty()) else {
-        return Ok(refuse("choose a user dump file (JSON) to load"));
+        // A browser sends an empty part with no file name when none was chosen.
+        return Ok(refuse(&if file_name.is_empty() {
+            "choose a user dump file (JSON) to load".to_owned()
+        } else {
+            format!("bad user dump: {file_name} is empty; nothing was loaded")
+        }));
     };
     if file.len() > MAX_DUMP {
         return Ok(refuse(

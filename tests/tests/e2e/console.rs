@@ -644,7 +644,11 @@ async fn console_pages_do_what_they_say(store: Store) {
             },
             "already exists",
         ),
-        (vec![], "choose a user dump file"),
+        (vec![], "u.json is empty"),
+        (
+            d.body.replace("\"u01\"", "7").into_bytes(),
+            "`chip_id` must be a string, not integer `7`",
+        ),
     ] {
         let r = upload(&site, &cookie, &csrf, &bad).await;
         assert_eq!(r.status, 422, "{why}: {}", r.body);
