@@ -4,7 +4,6 @@
 use std::{pin::Pin, sync::Arc};
 
 use chipsite_proto::events::v1::{self as pb, user_event::Event, user_events_server::UserEvents};
-use chipsite_tls::Caller;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
@@ -72,7 +71,7 @@ impl UserEvents for UserEventsGrpc {
     }
 
     async fn raise_alarms(&self, req: Request<pb::RaiseAlarmsRequest>) -> R<pb::RaiseAlarmsResponse> {
-        let caller = Caller::of(&req);
+        let caller = crate::grpc::actor(&req)?;
         let new: Vec<NewAlarm> = req
             .into_inner()
             .alarms

@@ -57,7 +57,7 @@ pub fn policy(bench: bool) -> Policy {
 
 /// Who an audit row names: the caller's identity and, for the operators'
 /// identities, the operator it acts for (`console (alice)`).
-fn actor<T>(req: &Request<T>) -> Result<String, Status> {
+pub(crate) fn actor<T>(req: &Request<T>) -> Result<String, Status> {
     let caller = Caller::of(req);
     if caller != id::ADMIN_CLIENT && caller != id::CONSOLE {
         return Ok(caller);

@@ -109,6 +109,8 @@ where
 }
 
 type AdminClient = AdminServiceClient<NamesOperator<TracedChannel>>;
+type EventsClient =
+    chipsite_proto::events::v1::user_events_client::UserEventsClient<NamesOperator<TracedChannel>>;
 
 /// How the health page checks one service.
 pub enum Check {
@@ -129,6 +131,8 @@ pub struct Probe {
 
 pub struct Console {
     admin: AdminClient,
+    /// UserEvents, on admin's port: users' alarms (list, raise).
+    events: EventsClient,
     tickets: TicketsClient<TracedChannel>,
     /// By SHA-256 of the cookie value.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
@@ -200,7 +204,10 @@ impl Console {
     /// The same, with the services its health page checks.
     pub fn with_probes(admin: Channel, tickets: Channel, probes: Vec<Probe>) -> Arc<Self> {
         Arc::new(Self {
-            admin: AdminServiceClient::new(NamesOperator(traced(admin))),
+            admin: AdminServiceClient::new(NamesOperator(traced(admin.clone()))),
+            events: chipsite_proto::events::v1::user_events_client::UserEventsClient::new(NamesOperator(
+                traced(admin),
+            )),
             tickets: TicketsClient::new(traced(tickets)),
             sessions: Mutex::new(HashMap::new()),
             attempts: chipsite_tls::Throttle::new(SIGNIN_ATTEMPTS, SIGNIN_REFILL).with_capacity(MAX_SOURCES),
@@ -348,6 +355,10 @@ impl Console {
         self.admin.clone()
     }
 
+    pub(crate) fn events(&self) -> EventsClient {
+        self.events.clone()
+    }
+
     /// What every signed-in page shows: the site lockdown banner and the
     /// site key's state (sealed or not) in the header.
     pub(crate) async fn chrome(&self, op: Operator) -> Chrome {
@@ -402,6 +413,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/users/{chip_id}/dump", post(users::dump))
         .route("/users/{chip_id}/edit", post(users::edit))
         .route("/users/{chip_id}/ticket", post(users::ticket))
+        .route("/users/{chip_id}/alarm", post(users::raise_alarm))
         .route(
             "/users/{chip_id}/lockdown",
             get(users::confirm_lockdown).post(users::set_lockdown),

@@ -234,6 +234,7 @@ pub(crate) fn user(
     // Other connection tickets of the user still outstanding.
     outstanding: usize,
     tallies: &Result<Vec<chipsite_proto::tally::v1::Tally>, String>,
+    alarms: &Result<Vec<chipsite_proto::events::v1::Alarm>, String>,
 ) -> Markup {
     let contact = u.contact.clone().unwrap_or_default();
     let path = format!("/users/{}", u.chip_id);
@@ -303,6 +304,34 @@ pub(crate) fn user(
                                     td { (t.steps.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>().join(", ")) }
                                     td { (t.delivery) }
                                     td { (crate::site::when(t.updated_at_ms)) }
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+            div.card #alarms {
+                h2 { "Alarms" }
+                form method="post" action={ (path) "/alarm" } {
+                    input type="hidden" name="csrf" value=(chrome.csrf);
+                    label { "Raise an alarm " input name="text" required maxlength="1000" size="50" placeholder="Please call the office"; }
+                    " " button type="submit" { "Raise" }
+                }
+                p { small { "An open session of the user's app gets it at once; otherwise it goes out once by e-mail or text, if the user and the site have them." } }
+                @match alarms {
+                    Err(why) => p { "Alarms could not be listed: " (why) },
+                    Ok(list) if list.is_empty() => p { "No alarms." },
+                    Ok(list) => table {
+                        thead { tr { th { "#" } th { "Raised" } th { "Kind" } th { "Reached the user" } th { "Seen" } th { "Text" } } }
+                        tbody {
+                            @for a in list {
+                                tr {
+                                    td { (a.id) }
+                                    td.when { (crate::site::when(a.created_at_ms)) }
+                                    td { (a.kind) }
+                                    td { @if a.delivered_by.is_empty() { "not yet" } @else { (a.delivered_by) } }
+                                    td.when { @if a.acked_at_ms == 0 { "—" } @else { (crate::site::when(a.acked_at_ms)) } }
+                                    td { (a.text) }
                                 }
                             }
                         }

@@ -77,16 +77,17 @@ pub(crate) async fn show(
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
     let mut admin = c.admin();
-    let (chrome, user, tallies, outstanding) = tokio::join!(
+    let (chrome, user, tallies, outstanding, alarms) = tokio::join!(
         c.chrome(op),
         admin.get_user(ad::GetUserRequest {
             chip_id: chip_id.clone()
         }),
         tallies_of(&c, &chip_id),
-        outstanding_tickets(&c, &chip_id)
+        outstanding_tickets(&c, &chip_id),
+        alarms_of(&c, &chip_id)
     );
     Ok(match user {
-        Ok(u) => pages::user(&chrome, &u.into_inner(), None, outstanding, &tallies).into_response(),
+        Ok(u) => pages::user(&chrome, &u.into_inner(), None, outstanding, &tallies, &alarms).into_response(),
         Err(s) => failed(&s),
     })
 }
@@ -266,12 +267,13 @@ pub(crate) async fn ticket(
         Ok(t) => t.into_inner(),
         Err(s) => return failed(&s),
     };
-    let (user, tallies, outstanding) = tokio::join!(
+    let (user, tallies, outstanding, alarms) = tokio::join!(
         admin.get_user(ad::GetUserRequest {
             chip_id: chip_id.clone()
         }),
         tallies_of(&c, &chip_id),
-        outstanding_tickets(&c, &chip_id)
+        outstanding_tickets(&c, &chip_id),
+        alarms_of(&c, &chip_id)
     );
     let user = match user {
         Ok(u) => u.into_inner(),
@@ -292,12 +294,61 @@ pub(crate) async fn ticket(
         Some(shown),
         outstanding.saturating_sub(1),
         &tallies,
+        &alarms,
     )
     .into_response()
 }
 
 /// A user's tallies for the user page, or why they cannot be shown (the
 /// page still works when the tally service does not answer).
+/// The user's latest alarms, acknowledged ones too.
+async fn alarms_of(c: &Console, chip_id: &str) -> Result<Vec<chipsite_proto::events::v1::Alarm>, String> {
+    c.events()
+        .list_alarms(chipsite_proto::events::v1::ListAlarmsRequest {
+            chip_id: chip_id.to_owned(),
+            include_acked: true,
+            limit: 20,
+            count_only: false,
+        })
+        .await
+        .map(|r| r.into_inner().alarms)
+        .map_err(|s| s.message().to_owned())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AlarmForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    text: String,
+}
+
+/// Raise an alarm for the user (kind "notice"), as `chipsctl alarm raise` does.
+pub(crate) async fn raise_alarm(
+    State(c): App,
+    headers: HeaderMap,
+    Path(chip_id): Path<String>,
+    Form(f): Form<AlarmForm>,
+) -> Response {
+    if let Err(r) = checked(&c, &headers, Some(&f.csrf)) {
+        return r.into_response();
+    }
+    match c
+        .events()
+        .raise_alarms(chipsite_proto::events::v1::RaiseAlarmsRequest {
+            alarms: vec![chipsite_proto::events::v1::NewAlarm {
+                chip_id: chip_id.clone(),
+                kind: "notice".into(),
+                text: f.text.trim().to_owned(),
+            }],
+        })
+        .await
+    {
+        Ok(_) => Redirect::to(&format!("/users/{chip_id}#alarms")).into_response(),
+        Err(s) => failed(&s),
+    }
+}
+
 /// How many connection tickets of the user are outstanding (0 if the list
 /// cannot be had: the page still works, without the warning).
 async fn outstanding_tickets(c: &Console, chip_id: &str) -> usize {

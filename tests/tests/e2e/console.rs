@@ -30,11 +30,12 @@ const GETS: [&str; 14] = [
     "/anything",
 ];
 /// Forms that need a session and its CSRF token.
-const POSTS: [&str; 16] = [
+const POSTS: [&str; 17] = [
     "/users",
     "/users/load",
     "/users/alice/edit",
     "/users/alice/ticket",
+    "/users/alice/alarm",
     "/users/alice/dump",
     "/users/alice/lockdown",
     "/lockdown",
@@ -678,7 +679,49 @@ async fn console_pages_do_what_they_say(store: Store) {
     );
 
     // Tickets: issue, list, revoke.
+    // Alarms: raised from the user's page (audited as the console's
+    // operator), listed there, the text shown as text.
     let before = http(&site, "GET", "/users/u01", c, None).await;
+    assert!(before.body.contains("No alarms."), "{}", before.body);
+    let r = http(
+        &site,
+        "POST",
+        "/users/u01/alarm",
+        c,
+        Some(&f("text=Please+call+%3Cb%3Ethe+office%3C%2Fb%3E")),
+    )
+    .await;
+    assert_eq!(
+        (r.status, header(&r, "location")),
+        (303, Some("/users/u01#alarms")),
+        "{}",
+        r.body
+    );
+    let page = http(&site, "GET", "/users/u01", c, None).await;
+    assert!(
+        page.body.contains("Please call &lt;b&gt;the office&lt;/b&gt;"),
+        "{}",
+        page.body
+    );
+    let r = http(&site, "POST", "/users/nobody/alarm", c, Some(&f("text=hello"))).await;
+    assert!(r.status >= 400, "{}", r.body);
+    let raised = site
+        .admin()
+        .list_audit(pb::ListAuditRequest {
+            limit: 20,
+            source: "admin".into(),
+            contains: "raise_alarms".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        raised
+            .iter()
+            .any(|e| e.action == "raise_alarms" && e.actor == "console (admin-client)" && e.subject == "u01"),
+        "{raised:?}"
+    );
     assert!(!before.body.contains("already has"), "{}", before.body);
     let t = http(&site, "POST", "/users/u01/ticket", c, Some(&f(""))).await;
     assert_eq!(t.status, 200);
