@@ -21,18 +21,23 @@ export CHIPSCTL="$bin/chipsctl"
 app="$bin/chipapp"
 apps="$(mktemp -d)"
 mkdir -p "$apps/a" "$apps/b"
-if docker compose version >/dev/null 2>&1; then
-  compose() { docker compose "$@"; }
-else
-  compose() { docker-compose "$@"; }
-fi
+if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
+compose() { "${COMPOSE[@]}" "$@"; }
+# Debian's engine (20.10) can deadlock when containers attached to several
+# networks exit at once (libnetwork's releaseNetwork): those are stopped one
+# at a time first, and every teardown is bounded.
+calm_stop() {
+  local c
+  for c in "$@"; do timeout 60 "${COMPOSE[@]}" stop "$c" >/dev/null 2>&1 || true; done
+}
 ok=0
 finish() {
   if [ "$ok" != 1 ]; then
-    compose ps -a >&2 || true
-    compose logs --tail 40 >&2 || true
+    timeout 30 "${COMPOSE[@]}" ps -a >&2 || true
+    timeout 30 "${COMPOSE[@]}" logs --tail 40 >&2 || true
   fi
-  compose down -v --remove-orphans >/dev/null 2>&1 || true
+  calm_stop otel-collector a-peer-gateway b-peer-gateway
+  timeout 120 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || echo "teardown did not finish" >&2
   rm -rf "$CHIPSITE_SECRETS" "$apps"
 }
 trap finish EXIT
@@ -50,6 +55,9 @@ retry() {
   done
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+# Leftovers of an interrupted run.
+timeout 120 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 
 step "compose config"
 compose config -q
@@ -115,6 +123,7 @@ pin_a="$(ctl a key status | grep -o 'sha256//[^ ]*')"
 
 step "site A stopped and started again (its PostgreSQL too)"
 site_a="$(compose config --services | grep '^a-' | grep -v '^a-ctl$' | tr '\n' ' ')"
+calm_stop a-peer-gateway
 # shellcheck disable=SC2086
 compose stop $site_a
 # shellcheck disable=SC2086
