@@ -64,12 +64,15 @@ setup() {
   for site in a b; do
     local off=0 name="site-a"
     if [ "$site" = b ]; then off=100; name="site-b"; fi
-    compose run --rm --no-deps "$site-ctl" config set \
+    compose run --rm --no-deps "$site-ctl" --operator compose-setup config set \
       "site.name=$name" \
       user_gateway.host=127.0.0.1 "user_gateway.port=$((44301 + off))" \
       "peer_gateway.host=$site-peer-gateway" peer_gateway.port=44302 \
-      "console.url=http://127.0.0.1:$((44303 + off))" >/dev/null
-    compose run --rm --no-deps "$site-ctl" peer start --passphrase-file "/run/secrets/${site}_passphrase" >/dev/null
+      "console.url=http://127.0.0.1:$((44303 + off))" >/dev/null ||
+      { echo "could not set up site $site" >&2; exit 1; }
+    compose run --rm --no-deps "$site-ctl" --operator compose-setup peer start \
+      --passphrase-file "/run/secrets/${site}_passphrase" >/dev/null ||
+      { echo "could not start site $site's peer server" >&2; exit 1; }
   done
 }
 
@@ -79,7 +82,9 @@ case "${1:-}" in
     shift
     docker image inspect "$CHIPSITE_IMAGE" >/dev/null 2>&1 || deploy/images.sh chipsite --tag "$CHIPSITE_IMAGE"
     secrets
-    if ! compose up -d --wait "$@"; then
+    # `up --wait` has been seen to return 0 with containers left "created":
+    # every container must be running.
+    if ! compose up -d --wait "$@" || compose ps -a --format '{{.Service}} {{.State}}' | grep -qv ' running$'; then
       compose ps -a >&2
       echo "the stack did not come up healthy: see \`docker compose logs\`" >&2
       exit 1

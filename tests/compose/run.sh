@@ -56,8 +56,11 @@ retry() {
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
-# Leftovers of an interrupted run.
+# Leftovers of an interrupted run (an engine killed mid-run may keep
+# networks of the project that it can no longer attach to).
 timeout 120 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+docker network ls -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" |
+  xargs -r docker network rm >/dev/null 2>&1 || true
 
 step "compose config"
 compose config -q
