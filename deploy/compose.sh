@@ -11,6 +11,7 @@
 #                              key pass phrase, the PostgreSQL password and
 #                              the database URL
 #   deploy/compose.sh chipsctl a|b ARGS…   chipsctl on this machine, for a site
+#                              ($CHIPSCTL, else chipsctl on the PATH, else cargo run)
 #   deploy/compose.sh down [-v]            stop (-v: and drop the databases)
 #
 # Uses `docker compose` (or `docker-compose`). Containers run as
@@ -104,7 +105,16 @@ EOT
     off=0
     [ "$site" = b ] && off=100
     pki="$CHIPSITE_SECRETS/$site/pki"
-    exec "${CHIPSCTL:-chipsctl}" --admin "127.0.0.1:$((44310 + off))" \
+    # $CHIPSCTL, else chipsctl on the PATH, else built from this checkout
+    # (a shell alias is not seen here).
+    if [ -n "${CHIPSCTL:-}" ]; then
+      ctl=("$CHIPSCTL")
+    elif command -v chipsctl >/dev/null; then
+      ctl=(chipsctl)
+    else
+      ctl=(cargo run -q -p chipsctl --)
+    fi
+    exec "${ctl[@]}" --admin "127.0.0.1:$((44310 + off))" \
       --cert "$pki/admin-client.pem" --key "$pki/admin-client.key" --ca "$pki/ca.pem" "$@"
     ;;
   down) shift; compose down "$@" ;;
