@@ -84,6 +84,10 @@ pub enum Command {
         /// Only records with this text (any case) in a field.
         #[arg(long, default_value = "")]
         contains: String,
+        /// The older entries after a page (printed at its end; use the same
+        /// --source and --contains).
+        #[arg(long, default_value = "")]
+        page_token: String,
     },
 }
 
@@ -159,10 +163,23 @@ pub enum UserCmd {
         chip_id: String,
     },
     List {
+        /// Part of a CHIP ID or name.
         #[arg(long, default_value = "")]
         query: String,
+        /// Only users with this status: active, suspended or closed.
+        #[arg(long, default_value = "")]
+        status: String,
+        /// Only locked-down users (true) or only open ones (false).
+        #[arg(long)]
+        locked: Option<bool>,
+        /// chip_id, name, status or created; a leading - reverses it
+        /// (--sort=-created: newest first).
+        #[arg(long, default_value = "chip_id", allow_hyphen_values = true)]
+        sort: String,
         #[arg(long, default_value_t = 50)]
         page_size: u32,
+        /// The next page (printed at a page's end; use the same query,
+        /// filters and sort).
         #[arg(long, default_value = "")]
         page_token: String,
     },
@@ -770,6 +787,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             }
             UserCmd::List {
                 query,
+                status,
+                locked,
+                sort,
                 page_size,
                 page_token,
             } => {
@@ -778,6 +798,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         query,
                         page_size,
                         page_token,
+                        sort,
+                        status,
+                        locked,
                     })
                     .await
                     .map_err(&err)?
@@ -795,10 +818,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         )
                     })
                     .collect();
+                text.push_str(&format!("({} in all)\n", r.total));
                 if !r.next_page_token.is_empty() {
-                    text.push_str(&format!("(more: --page-token {})\n", r.next_page_token));
+                    text.push_str(&format!("(more: --page-token '{}')\n", r.next_page_token));
                 }
-                let v = json!({"users": r.users.iter().map(user_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token});
+                let v = json!({"users": r.users.iter().map(user_json).collect::<Vec<_>>(),
+                    "next_page_token": r.next_page_token, "total": r.total});
                 emit(out, v, text)
             }
             UserCmd::Edit {
@@ -1165,17 +1190,19 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             limit,
             source,
             contains,
+            page_token,
         } => {
             let r = client
                 .list_audit(pb::ListAuditRequest {
                     limit,
                     source,
                     contains,
+                    page_token,
                 })
                 .await
                 .map_err(&err)?
                 .into_inner();
-            let text: String = r
+            let mut text: String = r
                 .entries
                 .iter()
                 .map(|e| {
@@ -1191,8 +1218,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     )
                 })
                 .collect();
+            if !r.next_page_token.is_empty() {
+                text.push_str(&format!("(older: --page-token {})\n", r.next_page_token));
+            }
             let v = json!({"entries": r.entries.iter().map(|e| json!({"at_ms": e.at_ms, "source": e.source, "actor": e.actor,
-                "action": e.action, "subject": e.subject, "outcome": e.outcome})).collect::<Vec<_>>()});
+                "action": e.action, "subject": e.subject, "outcome": e.outcome, "id": e.id})).collect::<Vec<_>>(),
+                "next_page_token": r.next_page_token});
             emit(out, v, text)
         }
     }

@@ -145,7 +145,30 @@ async fn every_admin_command_through_chipsctl(store: Store) {
     ok(d, &["user", "create", "bob", "--name", "Bob"]);
     let list = json(&ok(d, &["--json", "user", "list"]));
     assert_eq!(list["users"].as_array().unwrap().len(), 2);
+    assert_eq!(list["total"], 2);
     assert!(ok(d, &["user", "list", "--query", "Bo"]).starts_with("bob"));
+    // Sorted newest first, one a page: the token leads to the other.
+    let first = json(&ok(
+        d,
+        &["--json", "user", "list", "--sort", "-chip_id", "--page-size", "1"],
+    ));
+    assert_eq!(first["users"][0]["chip_id"], "bob");
+    let token = first["next_page_token"].as_str().unwrap().to_owned();
+    let text = ok(
+        d,
+        &[
+            "user",
+            "list",
+            "--sort=-chip_id",
+            "--page-size",
+            "1",
+            "--page-token",
+            &token,
+        ],
+    );
+    assert!(text.starts_with("alice") && text.contains("(2 in all)"), "{text}");
+    let locked = ok(d, &["user", "list", "--locked", "true"]);
+    assert!(locked.starts_with("(0 in all)"), "{locked}");
     let edited = json(&ok(
         d,
         &[
@@ -479,6 +502,15 @@ async fn every_admin_command_through_chipsctl(store: Store) {
         ["admin-client (carol)", "admin-client (bob)"],
         "{named}"
     );
+    // The next page goes on where this one stopped.
+    let token = named["next_page_token"].as_str().unwrap().to_owned();
+    let older = json(&ok(
+        d,
+        &["--json", "audit", "--limit", "5", "--page-token", &token],
+    ));
+    let (a, b) = (&named["entries"][4], &older["entries"][0]);
+    assert!(a["at_ms"].as_i64() >= b["at_ms"].as_i64(), "{a} then {b}");
+    assert_ne!((&a["source"], &a["id"]), (&b["source"], &b["id"]));
 
     // Audit.
     let audit = ok(d, &["audit", "--limit", "500"]);

@@ -244,17 +244,20 @@ impl AdminService for AdminGrpc {
         } else {
             r.page_size.min(1000)
         };
-        let mut users = self
+        let page = self
             .admin
-            .list_users(&r.query, &r.page_token, u64::from(size) + 1)
+            .list_users(
+                &crate::UserList {
+                    query: &r.query,
+                    status: &r.status,
+                    locked: r.locked,
+                    sort: &r.sort,
+                    page_token: &r.page_token,
+                },
+                u64::from(size),
+            )
             .await?;
-        let more = users.len() > size as usize;
-        users.truncate(size as usize);
-        let next_page_token = if more {
-            users.last().map(|u| u.chip_id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (users, next_page_token, total) = (page.users, page.next_page_token, page.total);
         // Which have keys: one call for the page.
         let with_keys: std::collections::HashSet<String> = self
             .vault
@@ -275,6 +278,7 @@ impl AdminService for AdminGrpc {
         Ok(Response::new(pb::ListUsersResponse {
             users: out,
             next_page_token,
+            total,
         }))
     }
 
@@ -810,10 +814,17 @@ impl AdminService for AdminGrpc {
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) };
-        let mut entries = vec![];
+        let cursor = AuditCursor::parse(&r.page_token)?;
+        // One more than a page from each source: whether more follow.
+        let fetch = limit + 1;
+        let mut admin_rows = vec![];
         if r.source.is_empty() || r.source == "admin" {
-            for a in self.admin.audit_log(u64::from(limit), &r.contains).await? {
-                entries.push(pb::AuditEntry {
+            for a in self
+                .admin
+                .audit_log(u64::from(fetch), &r.contains, cursor.admin)
+                .await?
+            {
+                admin_rows.push(pb::AuditEntry {
                     at_ms: a.at_ms,
                     source: "admin".into(),
                     actor: a.actor,
@@ -821,23 +832,26 @@ impl AdminService for AdminGrpc {
                     subject: a.subject,
                     outcome: a.outcome,
                     count: 1,
+                    id: a.id,
                 });
             }
         }
+        let mut ticket_rows = vec![];
         if r.source.is_empty() || r.source == "ticket" {
             let records = self
                 .tickets
                 .clone()
                 .list_audit(tk::ListAuditRequest {
                     ticket_id: String::new(),
-                    limit,
+                    limit: fetch,
                     contains: r.contains.clone(),
+                    before_id: cursor.ticket,
                 })
                 .await?
                 .into_inner()
                 .records;
             for t in records {
-                entries.push(pb::AuditEntry {
+                ticket_rows.push(pb::AuditEntry {
                     at_ms: t.at_ms,
                     source: "ticket".into(),
                     actor: t.source,
@@ -845,13 +859,91 @@ impl AdminService for AdminGrpc {
                     subject: t.ticket_id,
                     outcome: t.outcome,
                     count: t.count,
+                    id: t.id,
                 });
             }
         }
-        entries.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
-        entries.truncate(limit as usize);
-        Ok(Response::new(pb::ListAuditResponse { entries }))
+        let (entries, next) = merge_audit(admin_rows, ticket_rows, limit as usize, cursor);
+        Ok(Response::new(pb::ListAuditResponse {
+            entries,
+            next_page_token: next.map(|c| c.token()).unwrap_or_default(),
+        }))
     }
+}
+
+/// Where a page of the audit log ends in each source: only rows with a
+/// smaller id come next (0: no bound yet; -1: none left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct AuditCursor {
+    admin: i64,
+    ticket: i64,
+}
+
+impl AuditCursor {
+    fn parse(token: &str) -> Result<Self, Status> {
+        if token.is_empty() {
+            return Ok(Self::default());
+        }
+        let bad = || status(ErrorCode::InvalidArgument, "page_token is not from an audit list");
+        let (a, t) = token.split_once('.').ok_or_else(bad)?;
+        Ok(Self {
+            admin: a.parse().map_err(|_| bad())?,
+            ticket: t.parse().map_err(|_| bad())?,
+        })
+    }
+
+    fn token(self) -> String {
+        format!("{}.{}", self.admin, self.ticket)
+    }
+}
+
+/// The newest `limit` of two sources' rows (each newest first by id), by
+/// time, keeping each source's own order so that every page is a prefix of
+/// what is left in each; and the cursor of the next page, if any rows are
+/// left. Each source was asked for `limit + 1` rows.
+fn merge_audit(
+    admin: Vec<pb::AuditEntry>,
+    ticket: Vec<pb::AuditEntry>,
+    limit: usize,
+    from: AuditCursor,
+) -> (Vec<pb::AuditEntry>, Option<AuditCursor>) {
+    let (mut a, mut t) = (admin.into_iter().peekable(), ticket.into_iter().peekable());
+    let (first_a, first_t) = (a.peek().map(|e| e.id), t.peek().map(|e| e.id));
+    let mut out = Vec::with_capacity(limit);
+    let (mut last_a, mut last_t) = (None, None);
+    while out.len() < limit {
+        let take_admin = match (a.peek(), t.peek()) {
+            (Some(x), Some(y)) => x.at_ms >= y.at_ms,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let e = if take_admin { a.next() } else { t.next() };
+        let Some(e) = e else { break };
+        if take_admin {
+            last_a = Some(e.id);
+        } else {
+            last_t = Some(e.id);
+        }
+        out.push(e);
+    }
+    if a.peek().is_none() && t.peek().is_none() {
+        return (out, None);
+    }
+    // A source with rows shown goes on after its last; one with none shown
+    // goes on from the first row it had (so rows written since do not slip
+    // in), or has none left.
+    let bound = |last: Option<i64>, first: Option<i64>, was: i64| match (last, first) {
+        (Some(id), _) => id,
+        (None, Some(id)) => id.saturating_add(1),
+        (None, None) if was == 0 => -1,
+        (None, None) => was,
+    };
+    let next = AuditCursor {
+        admin: bound(last_a, first_a, from.admin),
+        ticket: bound(last_t, first_t, from.ticket),
+    };
+    (out, Some(next))
 }
 
 /// A user as AdminService shows it.
@@ -910,5 +1002,92 @@ mod policy_tests {
         let watch = "/chipsite.events.v1.UserEvents/Watch";
         assert!(!policy(true).permits(watch, id::CONSOLE));
         assert!(policy(false).permits(watch, id::USER_GATEWAY));
+    }
+}
+
+#[cfg(test)]
+mod audit_paging_tests {
+    use super::*;
+
+    fn row(source: &str, id: i64, at_ms: i64) -> pb::AuditEntry {
+        pb::AuditEntry {
+            at_ms,
+            source: source.into(),
+            id,
+            ..Default::default()
+        }
+    }
+
+    /// Two sources paged by the merged cursor: every row once, newest
+    /// first, each source's order kept even where its times are out of id
+    /// order (a collapsed ticket refusal's time moves on).
+    #[test]
+    fn merged_pages_show_every_row_once_in_order() {
+        let admin: Vec<_> = (1..=7).rev().map(|i| row("admin", i, i * 10)).collect();
+        // Ticket ids 1..=5; id 2 was touched late (time 65).
+        let mut ticket: Vec<_> = (1..=5).rev().map(|i| row("ticket", i, i * 10 + 5)).collect();
+        ticket[3].at_ms = 65;
+        let fetch = |rows: &[pb::AuditEntry], before: i64, n: usize| -> Vec<pb::AuditEntry> {
+            rows.iter()
+                .filter(|r| before == 0 || r.id < before)
+                .take(n)
+                .cloned()
+                .collect()
+        };
+        let mut cursor = AuditCursor::default();
+        let mut seen = vec![];
+        for page in 0.. {
+            assert!(page < 10, "paging ends");
+            let (rows, next) = merge_audit(
+                fetch(&admin, cursor.admin, 4),
+                fetch(&ticket, cursor.ticket, 4),
+                3,
+                cursor,
+            );
+            assert!(rows.len() <= 3);
+            seen.extend(rows.iter().map(|r| (r.source.clone(), r.id)));
+            match next {
+                Some(c) => {
+                    assert_eq!(AuditCursor::parse(&c.token()).unwrap(), c);
+                    cursor = c;
+                }
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 12, "every row once: {seen:?}");
+        assert_eq!(seen.len(), 12, "no row twice: {seen:?}");
+        for source in ["admin", "ticket"] {
+            let ids: Vec<i64> = seen
+                .iter()
+                .filter(|(s, _)| s == source)
+                .map(|(_, i)| *i)
+                .collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] > w[1]),
+                "{source} newest first: {ids:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_with_nothing_shown_goes_on_from_its_first_row() {
+        // Admin rows are all newer: the first page shows none of ticket's.
+        let admin: Vec<_> = (1..=5).rev().map(|i| row("admin", i, 100 + i)).collect();
+        let ticket = vec![row("ticket", 9, 50), row("ticket", 8, 40)];
+        let (rows, next) = merge_audit(admin[..3].to_vec(), ticket, 2, AuditCursor::default());
+        assert!(rows.iter().all(|r| r.source == "admin"));
+        let next = next.unwrap();
+        assert_eq!(next, AuditCursor { admin: 4, ticket: 10 });
+        // An empty source has none left; the last page has no cursor.
+        let (_, next) = merge_audit(vec![row("admin", 1, 1)], vec![], 2, AuditCursor::default());
+        assert_eq!(next, None);
+        let (_, next) = merge_audit(admin[..3].to_vec(), vec![], 2, AuditCursor::default());
+        assert_eq!(next, Some(AuditCursor { admin: 4, ticket: -1 }));
+        for bad in ["x", "1", "1.x", "1.2.3"] {
+            assert!(AuditCursor::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::OnConflict,
+    EntityTrait, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::OnConflict,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -167,6 +167,140 @@ fn validate_data(d: &UserData) -> Result<(), AdminError> {
 /// active (suspended or closed). Gateways see both as a lockdown.
 pub fn is_barred(u: &user::Model) -> bool {
     u.locked || chipsite_model::AccountStatus::parse(&u.status) != Some(chipsite_model::AccountStatus::Active)
+}
+
+/// Which users a list shows and in what order (see `ListUsersRequest`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UserList<'a> {
+    /// Substring of CHIP ID or name; empty: all.
+    pub query: &'a str,
+    /// Only this status; empty: any.
+    pub status: &'a str,
+    pub locked: Option<bool>,
+    /// `chip_id` (or empty), `name`, `status` or `created`; `-` first reverses.
+    pub sort: &'a str,
+    /// The previous page's `next_page_token`; empty: the first page.
+    pub page_token: &'a str,
+}
+
+/// One page of a user list.
+#[derive(Debug)]
+pub struct UserPage {
+    pub users: Vec<user::Model>,
+    /// How many match on all pages.
+    pub total: u64,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SortKey {
+    ChipId,
+    Name,
+    Status,
+    Created,
+}
+
+impl SortKey {
+    fn column(self) -> user::Column {
+        match self {
+            Self::ChipId => user::Column::ChipId,
+            Self::Name => user::Column::Name,
+            Self::Status => user::Column::Status,
+            Self::Created => user::Column::CreatedAtMs,
+        }
+    }
+}
+
+/// A user list's order: a key, then CHIP ID, both the same direction.
+/// Pages are keyset pages: a token holds the last row's key and CHIP ID,
+/// so rows written between pages neither repeat nor vanish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UserSort {
+    key: SortKey,
+    descending: bool,
+}
+
+impl UserSort {
+    fn parse(s: &str) -> Result<Self, AdminError> {
+        let (descending, name) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let key = match name {
+            "" | "chip_id" => SortKey::ChipId,
+            "name" => SortKey::Name,
+            "status" => SortKey::Status,
+            "created" => SortKey::Created,
+            _ => {
+                return Err(AdminError::InvalidArgument(
+                    "sort must be chip_id, name, status or created, with an optional leading -".into(),
+                ));
+            }
+        };
+        Ok(Self { key, descending })
+    }
+
+    fn name(self) -> String {
+        let key = match self.key {
+            SortKey::ChipId => "chip_id",
+            SortKey::Name => "name",
+            SortKey::Status => "status",
+            SortKey::Created => "created",
+        };
+        format!("{}{key}", if self.descending { "-" } else { "" })
+    }
+
+    /// The token of the page after `last`. Sorted by CHIP ID ascending it
+    /// is the CHIP ID alone, as it always was; otherwise
+    /// `<sort>:<chip_id>:<key value>` (a CHIP ID holds no `:`).
+    fn token(self, last: &user::Model) -> String {
+        let value = match self.key {
+            SortKey::ChipId if !self.descending => return last.chip_id.clone(),
+            SortKey::ChipId => last.chip_id.clone(),
+            SortKey::Name => last.name.clone(),
+            SortKey::Status => last.status.clone(),
+            SortKey::Created => last.created_at_ms.to_string(),
+        };
+        format!("{}:{}:{value}", self.name(), last.chip_id)
+    }
+
+    /// The rows after the page `token` ends, or `None` for the first page.
+    fn cursor(self, token: &str) -> Result<Option<Condition>, AdminError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let stale = || AdminError::InvalidArgument("page_token does not belong to this list's sort".into());
+        let (chip_id, value) = if self.key == SortKey::ChipId && !self.descending && !token.contains(':') {
+            (token, sea_orm::Value::from(token))
+        } else {
+            let mut parts = token.splitn(3, ':');
+            let (Some(sort), Some(chip_id), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(stale());
+            };
+            if sort != self.name() {
+                return Err(stale());
+            }
+            let value = match self.key {
+                SortKey::Created => sea_orm::Value::from(value.parse::<i64>().map_err(|_| stale())?),
+                _ => sea_orm::Value::from(value),
+            };
+            (chip_id, value)
+        };
+        let beyond = |col: user::Column, v: sea_orm::Value| {
+            if self.descending { col.lt(v) } else { col.gt(v) }
+        };
+        Ok(Some(if self.key == SortKey::ChipId {
+            Condition::all().add(beyond(user::Column::ChipId, chip_id.into()))
+        } else {
+            let col = self.key.column();
+            Condition::any().add(beyond(col, value.clone())).add(
+                Condition::all()
+                    .add(col.eq(value))
+                    .add(beyond(user::Column::ChipId, chip_id.into())),
+            )
+        }))
+    }
 }
 
 fn validate_status(s: &str) -> Result<(), AdminError> {
@@ -504,24 +638,50 @@ impl Admin {
 
     /// Users in CHIP ID order, after `after`, matching `query` (a substring of
     /// CHIP ID or name).
-    pub async fn list_users(
-        &self,
-        query: &str,
-        after: &str,
-        limit: u64,
-    ) -> Result<Vec<user::Model>, AdminError> {
-        let mut q = user::Entity::find().order_by_asc(user::Column::ChipId);
-        if !query.is_empty() {
+    /// A page of users: those matching `list`, in its order, after its
+    /// cursor; with the count of all that match.
+    pub async fn list_users(&self, list: &UserList<'_>, size: u64) -> Result<UserPage, AdminError> {
+        let sort = UserSort::parse(list.sort)?;
+        let mut q = user::Entity::find();
+        if !list.query.is_empty() {
             q = q.filter(
                 Condition::any()
-                    .add(user::Column::ChipId.contains(query))
-                    .add(user::Column::Name.contains(query)),
+                    .add(user::Column::ChipId.contains(list.query))
+                    .add(user::Column::Name.contains(list.query)),
             );
         }
-        if !after.is_empty() {
-            q = q.filter(user::Column::ChipId.gt(after));
+        if !list.status.is_empty() {
+            validate_status(list.status)?;
+            q = q.filter(user::Column::Status.eq(list.status));
         }
-        Ok(q.limit(limit.clamp(1, 1000)).all(&self.db).await?)
+        if let Some(locked) = list.locked {
+            q = q.filter(user::Column::Locked.eq(locked));
+        }
+        let total = q.clone().count(&self.db).await?;
+        if let Some(after) = sort.cursor(list.page_token)? {
+            q = q.filter(after);
+        }
+        let order = if sort.descending { Order::Desc } else { Order::Asc };
+        if sort.key != SortKey::ChipId {
+            q = q.order_by(sort.key.column(), order.clone());
+        }
+        let size = size.clamp(1, 1000);
+        let mut users = q
+            .order_by(user::Column::ChipId, order)
+            .limit(size + 1)
+            .all(&self.db)
+            .await?;
+        let more = users.len() as u64 > size;
+        users.truncate(size as usize);
+        let next_page_token = match users.last() {
+            Some(last) if more => sort.token(last),
+            _ => String::new(),
+        };
+        Ok(UserPage {
+            users,
+            total,
+            next_page_token,
+        })
     }
 
     pub async fn update_user(&self, chip_id: &str, changes: UserChanges) -> Result<user::Model, AdminError> {
@@ -840,8 +1000,18 @@ impl Admin {
 
     /// The newest `limit` records, those with `contains` (any case) in a
     /// field when it is not empty.
-    pub async fn audit_log(&self, limit: u64, contains: &str) -> Result<Vec<audit::Model>, AdminError> {
+    /// The newest audit rows (by id) with `contains` somewhere, older than
+    /// `before_id` when it is not 0.
+    pub async fn audit_log(
+        &self,
+        limit: u64,
+        contains: &str,
+        before_id: i64,
+    ) -> Result<Vec<audit::Model>, AdminError> {
         let mut q = audit::Entity::find();
+        if before_id != 0 {
+            q = q.filter(audit::Column::Id.lt(before_id));
+        }
         if !contains.is_empty() {
             q = q.filter(chipsite_store::contains_any(
                 &[

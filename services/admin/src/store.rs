@@ -180,7 +180,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial), Box::new(M0002Alarms)]
+        vec![
+            Box::new(M0001Initial),
+            Box::new(M0002Alarms),
+            Box::new(M0003UserSorts),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -335,6 +339,38 @@ impl MigrationTrait for M0002Alarms {
                     .to_owned(),
             )
             .await?;
+        Ok(())
+    }
+}
+
+/// Indexes for the console's user list sorted by name or creation time
+/// (ties broken by CHIP ID, as the keyset pages need).
+struct M0003UserSorts;
+
+impl MigrationName for M0003UserSorts {
+    fn name(&self) -> &str {
+        "m0003_admin_user_sorts"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003UserSorts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for (name, col) in [
+            ("admin_users_by_name", AdminUsers::Name),
+            ("admin_users_by_created", AdminUsers::CreatedAtMs),
+        ] {
+            manager
+                .create_index(
+                    Index::create()
+                        .name(name)
+                        .table(AdminUsers::Table)
+                        .col(col)
+                        .col(AdminUsers::ChipId)
+                        .to_owned(),
+                )
+                .await?;
+        }
         Ok(())
     }
 }

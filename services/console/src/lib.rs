@@ -190,6 +190,7 @@ fn digest(s: &str) -> [u8; 32] {
 /// the operator named when the sign-in ticket was issued (`chipsctl
 /// --operator`, else the issuing identity), or `admin-client` for the
 /// admin certificate.
+#[derive(Clone)]
 pub(crate) struct Operator {
     pub csrf: String,
     pub name: String,
@@ -716,31 +717,33 @@ pub(crate) struct CsrfForm {
 /// instead of the framework's plain text.
 pub(crate) struct PageQuery<T>(pub T);
 
-impl<T, S> axum::extract::FromRequestParts<S> for PageQuery<T>
+impl<T> axum::extract::FromRequestParts<Arc<Console>> for PageQuery<T>
 where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
 {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
-        match Query::<T>::from_request_parts(parts, state).await {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<Console>,
+    ) -> Result<Self, Response> {
+        let parsed = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| e.body_text());
+        match parsed {
             Ok(Query(t)) => Ok(Self(t)),
-            Err(e) => {
-                let why = e.body_text();
+            Err(why) => {
                 let why = why
                     .strip_prefix("Failed to deserialize query string: ")
                     .unwrap_or(&why);
-                Err((
-                    StatusCode::BAD_REQUEST,
-                    pages::message(
-                        "Not understood",
-                        &format!(
-                            "This page's address has a value it does not take ({why}). Go back and try again."
-                        ),
-                    ),
-                )
-                    .into_response())
+                let text = format!("This page's address has a value it does not take ({why}).");
+                // Signed in: the navigation stays, and "Back" is the page
+                // without the query. Otherwise the sign-in comes first.
+                let page = match state.operator(&parts.headers) {
+                    Some(op) => pages::refused(&state.chrome(op).await, &text, parts.uri.path()),
+                    None => return Err(Redirect::to("/signin").into_response()),
+                };
+                Err((StatusCode::BAD_REQUEST, page).into_response())
             }
         }
     }
@@ -758,7 +761,7 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
             Self::SignIn => Redirect::to("/signin").into_response(),
-            Self::Forbidden(why) => (StatusCode::FORBIDDEN, why).into_response(),
+            Self::Forbidden(why) => (StatusCode::FORBIDDEN, pages::message("Refused", why)).into_response(),
         }
     }
 }
@@ -793,13 +796,24 @@ async fn signout(State(c): App, headers: HeaderMap, Form(f): Form<CsrfForm>) -> 
     r
 }
 
-#[derive(Deserialize)]
-struct HomeQuery {
+/// The users page's query: the search, the filters, the order and the page.
+#[derive(Deserialize, Default)]
+pub(crate) struct HomeQuery {
     #[serde(default)]
-    q: String,
-    /// The last CHIP ID of the previous page.
+    pub q: String,
+    /// "", "active", "suspended" or "closed".
     #[serde(default)]
-    after: String,
+    pub status: String,
+    /// "", "locked" or "open".
+    #[serde(default)]
+    pub lock: String,
+    /// As `ListUsersRequest.sort`: "chip_id" (or ""), "name", "status" or
+    /// "created", "-" first for the other way.
+    #[serde(default)]
+    pub sort: String,
+    /// The previous page's next_page_token.
+    #[serde(default)]
+    pub after: String,
 }
 
 async fn home(
@@ -808,19 +822,8 @@ async fn home(
     PageQuery(q): PageQuery<HomeQuery>,
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
-    let mut admin = c.admin();
-    let (chrome, users) = tokio::join!(
-        c.chrome(op),
-        admin.list_users(ad::ListUsersRequest {
-            query: q.q.clone(),
-            page_size: PAGE_SIZE,
-            page_token: q.after.clone(),
-        })
-    );
-    Ok(match users {
-        Ok(u) => pages::home(&chrome, &u.into_inner(), &q.q, &q.after).into_response(),
-        Err(s) => users::failed(&s),
-    })
+    let chrome = c.chrome(op).await;
+    Ok(users::users_page(&c, &chrome, &q, pages::NewUser::default(), None).await)
 }
 
 /// Users per page of the list.
@@ -828,7 +831,11 @@ pub const PAGE_SIZE: u32 = 50;
 
 async fn not_found(State(c): App, headers: HeaderMap) -> Response {
     match checked(&c, &headers, None) {
-        Ok(_) => (StatusCode::NOT_FOUND, "not found").into_response(),
+        Ok(op) => (
+            StatusCode::NOT_FOUND,
+            pages::refused(&c.chrome(op).await, "There is no such page.", "/"),
+        )
+            .into_response(),
         Err(r) => r.into_response(),
     }
 }

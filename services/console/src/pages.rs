@@ -134,20 +134,102 @@ pub fn signin(token: &str, cert: Option<&str>, error: Option<&str>) -> Markup {
     )
 }
 
-pub(crate) fn home(chrome: &Chrome, users: &ad::ListUsersResponse, query: &str, after: &str) -> Markup {
+/// What the users page shows: the list, how it was asked for, and the
+/// "New user" form (filled in again when it was refused).
+pub(crate) struct UsersView<'a> {
+    pub list: &'a ad::ListUsersResponse,
+    pub query: &'a crate::HomeQuery,
+    pub new_user: NewUser,
+    pub notice: Option<Notice>,
+}
+
+/// What was typed into the "New user" form.
+#[derive(Default)]
+pub(crate) struct NewUser {
+    pub chip_id: String,
+    pub name: String,
+    pub email: String,
+}
+
+/// The users page's address with `sort` and `after`, keeping the search
+/// and the filters.
+fn users_href(q: &crate::HomeQuery, sort: &str, after: &str) -> String {
+    let mut href = format!(
+        "/?q={}&status={}&lock={}&sort={}",
+        urlencode(&q.q),
+        urlencode(&q.status),
+        urlencode(&q.lock),
+        urlencode(sort)
+    );
+    if !after.is_empty() {
+        href.push_str("&after=");
+        href.push_str(&urlencode(after));
+    }
+    href
+}
+
+/// A column heading that sorts by `key`: ascending first, then the other
+/// way; the current order is marked.
+fn sort_heading(q: &crate::HomeQuery, key: &str, label: &str) -> Markup {
+    let current = if q.sort.is_empty() {
+        "chip_id"
+    } else {
+        q.sort.as_str()
+    };
+    let (next, mark, aria) = if current == key {
+        (format!("-{key}"), " ▲", "ascending")
+    } else if current.strip_prefix('-') == Some(key) {
+        (key.to_owned(), " ▼", "descending")
+    } else {
+        (key.to_owned(), "", "none")
+    };
+    html! { th aria-sort=(aria) { a href=(users_href(q, &next, "")) { (label) (mark) } } }
+}
+
+pub(crate) fn home(chrome: &Chrome, v: &UsersView<'_>) -> Markup {
+    let (users, q) = (v.list, v.query);
+    let filtered = !q.q.is_empty() || !q.status.is_empty() || !q.lock.is_empty();
     page(
         chrome,
         "Users",
-        None,
+        v.notice.as_ref(),
         html! {
             div.card {
                 h2 { "Users" }
                 form method="get" action="/" {
-                    input name="q" type="search" value=(query) placeholder="CHIP ID or name";
-                    " " button type="submit" { "Search" }
+                    input name="q" type="search" value=(q.q) placeholder="CHIP ID or name" aria-label="CHIP ID or name";
+                    " "
+                    label { "Status "
+                        select name="status" {
+                            option value="" selected[q.status.is_empty()] { "any" }
+                            @for s in ["active", "suspended", "closed"] { option value=(s) selected[q.status == s] { (s) } }
+                        }
+                    } " "
+                    label { "Lockdown "
+                        select name="lock" {
+                            option value="" selected[q.lock.is_empty()] { "any" }
+                            option value="locked" selected[q.lock == "locked"] { "locked down" }
+                            option value="open" selected[q.lock == "open"] { "open" }
+                        }
+                    } " "
+                    input type="hidden" name="sort" value=(q.sort);
+                    button type="submit" { "Show" }
+                    @if filtered { " " a href="/" { "Clear" } }
+                }
+                p #total role="status" {
+                    strong { (users.total) } @if users.total == 1 { " user" } @else { " users" }
+                    @if filtered { " match" }
+                    @if !q.after.is_empty() { " (a later page)" }
                 }
                 table {
-                    thead { tr { th { "CHIP ID" } th { "Name" } th { "Status" } th { "Key" } th { "Lockdown" } } }
+                    thead { tr {
+                        (sort_heading(q, "chip_id", "CHIP ID"))
+                        (sort_heading(q, "name", "Name"))
+                        (sort_heading(q, "status", "Status"))
+                        th { "Key" }
+                        th { "Lockdown" }
+                        (sort_heading(q, "created", "Created"))
+                    } }
                     tbody {
                         @for u in &users.users {
                             tr {
@@ -156,30 +238,31 @@ pub(crate) fn home(chrome: &Chrome, users: &ad::ListUsersResponse, query: &str, 
                                 td { (u.status) }
                                 td { @if u.has_key { "enrolled" } @else { "—" } }
                                 td { @if u.locked { "LOCKED" } @else { "open" } }
+                                td.when { (crate::site::when(u.created_at_ms)) }
                             }
                         }
                     }
                 }
                 @if users.users.is_empty() { p { "No users match." } }
-                p {
-                    @if !after.is_empty() { a href={ "/?q=" (urlencode(query)) } { "First page" } " " }
+                p.paging {
+                    @if !q.after.is_empty() { a href=(users_href(q, &q.sort, "")) { "First page" } " " }
                     @if !users.next_page_token.is_empty() {
-                        a href={ "/?q=" (urlencode(query)) "&after=" (urlencode(&users.next_page_token)) } { "Next page" }
+                        a href=(users_href(q, &q.sort, &users.next_page_token)) rel="next" { "Next page" }
                     }
                 }
             }
             div.row {
-                div.card {
+                div.card #new-user {
                     h2 { "New user" }
                     form method="post" action="/users" {
                         input type="hidden" name="csrf" value=(chrome.csrf);
-                        p { label { "CHIP ID " input name="chip_id" required; } }
-                        p { label { "Name " input name="name" required; } }
-                        p { label { "E-mail " input name="email" type="email"; } }
+                        p { label { "CHIP ID " input name="chip_id" required value=(v.new_user.chip_id); } }
+                        p { label { "Name " input name="name" required value=(v.new_user.name); } }
+                        p { label { "E-mail " input name="email" type="email" value=(v.new_user.email); } }
                         button type="submit" { "Create" }
                     }
                 }
-                div.card {
+                div.card #load-user {
                     h2 { "Load a user" }
                     p { "A JSON file from “Download JSON” or " code { "chipsctl user dump" } ". Nothing is written unless all of it is valid." }
                     form method="post" action="/users/load" enctype="multipart/form-data" {
@@ -208,7 +291,18 @@ pub(crate) fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// A page with one message (a refusal the site explained).
+/// A refused request on a signed-in page: the navigation stays, the
+/// site's reason is shown, and "Back" leads to `back`.
+pub(crate) fn refused(chrome: &Chrome, text: &str, back: &str) -> Markup {
+    page(
+        chrome,
+        "Not done",
+        Some(&Notice::Error(text.to_owned())),
+        html! { div.card { p { a href=(back) { "Back" } } } },
+    )
+}
+
+/// A page with one message, for a request without a session.
 pub fn message(title: &str, text: &str) -> Markup {
     layout(
         title,
@@ -227,21 +321,51 @@ pub struct IssuedTicket<'a> {
     pub expires_at_ms: i64,
 }
 
-pub(crate) fn user(
-    chrome: &Chrome,
-    u: &ad::User,
-    ticket: Option<IssuedTicket<'_>>,
-    // Other connection tickets of the user still outstanding.
-    outstanding: usize,
-    tallies: &Result<Vec<chipsite_proto::tally::v1::Tally>, String>,
-    alarms: &Result<Vec<chipsite_proto::events::v1::Alarm>, String>,
-) -> Markup {
+/// What the user page shows.
+pub(crate) struct UserView<'a> {
+    pub user: &'a ad::User,
+    pub ticket: Option<IssuedTicket<'a>>,
+    /// Other connection tickets of the user still outstanding.
+    pub outstanding: usize,
+    pub tallies: &'a Result<Vec<chipsite_proto::tally::v1::Tally>, String>,
+    pub alarms: &'a Result<Vec<chipsite_proto::events::v1::Alarm>, String>,
+    /// What a form on the page did (or why it was refused).
+    pub notice: Option<Notice>,
+    /// What was typed into a refused form, to show again.
+    pub typed: Typed,
+}
+
+/// A refused form's input, shown again in its form.
+#[derive(Default)]
+pub(crate) struct Typed {
+    pub edit: Option<UserEdit>,
+    pub alarm: String,
+}
+
+/// The "Edit" form's fields.
+pub(crate) struct UserEdit {
+    pub name: String,
+    pub address: String,
+    pub email: String,
+    pub phone: String,
+    pub status: String,
+}
+
+pub(crate) fn user(chrome: &Chrome, v: UserView<'_>) -> Markup {
+    let (u, tallies, alarms, outstanding) = (v.user, v.tallies, v.alarms, v.outstanding);
     let contact = u.contact.clone().unwrap_or_default();
+    let edit = v.typed.edit.unwrap_or_else(|| UserEdit {
+        name: u.name.clone(),
+        address: u.address.clone(),
+        email: contact.email.clone(),
+        phone: contact.phone.clone(),
+        status: u.status.clone(),
+    });
     let path = format!("/users/{}", u.chip_id);
     page(
         chrome,
         &u.chip_id,
-        None,
+        v.notice.as_ref(),
         html! {
             div.card {
                 h2 { code { (u.chip_id) } " — " (u.name) }
@@ -252,7 +376,7 @@ pub(crate) fn user(
                 }
                 p { a href={ "/tickets?chip_id=" (urlencode(&u.chip_id)) } { "Tickets of this user" } }
             }
-            @if let Some(t) = ticket {
+            @if let Some(t) = v.ticket {
                 div.card #ticket {
                     h2 { "The new connection ticket" }
                     p { "Show this once; it works once, until " (crate::site::when(t.expires_at_ms)) "." }
@@ -314,7 +438,7 @@ pub(crate) fn user(
                 h2 { "Alarms" }
                 form method="post" action={ (path) "/alarm" } {
                     input type="hidden" name="csrf" value=(chrome.csrf);
-                    label { "Raise an alarm " input name="text" required maxlength="1000" size="50" placeholder="Please call the office"; }
+                    label { "Raise an alarm " input name="text" required maxlength="1000" size="50" placeholder="Please call the office" value=(v.typed.alarm); }
                     " " button type="submit" { "Raise" }
                 }
                 p { small { "An open session of the user's app gets it at once; otherwise it goes out once by e-mail or text, if the user and the site have them." } }
@@ -338,18 +462,18 @@ pub(crate) fn user(
                     },
                 }
             }
-            div.card {
+            div.card #edit {
                 h2 { "Edit" }
                 form method="post" action={ (path) "/edit" } {
                     input type="hidden" name="csrf" value=(chrome.csrf);
-                    p { label { "Name " input name="name" value=(u.name) required; } }
-                    p { label { "Address " input name="address" value=(u.address); } }
-                    p { label { "E-mail " input name="email" type="email" value=(contact.email); } }
-                    p { label { "Phone " input name="phone" value=(contact.phone); } }
+                    p { label { "Name " input name="name" value=(edit.name) required; } }
+                    p { label { "Address " input name="address" value=(edit.address); } }
+                    p { label { "E-mail " input name="email" type="email" value=(edit.email); } }
+                    p { label { "Phone " input name="phone" value=(edit.phone); } }
                     p { label { "Status "
                         select name="status" {
                             @for s in ["active", "suspended", "closed"] {
-                                option value=(s) selected[s == u.status] { (s) }
+                                option value=(s) selected[s == edit.status] { (s) }
                             }
                         }
                     } }

@@ -87,7 +87,7 @@ async fn tickets_page(c: &Console, chrome: Chrome, q: &TicketsQuery, notice: Opt
         .await;
     let tickets = match listed {
         Ok(t) => t.into_inner().tickets,
-        Err(s) => return failed(&s),
+        Err(s) => return failed(&chrome, &s, "/tickets"),
     };
     let body = html! {
         div.card {
@@ -377,7 +377,7 @@ pub(crate) async fn peer(State(c): App, headers: HeaderMap) -> Result<Response, 
 async fn peer_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Response {
     let state = match c.admin().get_peer_server(ad::GetPeerServerRequest {}).await {
         Ok(s) => s.into_inner(),
-        Err(s) => return failed(&s),
+        Err(s) => return failed(&chrome, &s, "/"),
     };
     let running = state.desired == "running";
     // The peer gateway may be down: the page still starts and stops the
@@ -477,10 +477,17 @@ pub(crate) async fn stop_peer(
 
 pub(crate) async fn config(State(c): App, headers: HeaderMap) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
-    Ok(config_page(&c, c.chrome(op).await, None).await)
+    Ok(config_page(&c, c.chrome(op).await, None, None).await)
 }
 
-async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Response {
+/// The configuration page; after a refused change, its row shows the
+/// value as it was typed (`typed`: key and value).
+async fn config_page(
+    c: &Console,
+    chrome: Chrome,
+    notice: Option<Notice>,
+    typed: Option<(&str, &str)>,
+) -> Response {
     let (values, changed) = match c.admin().get_site_config(ad::GetSiteConfigRequest {}).await {
         Ok(v) => {
             let v = v.into_inner();
@@ -488,7 +495,11 @@ async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Res
             values.sort();
             (values, v.changed)
         }
-        Err(s) => return failed(&s),
+        Err(s) => return failed(&chrome, &s, "/"),
+    };
+    let shown = |k: &str, v: &str| match typed {
+        Some((key, value)) if key == k => value.to_owned(),
+        _ => v.to_owned(),
     };
     let body = html! {
         div.card {
@@ -507,7 +518,7 @@ async fn config_page(c: &Console, chrome: Chrome, notice: Option<Notice>) -> Res
                                 form method="post" action="/config" {
                                     input type="hidden" name="csrf" value=(chrome.csrf);
                                     input type="hidden" name="key" value=(k);
-                                    input name="value" value=(v) aria-label=(k) size="40";
+                                    input name="value" value=(shown(k, v)) aria-label=(k) size="40";
                                     " " button type="submit" { "Save" }
                                 }
                             }
@@ -564,7 +575,8 @@ pub(crate) async fn set_config(
         format!("{} saved.", f.key)
     };
     let notice = outcome(r, &done);
-    Ok(config_page(&c, c.chrome(op).await, Some(notice)).await)
+    let typed = matches!(notice, Notice::Error(_)).then_some((f.key.as_str(), f.value.as_str()));
+    Ok(config_page(&c, c.chrome(op).await, Some(notice), typed).await)
 }
 
 // ---- audit ----
@@ -575,8 +587,12 @@ pub(crate) struct AuditQuery {
     source: String,
     #[serde(default)]
     q: String,
+    /// Entries per page.
     #[serde(default)]
     limit: Option<u32>,
+    /// The previous page's next_page_token: older entries.
+    #[serde(default)]
+    after: String,
 }
 
 pub(crate) async fn audit(
@@ -585,7 +601,7 @@ pub(crate) async fn audit(
     crate::PageQuery(q): crate::PageQuery<AuditQuery>,
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
-    let limit = q.limit.unwrap_or(200).clamp(1, 2000);
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let source = match q.source.as_str() {
         "admin" | "ticket" => q.source.clone(),
         _ => String::new(),
@@ -597,12 +613,21 @@ pub(crate) async fn audit(
             limit,
             source: source.clone(),
             contains: q.q.trim().to_owned(),
+            page_token: q.after.clone(),
         })
     );
-    let entries = match listed {
-        Ok(l) => l.into_inner().entries,
-        Err(s) => return Ok(failed(&s)),
+    let (entries, next) = match listed {
+        Ok(l) => {
+            let l = l.into_inner();
+            (l.entries, l.next_page_token)
+        }
+        Err(s) => return Ok(failed(&chrome, &s, "/audit")),
     };
+    let here = format!(
+        "/audit?source={}&q={}&limit={limit}",
+        urlencode(&source),
+        urlencode(&q.q)
+    );
     let body = html! {
         div.card {
             h2 { "Audit log" }
@@ -616,7 +641,7 @@ pub(crate) async fn audit(
                     }
                 } " "
                 label { "Containing " input name="q" type="search" value=(q.q) placeholder="user, action, outcome, address"; } " "
-                label { "Show " input name="limit" type="number" min="1" max="2000" value=(limit); } " "
+                label { "Per page " input name="limit" type="number" min="1" max="1000" value=(limit); } " "
                 button type="submit" { "Filter" }
             }
             table {
@@ -635,7 +660,10 @@ pub(crate) async fn audit(
                 }
             }
             @if entries.is_empty() { p { "Nothing matches." } }
-            p { a href={ "/audit?source=" (urlencode(&source)) "&q=" (urlencode(&q.q)) "&limit=" (limit.saturating_mul(2).min(2000)) } { "Show more" } }
+            p.paging {
+                @if !q.after.is_empty() { a href=(here) { "Newest" } " " }
+                @if !next.is_empty() { a href={ (here) "&after=" (urlencode(&next)) } rel="next" { "Older entries" } }
+            }
         }
     };
     Ok(page(&chrome, "Audit", None, body).into_response())

@@ -15,12 +15,16 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use chipsite_proto::admin::v1 as ad;
 use serde::Deserialize;
 
-use crate::{Console, Refusal, checked, pages};
+use crate::{
+    Chrome, Console, HomeQuery, Refusal, checked,
+    pages::{self, NewUser, Notice, Typed, UserEdit},
+};
 
 type App = State<Arc<Console>>;
 
-/// A refused call, as a page with the site's message (already free of secrets).
-pub(crate) fn failed(status: &tonic::Status) -> Response {
+/// The HTTP status of a refused call, and the notice with the site's
+/// message (already free of secrets).
+pub(crate) fn refusal(status: &tonic::Status) -> (StatusCode, Notice) {
     use chipsite_proto::status::{ErrorCode as E, code_of};
     let code = match code_of(status) {
         E::NotFound => StatusCode::NOT_FOUND,
@@ -33,7 +37,104 @@ pub(crate) fn failed(status: &tonic::Status) -> Response {
         E::Forbidden | E::Refused | E::WrongPassphrase => StatusCode::FORBIDDEN,
         E::Throttled | E::Unavailable | E::Internal => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (code, pages::message("Not done", status.message())).into_response()
+    (code, Notice::Error(status.message().to_owned()))
+}
+
+/// A refused call with no form page to go back to: a page with the
+/// navigation, the site's message and "Back" to `back`.
+pub(crate) fn failed(chrome: &Chrome, status: &tonic::Status, back: &str) -> Response {
+    let (code, _) = refusal(status);
+    (code, pages::refused(chrome, status.message(), back)).into_response()
+}
+
+/// The users page (`/`) for `q`; after a refused form, with its notice and
+/// what was typed into "New user".
+pub(crate) async fn users_page(
+    c: &Console,
+    chrome: &Chrome,
+    q: &HomeQuery,
+    new_user: NewUser,
+    notice: Option<(StatusCode, Notice)>,
+) -> Response {
+    let locked = match q.lock.as_str() {
+        "" => None,
+        "locked" => Some(true),
+        "open" => Some(false),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                pages::refused(chrome, "lock must be locked or open", "/"),
+            )
+                .into_response();
+        }
+    };
+    let listed = c
+        .admin()
+        .list_users(ad::ListUsersRequest {
+            query: q.q.trim().to_owned(),
+            page_size: crate::PAGE_SIZE,
+            page_token: q.after.clone(),
+            sort: q.sort.clone(),
+            status: q.status.clone(),
+            locked,
+        })
+        .await;
+    let list = match listed {
+        Ok(l) => l.into_inner(),
+        Err(s) => return failed(chrome, &s, "/"),
+    };
+    let (code, notice) = match notice {
+        Some((code, n)) => (code, Some(n)),
+        None => (StatusCode::OK, None),
+    };
+    let view = pages::UsersView {
+        list: &list,
+        query: q,
+        new_user,
+        notice,
+    };
+    (code, pages::home(chrome, &view)).into_response()
+}
+
+/// The user page; after a form, with its notice and (when refused) what
+/// was typed; with the ticket just issued, if any.
+async fn user_page(
+    c: &Console,
+    chrome: &Chrome,
+    chip_id: &str,
+    ticket: Option<pages::IssuedTicket<'_>>,
+    notice: Option<(StatusCode, Notice)>,
+    typed: Typed,
+) -> Response {
+    let mut admin = c.admin();
+    let (user, tallies, outstanding, alarms) = tokio::join!(
+        admin.get_user(ad::GetUserRequest {
+            chip_id: chip_id.to_owned()
+        }),
+        tallies_of(c, chip_id),
+        outstanding_tickets(c, chip_id),
+        alarms_of(c, chip_id)
+    );
+    let user = match user {
+        Ok(u) => u.into_inner(),
+        Err(s) => return failed(chrome, &s, "/"),
+    };
+    let (code, notice) = match notice {
+        Some((code, n)) => (code, Some(n)),
+        None => (StatusCode::OK, None),
+    };
+    // The one just issued is not "already" outstanding.
+    let outstanding = outstanding.saturating_sub(usize::from(ticket.is_some()));
+    let view = pages::UserView {
+        user: &user,
+        ticket,
+        outstanding,
+        tallies: &tallies,
+        alarms: &alarms,
+        notice,
+        typed,
+    };
+    (code, pages::user(chrome, view)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -49,24 +150,34 @@ pub(crate) struct CreateForm {
 }
 
 pub(crate) async fn create(State(c): App, headers: HeaderMap, Form(f): Form<CreateForm>) -> Response {
-    if let Err(r) = checked(&c, &headers, Some(&f.csrf)) {
-        return r.into_response();
-    }
-    match c
+    let op = match checked(&c, &headers, Some(&f.csrf)) {
+        Ok(op) => op,
+        Err(r) => return r.into_response(),
+    };
+    let created = c
         .admin()
         .create_user(ad::CreateUserRequest {
             chip_id: f.chip_id.trim().to_owned(),
-            name: f.name,
+            name: f.name.clone(),
             address: String::new(),
             contact: Some(ad::Contact {
-                email: f.email,
+                email: f.email.clone(),
                 phone: String::new(),
             }),
         })
-        .await
-    {
+        .await;
+    match created {
         Ok(u) => Redirect::to(&format!("/users/{}", u.into_inner().chip_id)).into_response(),
-        Err(s) => failed(&s),
+        // The users page again, the form as it was typed.
+        Err(s) => {
+            let typed = NewUser {
+                chip_id: f.chip_id,
+                name: f.name,
+                email: f.email,
+            };
+            let chrome = c.chrome(op).await;
+            users_page(&c, &chrome, &HomeQuery::default(), typed, Some(refusal(&s))).await
+        }
     }
 }
 
@@ -76,20 +187,8 @@ pub(crate) async fn show(
     Path(chip_id): Path<String>,
 ) -> Result<Response, Refusal> {
     let op = checked(&c, &headers, None)?;
-    let mut admin = c.admin();
-    let (chrome, user, tallies, outstanding, alarms) = tokio::join!(
-        c.chrome(op),
-        admin.get_user(ad::GetUserRequest {
-            chip_id: chip_id.clone()
-        }),
-        tallies_of(&c, &chip_id),
-        outstanding_tickets(&c, &chip_id),
-        alarms_of(&c, &chip_id)
-    );
-    Ok(match user {
-        Ok(u) => pages::user(&chrome, &u.into_inner(), None, outstanding, &tallies, &alarms).into_response(),
-        Err(s) => failed(&s),
-    })
+    let chrome = c.chrome(op).await;
+    Ok(user_page(&c, &chrome, &chip_id, None, None, Typed::default()).await)
 }
 
 /// The user's dump (the same JSON as `chipsctl user dump`), as a download.
@@ -99,7 +198,7 @@ pub(crate) async fn dump(
     Path(chip_id): Path<String>,
     Form(f): Form<crate::CsrfForm>,
 ) -> Result<Response, Refusal> {
-    checked(&c, &headers, Some(&f.csrf))?;
+    let op = checked(&c, &headers, Some(&f.csrf))?;
     let json = match c
         .admin()
         .dump_user(ad::DumpUserRequest {
@@ -108,7 +207,11 @@ pub(crate) async fn dump(
         .await
     {
         Ok(d) => d.into_inner().json,
-        Err(s) => return Ok(failed(&s)),
+        Err(s) => {
+            let chrome = c.chrome(op).await;
+            let back = format!("/users/{}", pages::urlencode(&chip_id));
+            return Ok(failed(&chrome, &s, &back));
+        }
     };
     let mut r = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
     // CHIP IDs are [a-z0-9._-]: safe in a quoted file name.
@@ -129,9 +232,23 @@ pub(crate) async fn load(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, Refusal> {
     // No session: refuse before reading the upload.
-    if c.operator(&headers).is_none() {
+    let Some(op) = c.operator(&headers) else {
         return Err(Refusal::Forbidden("sign in first"));
-    }
+    };
+    // A refused upload: the users page again, with why (a file input
+    // cannot be filled in again: the operator chooses the file again).
+    let refused = async |code: StatusCode, why: String| {
+        let chrome = c.chrome(op.clone()).await;
+        let notice = Notice::Error(format!("{why} (choose the file again to retry)"));
+        users_page(
+            &c,
+            &chrome,
+            &HomeQuery::default(),
+            NewUser::default(),
+            Some((code, notice)),
+        )
+        .await
+    };
     // Not a file upload: it has no CSRF token either.
     let Ok(mut form) = form else {
         return Err(Refusal::Forbidden(
@@ -144,11 +261,8 @@ pub(crate) async fn load(
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
-                return Ok((
-                    StatusCode::BAD_REQUEST,
-                    pages::message("Not loaded", &e.body_text()),
-                )
-                    .into_response());
+                let why = format!("the upload did not arrive whole: {}", e.body_text());
+                return Ok(refused(StatusCode::BAD_REQUEST, why).await);
             }
         };
         let name = field.name().unwrap_or_default().to_owned();
@@ -158,11 +272,8 @@ pub(crate) async fn load(
         let bytes = match field.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                return Ok((
-                    StatusCode::BAD_REQUEST,
-                    pages::message("Not loaded", &e.body_text()),
-                )
-                    .into_response());
+                let why = format!("the upload did not arrive whole: {}", e.body_text());
+                return Ok(refused(StatusCode::BAD_REQUEST, why).await);
             }
         };
         match name.as_str() {
@@ -172,34 +283,28 @@ pub(crate) async fn load(
         }
     }
     checked(&c, &headers, Some(&csrf))?;
-    let refuse = |why: &str| {
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            pages::message("Not loaded", why),
-        )
-            .into_response()
-    };
+    let refuse = async |why: &str| refused(StatusCode::UNPROCESSABLE_ENTITY, why.to_owned()).await;
     let Some(file) = file.filter(|f| !f.is_empty()) else {
         // A browser sends an empty part with no file name when none was chosen.
         return Ok(refuse(&if file_name.is_empty() {
             "choose a user dump file (JSON) to load".to_owned()
         } else {
             format!("bad user dump: {file_name} is empty; nothing was loaded")
-        }));
+        })
+        .await);
     };
     if file.len() > MAX_DUMP {
-        return Ok(refuse(
-            "bad user dump: the file is larger than 256 KiB; nothing was loaded",
-        ));
+        return Ok(refuse("bad user dump: the file is larger than 256 KiB; nothing was loaded").await);
     }
     let Ok(json) = String::from_utf8(file) else {
-        return Ok(refuse(
-            "bad user dump: the file is not UTF-8 text; nothing was loaded",
-        ));
+        return Ok(refuse("bad user dump: the file is not UTF-8 text; nothing was loaded").await);
     };
     Ok(match c.admin().load_user(ad::LoadUserRequest { json }).await {
         Ok(u) => Redirect::to(&format!("/users/{}", u.into_inner().chip_id)).into_response(),
-        Err(s) => failed(&s),
+        Err(s) => {
+            let (code, _) = refusal(&s);
+            refused(code, s.message().to_owned()).await
+        }
     })
 }
 
@@ -225,23 +330,38 @@ pub(crate) async fn edit(
     Path(chip_id): Path<String>,
     Form(f): Form<EditForm>,
 ) -> Response {
-    if let Err(r) = checked(&c, &headers, Some(&f.csrf)) {
-        return r.into_response();
-    }
-    match c
+    let op = match checked(&c, &headers, Some(&f.csrf)) {
+        Ok(op) => op,
+        Err(r) => return r.into_response(),
+    };
+    let updated = c
         .admin()
         .update_user(ad::UpdateUserRequest {
             chip_id: chip_id.clone(),
-            name: Some(f.name),
-            address: Some(f.address),
-            email: Some(f.email),
-            phone: Some(f.phone),
-            status: Some(f.status),
+            name: Some(f.name.clone()),
+            address: Some(f.address.clone()),
+            email: Some(f.email.clone()),
+            phone: Some(f.phone.clone()),
+            status: Some(f.status.clone()),
         })
-        .await
-    {
+        .await;
+    match updated {
         Ok(_) => Redirect::to(&format!("/users/{chip_id}")).into_response(),
-        Err(s) => failed(&s),
+        // The user page again, the form as it was typed.
+        Err(s) => {
+            let typed = Typed {
+                edit: Some(UserEdit {
+                    name: f.name,
+                    address: f.address,
+                    email: f.email,
+                    phone: f.phone,
+                    status: f.status,
+                }),
+                ..Typed::default()
+            };
+            let chrome = c.chrome(op).await;
+            user_page(&c, &chrome, &chip_id, None, Some(refusal(&s)), typed).await
+        }
     }
 }
 
@@ -256,8 +376,8 @@ pub(crate) async fn ticket(
         Err(r) => return r.into_response(),
     };
     let chrome = c.chrome(op).await;
-    let mut admin = c.admin();
-    let issued = match admin
+    let issued = match c
+        .admin()
         .issue_user_ticket(ad::IssueUserTicketRequest {
             chip_id: chip_id.clone(),
             ttl_seconds: 0,
@@ -265,19 +385,7 @@ pub(crate) async fn ticket(
         .await
     {
         Ok(t) => t.into_inner(),
-        Err(s) => return failed(&s),
-    };
-    let (user, tallies, outstanding, alarms) = tokio::join!(
-        admin.get_user(ad::GetUserRequest {
-            chip_id: chip_id.clone()
-        }),
-        tallies_of(&c, &chip_id),
-        outstanding_tickets(&c, &chip_id),
-        alarms_of(&c, &chip_id)
-    );
-    let user = match user {
-        Ok(u) => u.into_inner(),
-        Err(s) => return failed(&s),
+        Err(s) => return user_page(&c, &chrome, &chip_id, None, Some(refusal(&s)), Typed::default()).await,
     };
     let qr = chipsite_model::ticket::qr_svg(&issued.uri)
         .map(|svg| format!("data:image/svg+xml;base64,{}", STANDARD.encode(svg)));
@@ -287,16 +395,7 @@ pub(crate) async fn ticket(
         qr: qr.as_deref(),
         expires_at_ms: issued.expires_at_ms,
     };
-    // The one just issued is not "already" outstanding.
-    pages::user(
-        &chrome,
-        &user,
-        Some(shown),
-        outstanding.saturating_sub(1),
-        &tallies,
-        &alarms,
-    )
-    .into_response()
+    user_page(&c, &chrome, &chip_id, Some(shown), None, Typed::default()).await
 }
 
 /// A user's tallies for the user page, or why they cannot be shown (the
@@ -330,10 +429,11 @@ pub(crate) async fn raise_alarm(
     Path(chip_id): Path<String>,
     Form(f): Form<AlarmForm>,
 ) -> Response {
-    if let Err(r) = checked(&c, &headers, Some(&f.csrf)) {
-        return r.into_response();
-    }
-    match c
+    let op = match checked(&c, &headers, Some(&f.csrf)) {
+        Ok(op) => op,
+        Err(r) => return r.into_response(),
+    };
+    let raised = c
         .events()
         .raise_alarms(chipsite_proto::events::v1::RaiseAlarmsRequest {
             alarms: vec![chipsite_proto::events::v1::NewAlarm {
@@ -342,10 +442,17 @@ pub(crate) async fn raise_alarm(
                 text: f.text.trim().to_owned(),
             }],
         })
-        .await
-    {
+        .await;
+    match raised {
         Ok(_) => Redirect::to(&format!("/users/{chip_id}#alarms")).into_response(),
-        Err(s) => failed(&s),
+        Err(s) => {
+            let typed = Typed {
+                alarm: f.text,
+                ..Typed::default()
+            };
+            let chrome = c.chrome(op).await;
+            user_page(&c, &chrome, &chip_id, None, Some(refusal(&s)), typed).await
+        }
     }
 }
 
@@ -414,20 +521,35 @@ pub(crate) async fn set_lockdown(
     chip_id: Option<Path<String>>,
     Form(f): Form<LockForm>,
 ) -> Response {
-    if let Err(r) = checked(&c, &headers, Some(&f.csrf)) {
-        return r.into_response();
-    }
+    let op = match checked(&c, &headers, Some(&f.csrf)) {
+        Ok(op) => op,
+        Err(r) => return r.into_response(),
+    };
     let chip_id = chip_id.map(|Path(c)| c).unwrap_or_default();
-    match c
+    let set = c
         .admin()
         .set_lockdown(ad::SetLockdownRequest {
             chip_id: chip_id.clone(),
             locked: f.locked,
         })
-        .await
-    {
+        .await;
+    match set {
         Ok(_) if chip_id.is_empty() => Redirect::to("/").into_response(),
         Ok(_) => Redirect::to(&format!("/users/{chip_id}")).into_response(),
-        Err(s) => failed(&s),
+        Err(s) => {
+            let chrome = c.chrome(op).await;
+            if chip_id.is_empty() {
+                users_page(
+                    &c,
+                    &chrome,
+                    &HomeQuery::default(),
+                    NewUser::default(),
+                    Some(refusal(&s)),
+                )
+                .await
+            } else {
+                user_page(&c, &chrome, &chip_id, None, Some(refusal(&s)), Typed::default()).await
+            }
+        }
     }
 }

@@ -235,7 +235,10 @@ impl TicketsRpc for TicketsGrpc {
         let req = req.into_inner();
         let ticket = (!req.ticket_id.is_empty()).then_some(req.ticket_id.as_str());
         let limit = if req.limit == 0 { 100 } else { u64::from(req.limit) };
-        let records = self.tickets.audit_log(ticket, limit, &req.contains).await?;
+        let records = self
+            .tickets
+            .audit_log(ticket, limit, &req.contains, req.before_id)
+            .await?;
         Ok(Response::new(pb::ListAuditResponse {
             records: records
                 .into_iter()

@@ -481,8 +481,12 @@ impl Tickets {
         ticket_id: Option<&str>,
         limit: u64,
         contains: &str,
+        before_id: i64,
     ) -> Result<Vec<audit::Model>, TicketError> {
         let mut q = audit::Entity::find().order_by_desc(audit::Column::Id);
+        if before_id != 0 {
+            q = q.filter(audit::Column::Id.lt(before_id));
+        }
         if let Some(t) = ticket_id {
             q = q.filter(audit::Column::TicketId.eq(t));
         }

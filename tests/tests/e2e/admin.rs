@@ -60,6 +60,7 @@ async fn users_can_be_created_listed_edited_and_validated(store: Store) {
                 query: String::new(),
                 page_size: 2,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -76,6 +77,7 @@ async fn users_can_be_created_listed_edited_and_validated(store: Store) {
             query: "User 3".into(),
             page_size: 10,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -129,6 +131,227 @@ async fn users_can_be_created_listed_edited_and_validated(store: Store) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    site.finish().await;
+}
+
+/// Every page of a user list, walked with its tokens.
+async fn walk(
+    admin: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    req: pb::ListUsersRequest,
+) -> (Vec<String>, u64) {
+    let (mut seen, mut token, mut total) = (vec![], String::new(), None);
+    for _ in 0..50 {
+        let page = admin
+            .list_users(pb::ListUsersRequest {
+                page_token: token.clone(),
+                ..req.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.users.len() <= req.page_size as usize);
+        assert_eq!(
+            *total.get_or_insert(page.total),
+            page.total,
+            "the same total on every page"
+        );
+        seen.extend(page.users.into_iter().map(|u| u.chip_id));
+        if page.next_page_token.is_empty() {
+            return (seen, total.unwrap_or(0));
+        }
+        token = page.next_page_token;
+    }
+    panic!("paging never ends: {seen:?}");
+}
+
+store_test!(user_lists_sort_filter_count_and_page_and_the_audit_pages_by_cursor);
+async fn user_lists_sort_filter_count_and_page_and_the_audit_pages_by_cursor(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut admin = site.admin();
+    // Names sort otherwise than CHIP IDs, two are equal (ties go by CHIP
+    // ID), and users made in the same millisecond tie on creation time.
+    let users = [
+        ("u1", "kim"),
+        ("u2", "amy"),
+        ("u3", "zed"),
+        ("u4", "amy"),
+        ("u5", "bob"),
+        ("v6", "kimberly"),
+        ("v7", "al"),
+    ];
+    for (chip_id, name) in users {
+        admin.create_user(create(chip_id, name)).await.unwrap();
+    }
+    for chip_id in ["u3", "v6"] {
+        admin
+            .update_user(pb::UpdateUserRequest {
+                chip_id: chip_id.into(),
+                status: Some("suspended".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for chip_id in ["u2", "v6", "v7"] {
+        admin
+            .set_lockdown(pb::SetLockdownRequest {
+                chip_id: chip_id.into(),
+                locked: true,
+            })
+            .await
+            .unwrap();
+    }
+    let list = |sort: &str| pb::ListUsersRequest {
+        page_size: 2,
+        sort: sort.into(),
+        ..Default::default()
+    };
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let label = store.label();
+    let (by_id, total) = walk(&mut admin, list("")).await;
+    assert_eq!(
+        (by_id, total),
+        (ids(&["u1", "u2", "u3", "u4", "u5", "v6", "v7"]), 7),
+        "[{label}]"
+    );
+    assert_eq!(
+        walk(&mut admin, list("-chip_id")).await.0,
+        ids(&["v7", "v6", "u5", "u4", "u3", "u2", "u1"])
+    );
+    assert_eq!(
+        walk(&mut admin, list("name")).await.0,
+        ids(&["v7", "u2", "u4", "u5", "u1", "v6", "u3"]),
+        "[{label}] by name, then CHIP ID"
+    );
+    assert_eq!(
+        walk(&mut admin, list("-name")).await.0,
+        ids(&["u3", "v6", "u1", "u5", "u4", "u2", "v7"])
+    );
+    assert_eq!(
+        walk(&mut admin, list("status")).await.0,
+        ids(&["u1", "u2", "u4", "u5", "v7", "u3", "v6"]),
+        "[{label}] active before suspended"
+    );
+    // Creation order is the order above (ties by CHIP ID agree with it).
+    let mut created = walk(&mut admin, list("created")).await.0;
+    assert_eq!(created.len(), 7);
+    let mut newest_first = walk(&mut admin, list("-created")).await.0;
+    newest_first.reverse();
+    assert_eq!(created, newest_first, "[{label}] reversed exactly");
+    created.sort();
+    assert_eq!(created, ids(&["u1", "u2", "u3", "u4", "u5", "v6", "v7"]));
+
+    // Filters, with the query, counted over all pages.
+    let filtered = |query: &str, status: &str, locked: Option<bool>| pb::ListUsersRequest {
+        query: query.into(),
+        page_size: 1,
+        status: status.into(),
+        locked,
+        sort: "name".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        walk(&mut admin, filtered("", "suspended", None)).await,
+        (ids(&["v6", "u3"]), 2)
+    );
+    assert_eq!(
+        walk(&mut admin, filtered("", "", Some(true))).await,
+        (ids(&["v7", "u2", "v6"]), 3)
+    );
+    assert_eq!(
+        walk(&mut admin, filtered("", "active", Some(false))).await,
+        (ids(&["u4", "u5", "u1"]), 3)
+    );
+    assert_eq!(
+        walk(&mut admin, filtered("kim", "", None)).await,
+        (ids(&["u1", "v6"]), 2)
+    );
+    assert_eq!(walk(&mut admin, filtered("nobody", "", None)).await, (vec![], 0));
+
+    // A token from another sort, a bad sort or status: refused, named.
+    let page = admin.list_users(list("name")).await.unwrap().into_inner();
+    for (sort, token, status, what) in [
+        ("created", page.next_page_token.as_str(), "", "page_token"),
+        ("name", "name:u1", "", "page_token"),
+        ("created", "created:u1:soon", "", "page_token"),
+        ("age", "", "", "sort"),
+        ("", "", "asleep", "status"),
+    ] {
+        let e = admin
+            .list_users(pb::ListUsersRequest {
+                page_token: token.into(),
+                sort: sort.into(),
+                status: status.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{sort} {token} {status}");
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+
+    // The audit log, paged by its cursor: the same rows, newest first, as
+    // one long page, with ticket attempts mixed in.
+    let ticket = site.user_ticket("u1", 0).await;
+    let gateway = site.tickets_as(id::USER_GATEWAY);
+    for (i, token) in [ticket.token.as_str(), "nonsense", ticket.token.as_str()]
+        .into_iter()
+        .enumerate()
+    {
+        let _ = gateway
+            .clone()
+            .redeem_ticket(chipsite_proto::ticket::v1::RedeemTicketRequest {
+                kind: chipsite_proto::ticket::v1::TicketKind::User as i32,
+                token: token.into(),
+                chip_id: "u1".into(),
+                source: format!("10.0.0.{i}"),
+                refusal: String::new(),
+            })
+            .await;
+    }
+    let all = admin
+        .list_audit(pb::ListAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.next_page_token.is_empty());
+    let key = |e: &pb::AuditEntry| (e.source.clone(), e.id);
+    let whole: Vec<_> = all.entries.iter().map(key).collect();
+    assert!(
+        whole.iter().filter(|(s, _)| s == "ticket").count() >= 3,
+        "{whole:?}"
+    );
+    assert!(whole.len() > 10);
+    let (mut paged, mut token) = (vec![], String::new());
+    for _ in 0..100 {
+        let page = admin
+            .list_audit(pb::ListAuditRequest {
+                limit: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 3);
+        paged.extend(page.entries.iter().map(key));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(paged, whole, "[{label}] pages make up the whole log, in order");
+    let e = admin
+        .list_audit(pb::ListAuditRequest {
+            page_token: "yesterday".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
     site.finish().await;
 }
 
@@ -218,9 +441,8 @@ async fn dump_and_load_round_trip_exactly_and_bad_dumps_write_nothing(store: Sto
     let mut admin_b = b.admin();
     let count = |users: pb::ListUsersResponse| users.users.len();
     let all = || pb::ListUsersRequest {
-        query: String::new(),
         page_size: 100,
-        page_token: String::new(),
+        ..Default::default()
     };
 
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();

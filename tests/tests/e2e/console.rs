@@ -463,6 +463,7 @@ async fn the_audit_names_the_operator_behind_each_console_action(store: Store) {
             limit: 50,
             source: "admin".into(),
             contains: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -564,6 +565,16 @@ async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply
     reply(&out)
 }
 
+/// The "Next page" link of a list page, unescaped.
+fn next_link(body: &str) -> Option<String> {
+    let before = body
+        .split(" rel=\"next\"")
+        .next()
+        .filter(|b| b.len() < body.len())?;
+    let href = before.rsplit("href=\"").next()?.trim_end_matches('"');
+    Some(href.replace("&amp;", "&"))
+}
+
 async fn user_count(site: &TestSite) -> usize {
     site.admin()
         .list_users(pb::ListUsersRequest {
@@ -599,20 +610,59 @@ async fn console_pages_do_what_they_say(store: Store) {
         first.body.contains("u00") && !first.body.contains("u55"),
         "[{label}]"
     );
-    let next = first
-        .body
-        .split("href=\"/?q=&amp;after=")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let second = http(&site, "GET", &format!("/?q=&after={next}"), c, None).await;
+    assert!(
+        first.body.contains("<strong>60</strong> users"),
+        "[{label}] the total"
+    );
+    let next = next_link(&first.body).unwrap();
+    let second = http(&site, "GET", &next, c, None).await;
     assert!(
         second.body.contains("u55") && !second.body.contains(">u00<"),
         "{}",
         second.body
     );
+    assert!(next_link(&second.body).is_none(), "the last page");
+    // Sorted the other way and searched: the next page keeps both.
+    let first = http(&site, "GET", "/?q=u&sort=-chip_id", c, None).await;
+    assert!(first.body.contains(">u59<") && !first.body.contains(">u09<"));
+    let next = next_link(&first.body).unwrap();
+    assert!(next.contains("q=u&") && next.contains("sort=-chip_id"), "{next}");
+    let second = http(&site, "GET", &next, c, None).await;
+    let body = &second.body;
+    let (at9, at0) = (body.find(">u09<").unwrap(), body.find(">u00<").unwrap());
+    assert!(at9 < at0 && !body.contains(">u10<"), "{body}");
+    // Filters: three locked down, counted.
+    for chip_id in ["u07", "u17", "u27"] {
+        site.admin()
+            .set_lockdown(pb::SetLockdownRequest {
+                chip_id: chip_id.into(),
+                locked: true,
+            })
+            .await
+            .unwrap();
+    }
+    let locked = http(&site, "GET", "/?lock=locked&status=active", c, None).await;
+    assert!(
+        locked.body.contains("<strong>3</strong> users match") && locked.body.contains(">u17<"),
+        "{}",
+        locked.body
+    );
+    assert!(!locked.body.contains(">u08<"));
+    // A bad filter or sort: a page that says so, the navigation kept.
+    for (path, why) in [
+        ("/?lock=maybe", "lock must be locked or open"),
+        ("/?sort=age", "sort must be"),
+        ("/?status=asleep", "status must be"),
+        ("/?after=nonsense:x", "page_token"),
+    ] {
+        let r = http(&site, "GET", path, c, None).await;
+        assert!(r.status == 400 || r.status == 422, "{path}: {}", r.status);
+        assert!(
+            r.body.contains(why) && r.body.contains("href=\"/audit\""),
+            "{path}: {}",
+            r.body
+        );
+    }
 
     // Dump (a download) and load (an upload); a bad file writes nothing.
     let d = http(&site, "POST", "/users/u01/dump", c, Some(&f(""))).await;
@@ -711,6 +761,7 @@ async fn console_pages_do_what_they_say(store: Store) {
             limit: 20,
             source: "admin".into(),
             contains: "raise_alarms".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -989,6 +1040,17 @@ async fn console_pages_do_what_they_say(store: Store) {
     assert!(r.body.contains("value=\"86400\""), "{}", r.body);
     let r = http(&site, "POST", "/config", c, Some(&f("key=no.such.key&value=1"))).await;
     assert_eq!(r.status, 422, "{}", r.body);
+    // A refused value stays in its field, to be corrected.
+    let r = http(
+        &site,
+        "POST",
+        "/config",
+        c,
+        Some(&f("key=ticket.ttl_seconds&value=59")),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("value=\"59\""), "{}", r.body);
 
     // Query strings a page does not take: a page that says which, not the
     // framework's plain text.
@@ -1001,7 +1063,10 @@ async fn console_pages_do_what_they_say(store: Store) {
         let r = http(&site, "GET", path, c, None).await;
         assert_eq!(r.status, 400, "{path}: {}", r.body);
         assert!(
-            r.body.contains("<html") && r.body.contains("Not understood") && r.body.contains(which),
+            r.body.contains("<html")
+                && r.body.contains("does not take")
+                && r.body.contains(which)
+                && r.body.contains("href=\"/health\""),
             "{path}: {}",
             r.body
         );
@@ -1027,6 +1092,33 @@ async fn console_pages_do_what_they_say(store: Store) {
         a.body.find("create_user").unwrap(),
     );
     assert!(seal < create, "newest first");
+    // Pages of five by the cursor: the same rows as one long page.
+    let rows = |body: &str| -> Vec<String> {
+        body.split("<td class=\"when\">")
+            .skip(1)
+            .map(|r| r.split("</tr>").next().unwrap_or("").to_owned())
+            .collect()
+    };
+    let whole = rows(&http(&site, "GET", "/audit?limit=1000", c, None).await.body);
+    let (mut paged, mut path) = (vec![], "/audit?limit=5".to_owned());
+    for _ in 0..200 {
+        let page = http(&site, "GET", &path, c, None).await;
+        assert_eq!(page.status, 200, "{path}");
+        let got = rows(&page.body);
+        assert!(got.len() <= 5);
+        paged.extend(got);
+        match next_link(&page.body) {
+            Some(next) => {
+                assert!(
+                    next.contains("limit=5") && page.body.contains(">Newest<") == path.contains("after=")
+                );
+                path = next;
+            }
+            None => break,
+        }
+    }
+    assert!(whole.len() > 10);
+    assert_eq!(paged, whole, "[{label}] the pages make up the log");
     assert!(
         http(&site, "GET", "/audit?q=100%25_", c, None)
             .await
@@ -1237,6 +1329,7 @@ async fn the_admin_certificate_signs_in_over_https(store: Store) {
             limit: 50,
             source: "admin".into(),
             contains: "console_sign_in".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -302,7 +302,7 @@ async fn old_tickets_and_audit_records_are_swept(store: Store) {
         left.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
         [fresh.ticket.id.as_str()]
     );
-    assert!(tickets.audit_log(None, 100, "").await.unwrap().is_empty());
+    assert!(tickets.audit_log(None, 100, "", 0).await.unwrap().is_empty());
     let _ = outstanding;
     store.drop_database().await;
 }
