@@ -433,6 +433,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/key/seal", get(site::confirm_seal).post(site::seal))
         .route("/key/create", post(site::create_key))
         .route("/key/passphrase", post(site::change_passphrase))
+        .route("/key/export", post(site::export_key))
+        .route("/key/import", post(site::import_key))
         .route("/peer", get(site::peer))
         .route("/peer/start", post(site::start_peer))
         .route("/peer/stop", post(site::stop_peer))

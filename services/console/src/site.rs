@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use axum::{
     Form,
-    extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    extract::{Multipart, Path, State, multipart::MultipartRejection},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use chipsite_proto::admin::v1 as ad;
@@ -239,6 +239,29 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
                             }
                         }
                     }
+                    @if v.has_key {
+                        div.card #export {
+                            h2 { "Export" }
+                            p { "Download the site key as it is stored: an encrypted PKCS#8 PEM file that only the current pass phrase opens (as " code { "chipsctl key export" } ")." }
+                            form method="post" action="/key/export" {
+                                input type="hidden" name="csrf" value=(chrome.csrf);
+                                (secret("passphrase", "Current pass phrase"))
+                                button type="submit" { "Download the encrypted key" }
+                            }
+                        }
+                    }
+                    div.card #import {
+                        h2 { "Import" }
+                        p { "Replace the site key with an encrypted PKCS#8 PEM file (an export, or one made with openssl). The key keeps the file's pass phrase." }
+                        @if v.has_key { p.error { "The pin changes unless the file holds the same key: every app and peer must be told of it." } }
+                        form method="post" action="/key/import" enctype="multipart/form-data" {
+                            input type="hidden" name="csrf" value=(chrome.csrf);
+                            p { label { "Key file " input name="file" type="file" accept=".pem,.key,application/x-pem-file" required; } }
+                            (secret("passphrase", "The file's pass phrase"))
+                            @if v.has_key { (secret("old", "Current pass phrase")) }
+                            button type="submit" { "Import" }
+                        }
+                    }
                     div.card {
                         h2 { @if v.has_key { "Create a new site key" } @else { "Create the site key" } }
                         @if v.has_key { p.error { "A new site key changes the pin: every app and peer must be told of it." } }
@@ -258,7 +281,7 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
 }
 
 /// A form with pass phrases; they are wiped when it is dropped.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 pub(crate) struct SecretForm {
     #[serde(default)]
     csrf: String,
@@ -363,6 +386,117 @@ pub(crate) async fn change_passphrase(
             outcome(r, "The pass phrase was changed.")
         }
         Err(n) => n,
+    };
+    Ok(key_page(c.chrome(op).await, Some(notice)))
+}
+
+/// The site key as stored (encrypted under the current pass phrase), as a
+/// download; a refusal shows the key page with why.
+pub(crate) async fn export_key(
+    State(c): App,
+    headers: HeaderMap,
+    Form(f): Form<SecretForm>,
+) -> Result<Response, Refusal> {
+    let op = checked(&c, &headers, Some(&f.csrf))?;
+    let r = c
+        .admin()
+        .export_site_key(ad::ExportSiteKeyRequest {
+            passphrase: f.passphrase.clone(),
+        })
+        .await;
+    Ok(match r {
+        Ok(pem) => (
+            [
+                (header::CONTENT_TYPE, "application/x-pem-file"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"chipsite-site-key.pem\"",
+                ),
+            ],
+            pem.into_inner().encrypted_pem,
+        )
+            .into_response(),
+        Err(s) => key_page(c.chrome(op).await, Some(Notice::Error(s.message().to_owned()))),
+    })
+}
+
+/// Largest key file the console takes (an encrypted P-256 key is under 1 KiB).
+const MAX_KEY_FILE: usize = 64 * 1024;
+
+/// Replace the site key with an uploaded encrypted PEM file: its pass
+/// phrase, and the current one when there is a key. The pass phrases are
+/// wiped once sent; the page says what happened.
+pub(crate) async fn import_key(
+    State(c): App,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Response, Refusal> {
+    // No session: refuse before reading the upload.
+    let Some(op) = c.operator(&headers) else {
+        return Err(Refusal::Forbidden("sign in first"));
+    };
+    let Ok(mut form) = form else {
+        return Err(Refusal::Forbidden(
+            "the form is stale (CSRF check failed): reload the page",
+        ));
+    };
+    let mut f = SecretForm::default();
+    let (mut file, mut too_big) = (None::<String>, false);
+    let mut broken = None;
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => {
+                broken = Some(e.body_text());
+                break;
+            }
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let bytes = match field.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                broken = Some(e.body_text());
+                break;
+            }
+        };
+        let text = || String::from_utf8_lossy(&bytes).into_owned();
+        match name.as_str() {
+            "csrf" => f.csrf = text(),
+            "passphrase" => f.passphrase = text(),
+            "old" => f.old = text(),
+            "file" if bytes.len() > MAX_KEY_FILE => too_big = true,
+            "file" => file = Some(text()),
+            _ => {}
+        }
+    }
+    checked(&c, &headers, Some(&f.csrf))?;
+    let refused = |why: String| Notice::Error(format!("{why}; the site key was not changed"));
+    let notice = if let Some(why) = broken {
+        refused(format!("the upload did not arrive whole ({why})"))
+    } else if too_big {
+        refused("the key file is larger than 64 KiB: it is not a key".into())
+    } else {
+        match file.filter(|pem| !pem.trim().is_empty()) {
+            None => refused("choose an encrypted key file (PEM); an empty file holds no key".into()),
+            Some(pem) => {
+                let r = c
+                    .admin()
+                    .import_site_key(ad::ImportSiteKeyRequest {
+                        encrypted_pem: pem,
+                        passphrase: f.passphrase.clone(),
+                        current_passphrase: f.old.clone(),
+                    })
+                    .await;
+                match r {
+                    Ok(v) => Notice::Done(format!(
+                        "The site key was imported; it is unsealed. Its pin: {}",
+                        v.into_inner().site_key_pin
+                    )),
+                    Err(s) => Notice::Error(s.message().to_owned()),
+                }
+            }
+        }
     };
     Ok(key_page(c.chrome(op).await, Some(notice)))
 }

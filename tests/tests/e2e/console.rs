@@ -30,7 +30,7 @@ const GETS: [&str; 14] = [
     "/anything",
 ];
 /// Forms that need a session and its CSRF token.
-const POSTS: [&str; 17] = [
+const POSTS: [&str; 19] = [
     "/users",
     "/users/load",
     "/users/alice/edit",
@@ -44,6 +44,8 @@ const POSTS: [&str; 17] = [
     "/key/seal",
     "/key/create",
     "/key/passphrase",
+    "/key/export",
+    "/key/import",
     "/peer/start",
     "/peer/stop",
     "/config",
@@ -537,6 +539,17 @@ async fn sign_in_with(site: &TestSite, token: &str) -> (String, String) {
 
 /// A multipart/form-data upload of `file` with the CSRF token.
 async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply {
+    multipart(
+        site,
+        cookie,
+        "/users/load",
+        &[("csrf", csrf.as_bytes()), ("file", file)],
+    )
+    .await
+}
+
+/// A multipart/form-data POST of `fields` (the one named "file" as a file).
+async fn multipart(site: &TestSite, cookie: &str, path: &str, fields: &[(&str, &[u8])]) -> Reply {
     let addr = site
         .site
         .endpoints
@@ -544,17 +557,25 @@ async fn upload(site: &TestSite, cookie: &str, csrf: &str, file: &[u8]) -> Reply
         .trim_start_matches("http://")
         .to_owned();
     let b = "XyZzyBoundary7";
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n\
-         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"u.json\"\r\n\
-         Content-Type: application/json\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(file);
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let file_name = if path == "/users/load" { "u.json" } else { "key.pem" };
+    let mut body = vec![];
+    for (name, value) in fields {
+        let head = if *name == "file" {
+            format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+        } else {
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+        };
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{b}--\r\n").as_bytes());
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
-        "POST /users/load HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: {cookie}\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: {cookie}\r\n\
          Content-Type: multipart/form-data; boundary={b}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
@@ -932,6 +953,116 @@ async fn console_pages_do_what_they_say(store: Store) {
         })
         .await
         .expect("the new pass phrase opens the key");
+
+    // Export: a download under the current pass phrase, and only under it.
+    let pin = |site: &TestSite| {
+        let mut admin = site.admin();
+        async move {
+            admin
+                .get_vault_status(pb::GetVaultStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .site_key_pin
+        }
+    };
+    let before = pin(&site).await;
+    let r = http(
+        &site,
+        "POST",
+        "/key/export",
+        c,
+        Some(&f("passphrase=not-it-at-all")),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body.contains("href=\"/audit\"") && !r.body.contains("BEGIN"),
+        "{}",
+        r.body
+    );
+    let r = http(
+        &site,
+        "POST",
+        "/key/export",
+        c,
+        Some(&f("passphrase=apple-berry-cherry-1")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        header(&r, "content-disposition"),
+        Some("attachment; filename=\"chipsite-site-key.pem\"")
+    );
+    assert!(
+        r.body.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+        "{}",
+        r.body
+    );
+    let exported = r.body.clone();
+    // Import: refusals leave the key as it was, and say why.
+    for (fields, why) in [
+        (vec![("file", &b""[..])], "empty file holds no key"),
+        (
+            vec![
+                ("file", &b"not a key"[..]),
+                ("passphrase", &b"apple-berry-cherry-1"[..]),
+                ("old", &b"apple-berry-cherry-1"[..]),
+            ],
+            "",
+        ),
+        (
+            vec![
+                ("file", exported.as_bytes()),
+                ("passphrase", &b"apple-berry-cherry-1"[..]),
+                ("old", &b"wrong-current-one"[..]),
+            ],
+            "",
+        ),
+        (
+            vec![
+                ("file", exported.as_bytes()),
+                ("passphrase", &b"not-the-files-phrase"[..]),
+                ("old", &b"apple-berry-cherry-1"[..]),
+            ],
+            "",
+        ),
+        (vec![("file", &vec![b'k'; 70 * 1024][..])], "larger than 64 KiB"),
+    ] {
+        let mut all = vec![("csrf", csrf.as_bytes())];
+        all.extend(fields);
+        let r = multipart(&site, &cookie, "/key/import", &all).await;
+        assert_eq!(r.status, 422, "{why}: {}", r.body);
+        assert!(
+            r.body.contains(why) && r.body.contains("role=\"alert\""),
+            "{why}: {}",
+            r.body
+        );
+        assert!(!r.body.contains("apple-berry-cherry-1"), "never echoed");
+        assert_eq!(pin(&site).await, before, "{why}");
+    }
+    // The exported file comes back in: the same key, the same pin.
+    let r = multipart(
+        &site,
+        &cookie,
+        "/key/import",
+        &[
+            ("csrf", csrf.as_bytes()),
+            ("file", exported.as_bytes()),
+            ("passphrase", b"apple-berry-cherry-1"),
+            ("old", b"apple-berry-cherry-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("was imported") && r.body.contains(&before),
+        "{}",
+        r.body
+    );
+    // Without the CSRF token: refused before anything.
+    let r = multipart(&site, &cookie, "/key/import", &[("file", exported.as_bytes())]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
 
     // The peer server (a dev site starts it): stop, then start, which asks
     // for the pass phrase.
