@@ -434,6 +434,16 @@ impl TestSite {
     }
 
     /// The site public key (SPKI DER), as tickets carry it.
+    /// The site key's pin, as admin shows it.
+    pub async fn site_key_pin(&self) -> String {
+        self.admin()
+            .get_vault_status(chipsite_proto::admin::v1::GetVaultStatusRequest {})
+            .await
+            .expect("vault status")
+            .into_inner()
+            .site_key_pin
+    }
+
     pub async fn site_key(&self) -> Vec<u8> {
         self.key_vault_as(id::ADMIN)
             .get_status(chipsite_proto::keyvault::v1::GetStatusRequest {})

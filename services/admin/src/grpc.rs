@@ -1006,6 +1006,7 @@ mod policy_tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod audit_paging_tests {
     use super::*;
 

@@ -354,6 +354,8 @@ pub(crate) struct UserEdit {
 pub(crate) fn user(chrome: &Chrome, v: UserView<'_>) -> Markup {
     let (u, tallies, alarms, outstanding) = (v.user, v.tallies, v.alarms, v.outstanding);
     let contact = u.contact.clone().unwrap_or_default();
+    // A refused edit comes back first on the page, as it was typed.
+    let refused_edit = v.typed.edit.is_some();
     let edit = v.typed.edit.unwrap_or_else(|| UserEdit {
         name: u.name.clone(),
         address: u.address.clone(),
@@ -362,6 +364,26 @@ pub(crate) fn user(chrome: &Chrome, v: UserView<'_>) -> Markup {
         status: u.status.clone(),
     });
     let path = format!("/users/{}", u.chip_id);
+    let edit_card = html! {
+        div.card #edit {
+            h2 { "Edit" }
+            form method="post" action={ (path) "/edit" } {
+                input type="hidden" name="csrf" value=(chrome.csrf);
+                p { label { "Name " input name="name" value=(edit.name) required; } }
+                p { label { "Address " input name="address" value=(edit.address); } }
+                p { label { "E-mail " input name="email" type="email" value=(edit.email); } }
+                p { label { "Phone " input name="phone" value=(edit.phone); } }
+                p { label { "Status "
+                    select name="status" {
+                        @for s in ["active", "suspended", "closed"] {
+                            option value=(s) selected[s == edit.status] { (s) }
+                        }
+                    }
+                } }
+                button type="submit" { "Save" }
+            }
+        }
+    };
     page(
         chrome,
         &u.chip_id,
@@ -376,6 +398,7 @@ pub(crate) fn user(chrome: &Chrome, v: UserView<'_>) -> Markup {
                 }
                 p { a href={ "/tickets?chip_id=" (urlencode(&u.chip_id)) } { "Tickets of this user" } }
             }
+            @if refused_edit { (edit_card) }
             @if let Some(t) = v.ticket {
                 div.card #ticket {
                     h2 { "The new connection ticket" }
@@ -462,24 +485,7 @@ pub(crate) fn user(chrome: &Chrome, v: UserView<'_>) -> Markup {
                     },
                 }
             }
-            div.card #edit {
-                h2 { "Edit" }
-                form method="post" action={ (path) "/edit" } {
-                    input type="hidden" name="csrf" value=(chrome.csrf);
-                    p { label { "Name " input name="name" value=(edit.name) required; } }
-                    p { label { "Address " input name="address" value=(edit.address); } }
-                    p { label { "E-mail " input name="email" type="email" value=(edit.email); } }
-                    p { label { "Phone " input name="phone" value=(edit.phone); } }
-                    p { label { "Status "
-                        select name="status" {
-                            @for s in ["active", "suspended", "closed"] {
-                                option value=(s) selected[s == edit.status] { (s) }
-                            }
-                        }
-                    } }
-                    button type="submit" { "Save" }
-                }
-            }
+            @if !refused_edit { (edit_card) }
         },
     )
 }

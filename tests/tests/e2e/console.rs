@@ -557,7 +557,11 @@ async fn multipart(site: &TestSite, cookie: &str, path: &str, fields: &[(&str, &
         .trim_start_matches("http://")
         .to_owned();
     let b = "XyZzyBoundary7";
-    let file_name = if path == "/users/load" { "u.json" } else { "key.pem" };
+    let file_name = if path == "/users/load" {
+        "u.json"
+    } else {
+        "key.pem"
+    };
     let mut body = vec![];
     for (name, value) in fields {
         let head = if *name == "file" {
@@ -955,18 +959,7 @@ async fn console_pages_do_what_they_say(store: Store) {
         .expect("the new pass phrase opens the key");
 
     // Export: a download under the current pass phrase, and only under it.
-    let pin = |site: &TestSite| {
-        let mut admin = site.admin();
-        async move {
-            admin
-                .get_vault_status(pb::GetVaultStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .site_key_pin
-        }
-    };
-    let before = pin(&site).await;
+    let before = site.site_key_pin().await;
     let r = http(
         &site,
         "POST",
@@ -1039,7 +1032,7 @@ async fn console_pages_do_what_they_say(store: Store) {
             r.body
         );
         assert!(!r.body.contains("apple-berry-cherry-1"), "never echoed");
-        assert_eq!(pin(&site).await, before, "{why}");
+        assert_eq!(site.site_key_pin().await, before, "{why}");
     }
     // The exported file comes back in: the same key, the same pin.
     let r = multipart(

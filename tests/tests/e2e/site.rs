@@ -31,13 +31,7 @@ async fn first_launch_is_idempotent(store: Store) {
     let first = TestSite::start_in(dir.clone(), &store).await;
     assert!(first.site.created_site_key);
     assert_eq!(first.site.init_scripts_ran, ["001-table.sql", "002-row.sql"]);
-    let pin = first
-        .admin()
-        .get_vault_status(pb::GetVaultStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .site_key_pin;
+    let pin = first.site_key_pin().await;
     first
         .admin()
         .create_user(pb::CreateUserRequest {
