@@ -86,7 +86,7 @@ pub enum Command {
         contains: String,
         /// The older entries after a page (printed at its end; use the same
         /// --source and --contains).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
         page_token: String,
     },
 }
@@ -180,7 +180,7 @@ pub enum UserCmd {
         page_size: u32,
         /// The next page (printed at a page's end; use the same query,
         /// filters and sort).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
         page_token: String,
     },
     Edit {
@@ -820,7 +820,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     .collect();
                 text.push_str(&format!("({} in all)\n", r.total));
                 if !r.next_page_token.is_empty() {
-                    text.push_str(&format!("(more: --page-token '{}')\n", r.next_page_token));
+                    text.push_str(&format!("(more: --page-token='{}')\n", r.next_page_token));
                 }
                 let v = json!({"users": r.users.iter().map(user_json).collect::<Vec<_>>(),
                     "next_page_token": r.next_page_token, "total": r.total});
@@ -1219,7 +1219,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 })
                 .collect();
             if !r.next_page_token.is_empty() {
-                text.push_str(&format!("(older: --page-token {})\n", r.next_page_token));
+                text.push_str(&format!("(older: --page-token={})\n", r.next_page_token));
             }
             let v = json!({"entries": r.entries.iter().map(|e| json!({"at_ms": e.at_ms, "source": e.source, "actor": e.actor,
                 "action": e.action, "subject": e.subject, "outcome": e.outcome, "id": e.id})).collect::<Vec<_>>(),

@@ -219,6 +219,40 @@ impl Admin {
     }
 
     /// How many unacknowledged alarms a user has.
+    /// What an app's `status` shows of a user: CHIP ID, name, status,
+    /// lockdown, and how many alarms wait to be acknowledged; one statement.
+    pub async fn user_status(
+        &self,
+        chip_id: &str,
+    ) -> Result<(String, String, String, bool, i64), AdminError> {
+        use sea_orm::{
+            QuerySelect,
+            sea_query::{Expr, ExprTrait, Query},
+        };
+        let pending = Query::select()
+            .expr(Expr::col((alarm::Entity, alarm::Column::Id)).count())
+            .from(alarm::Entity)
+            .and_where(
+                Expr::col((alarm::Entity, alarm::Column::ChipId))
+                    .equals((user::Entity, user::Column::ChipId)),
+            )
+            .and_where(Expr::col((alarm::Entity, alarm::Column::AckedAtMs)).eq(0))
+            .to_owned();
+        user::Entity::find_by_id(chip_id.to_owned())
+            .select_only()
+            .columns([
+                user::Column::ChipId,
+                user::Column::Name,
+                user::Column::Status,
+                user::Column::Locked,
+            ])
+            .column_as(Expr::SubQuery(None, Box::new(pending.into())), "pending")
+            .into_tuple()
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| AdminError::UserNotFound(chip_id.to_owned()))
+    }
+
     pub async fn pending_alarms(&self, chip_id: &str) -> Result<u64, AdminError> {
         use sea_orm::PaginatorTrait;
         Ok(alarm::Entity::find()

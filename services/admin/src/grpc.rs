@@ -228,12 +228,14 @@ impl AdminService for AdminGrpc {
     }
 
     async fn get_user_status(&self, req: Request<pb::GetUserRequest>) -> R<pb::UserStatus> {
-        let u = self.admin.user(&req.into_inner().chip_id).await?;
+        let (chip_id, name, status, locked, pending) =
+            self.admin.user_status(&req.into_inner().chip_id).await?;
         Ok(Response::new(pb::UserStatus {
-            chip_id: u.chip_id,
-            name: u.name,
-            status: u.status,
-            locked: u.locked,
+            chip_id,
+            name,
+            status,
+            locked,
+            alarms_pending: u64::try_from(pending).unwrap_or(0),
         }))
     }
 
@@ -745,12 +747,11 @@ impl AdminService for AdminGrpc {
 
     async fn get_lockdown(&self, req: Request<pb::GetLockdownRequest>) -> R<pb::LockdownState> {
         let chip_id = req.into_inner().chip_id;
-        let site_locked = self.admin.site_locked().await?;
-        let user_locked = if chip_id.is_empty() {
-            false
+        // Not active (suspended, closed) counts as locked down for the gateways.
+        let (user_locked, site_locked) = if chip_id.is_empty() {
+            (false, self.admin.site_locked().await?)
         } else {
-            // Not active (suspended, closed) counts as locked down for the gateways.
-            crate::is_barred(&self.admin.user(&chip_id).await?)
+            self.admin.lockdown(&chip_id).await?
         };
         Ok(Response::new(pb::LockdownState {
             site_locked,

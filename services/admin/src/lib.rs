@@ -7,6 +7,7 @@ pub mod events;
 mod events_grpc;
 mod grpc;
 pub mod notify;
+mod settings;
 pub mod store;
 
 use std::{collections::BTreeMap, path::Path};
@@ -166,7 +167,11 @@ fn validate_data(d: &UserData) -> Result<(), AdminError> {
 /// Whether a user may not connect: locked down, or an account that is not
 /// active (suspended or closed). Gateways see both as a lockdown.
 pub fn is_barred(u: &user::Model) -> bool {
-    u.locked || chipsite_model::AccountStatus::parse(&u.status) != Some(chipsite_model::AccountStatus::Active)
+    barred(u.locked, &u.status)
+}
+
+fn barred(locked: bool, status: &str) -> bool {
+    locked || chipsite_model::AccountStatus::parse(status) != Some(chipsite_model::AccountStatus::Active)
 }
 
 /// Which users a list shows and in what order (see `ListUsersRequest`).
@@ -469,12 +474,13 @@ fn names_a_secret(name: &str) -> bool {
         .any(|s| name.contains(s))
 }
 
-const CONFIG: &str = "config";
+pub(crate) const CONFIG: &str = "config";
 const STATE: &str = "state";
 
 pub struct Admin {
     db: DatabaseConnection,
     hub: Hub,
+    settings: std::sync::Arc<settings::SettingsCache>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -495,6 +501,7 @@ impl Admin {
         Ok(Self {
             db,
             hub: Hub::local(),
+            settings: Default::default(),
         })
     }
 
@@ -592,7 +599,10 @@ impl Admin {
             }
             .insert(&txn)
             .await?;
-            txn.commit().await?;
+            let committed = txn.commit().await;
+            // A script may set configuration.
+            self.settings.changed();
+            committed?;
             tracing::info!(script = %name, "init script ran");
             ran.push(name);
         }
@@ -846,7 +856,9 @@ impl Admin {
     }
 
     async fn put_setting(&self, scope: &str, key: &str, value: &str) -> Result<setting::Model, AdminError> {
-        self.put_setting_in(&self.db, scope, key, value).await
+        let written = self.put_setting_in(&self.db, scope, key, value).await;
+        self.settings.changed();
+        written
     }
 
     async fn put_setting_in(
@@ -876,6 +888,27 @@ impl Admin {
             .ok_or_else(|| AdminError::FailedPrecondition(format!("setting {scope}/{key} vanished")))
     }
 
+    /// Whether the user may not connect (see [`is_barred`]) and whether the
+    /// site is locked down: one statement, read fresh.
+    pub async fn lockdown(&self, chip_id: &str) -> Result<(bool, bool), AdminError> {
+        use sea_orm::sea_query::{Expr, ExprTrait, Query};
+        let site = Query::select()
+            .column(setting::Column::Value)
+            .from(setting::Entity)
+            .and_where(Expr::col(setting::Column::Scope).eq(STATE))
+            .and_where(Expr::col(setting::Column::Key).eq("site_locked"))
+            .to_owned();
+        let row: Option<(bool, String, Option<String>)> = user::Entity::find_by_id(chip_id.to_owned())
+            .select_only()
+            .columns([user::Column::Locked, user::Column::Status])
+            .column_as(Expr::SubQuery(None, Box::new(site.into())), "site_locked")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        let (locked, status, site) = row.ok_or_else(|| AdminError::UserNotFound(chip_id.to_owned()))?;
+        Ok((barred(locked, &status), site.as_deref() == Some("true")))
+    }
+
     pub async fn site_locked(&self) -> Result<bool, AdminError> {
         Ok(self
             .setting(STATE, "site_locked")
@@ -888,7 +921,9 @@ impl Admin {
         self.put_setting_in(&txn, STATE, "site_locked", if locked { "true" } else { "false" })
             .await?;
         let announced = self.publish_lockdown_in(&txn, "", locked).await?;
-        txn.commit().await?;
+        let committed = txn.commit().await;
+        self.settings.changed();
+        committed?;
         announced.done();
         Ok(())
     }
@@ -914,12 +949,8 @@ impl Admin {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        for s in setting::Entity::find()
-            .filter(setting::Column::Scope.eq(CONFIG))
-            .all(&self.db)
-            .await?
-        {
-            values.insert(s.key, s.value);
+        for s in self.settings.rows(&self.db).await?.iter() {
+            values.insert(s.key.clone(), s.value.clone());
         }
         Ok(values)
     }
@@ -973,7 +1004,9 @@ impl Admin {
             .insert(&txn)
             .await?;
         }
-        txn.commit().await?;
+        let committed = txn.commit().await;
+        self.settings.changed();
+        committed?;
         self.config().await
     }
 

@@ -416,24 +416,32 @@ impl KeyVault {
     pub async fn register_user_key(&self, chip_id: &str, public_key: &[u8]) -> Result<bool, VaultError> {
         check_name("chip_id", chip_id, 64)?;
         check_public_key(public_key)?;
-        let replaced = user_key::Entity::find_by_id(chip_id.to_owned())
-            .one(&self.db)
-            .await?
-            .is_some();
-        let row = user_key::ActiveModel {
+        let now = now_ms();
+        let row = || user_key::ActiveModel {
             chip_id: Set(chip_id.to_owned()),
             public_key: Set(public_key.to_vec()),
-            registered_at_ms: Set(now_ms()),
+            registered_at_ms: Set(now),
         };
-        user_key::Entity::insert(row)
+        // A first key, as in every enrollment: one INSERT. A user with a key
+        // meets the primary key instead, and the key is replaced.
+        match user_key::Entity::insert(row())
+            .exec_without_returning(&self.db)
+            .await
+        {
+            Ok(_) => return Ok(false),
+            Err(e) if chipsite_store::is_unique_violation(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Replaced in place; or, if it was deleted meanwhile, written anew.
+        user_key::Entity::insert(row())
             .on_conflict(
                 OnConflict::column(user_key::Column::ChipId)
                     .update_columns([user_key::Column::PublicKey, user_key::Column::RegisteredAtMs])
                     .to_owned(),
             )
-            .exec(&self.db)
+            .exec_without_returning(&self.db)
             .await?;
-        Ok(replaced)
+        Ok(true)
     }
 
     /// Forget a user's key; whether there was one.

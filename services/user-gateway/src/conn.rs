@@ -619,22 +619,17 @@ async fn call(inner: &Inner, chip_id: &str, session: u64, method: &str, p: Value
     match method {
         "status" => {
             let NoParams {} = params(p)?;
-            // The user, the pending alarms and the tallies, asked at the same time.
-            let (mut admin, mut events) = (inner.admin.clone(), inner.events.clone());
-            let (user, alarms, tallies) = tokio::join!(
+            // The user with its pending alarms (one call, one statement),
+            // and the tallies, asked at the same time.
+            let mut admin = inner.admin.clone();
+            let (user, tallies) = tokio::join!(
                 admin.get_user_status(ad::GetUserRequest {
                     chip_id: chip_id.to_owned(),
-                }),
-                events.list_alarms(ev::ListAlarmsRequest {
-                    chip_id: chip_id.to_owned(),
-                    include_acked: false,
-                    limit: 0,
-                    count_only: true,
                 }),
                 crate::tallies::list(inner, chip_id, 100)
             );
             let user = user.map_err(grpc)?.into_inner();
-            let pending = alarms.map_err(grpc)?.into_inner().count;
+            let pending = user.alarms_pending;
             Ok(json!({
                 "chip_id": user.chip_id,
                 "name": user.name,

@@ -721,3 +721,87 @@ async fn lockdown_peer_server_config_and_audit(store: Store) {
     );
     site.finish().await;
 }
+
+store_test!(configuration_is_cached_briefly_and_lockdown_is_read_fresh);
+/// admin keeps the site configuration in memory: its own changes show at
+/// once, and one made around it (SQL by hand) within the cache's lifetime.
+/// The site's lockdown is never cached: a lockdown written around admin is
+/// in the very next answer.
+async fn configuration_is_cached_briefly_and_lockdown_is_read_fresh(store: Store) {
+    use sea_orm::ConnectionTrait;
+    let site = TestSite::start(&store).await;
+    site.create_user("alice").await;
+    let mut admin = site.admin();
+    let ttl = |admin: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_site_config(pb::GetSiteConfigRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .values["ticket.ttl_seconds"]
+                .clone()
+        }
+    };
+    assert_eq!(ttl(&mut admin).await, "86400");
+    admin
+        .update_site_config(pb::UpdateSiteConfigRequest {
+            set: [("ticket.ttl_seconds".to_owned(), "120".to_owned())].into(),
+            reset: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(ttl(&mut admin).await, "120", "admin's own change, at once");
+    let t = admin
+        .issue_user_ticket(pb::IssueUserTicketRequest {
+            chip_id: "alice".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lifetime = t.expires_at_ms - chipsite_store::now_ms();
+    assert!((100_000..=120_000).contains(&lifetime), "{lifetime}");
+
+    // admin's own store: PostgreSQL, or its SQLite file in the data dir.
+    let url = match store {
+        Store::Sqlite => chipsite_store::sqlite_url(&site.data_dir().join("db").join("admin.sqlite")),
+        Store::Postgres { .. } => store.url(),
+    };
+    let db = chipsite_store::connect(&url).await.unwrap();
+    db.execute_unprepared(
+        "UPDATE admin_settings SET value = '150' WHERE scope = 'config' AND key = 'ticket.ttl_seconds'",
+    )
+    .await
+    .unwrap();
+    let seen = chipsite_e2e::eventually(std::time::Duration::from_secs(5), || {
+        let mut admin = admin.clone();
+        async move { ttl(&mut admin).await == "150" }
+    })
+    .await;
+    assert!(seen, "[{}] a change around admin is seen", store.label());
+
+    db.execute_unprepared(
+        "INSERT INTO admin_settings (scope, key, value, changed_at_ms) VALUES ('state', 'site_locked', 'true', 1) \
+         ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value",
+    )
+    .await
+    .unwrap();
+    let lock = admin
+        .get_lockdown(pb::GetLockdownRequest {
+            chip_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lock.site_locked && !lock.user_locked, "{lock:?}");
+    let e = admin
+        .get_lockdown(pb::GetLockdownRequest {
+            chip_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    site.finish().await;
+}

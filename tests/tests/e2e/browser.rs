@@ -29,7 +29,9 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
-/// ChromeDriver on a port it picked; killed when dropped.
+/// ChromeDriver on a port it picked, in a process group of its own; the
+/// whole group (the Chromium it started included) is killed when dropped,
+/// also when the test fails before it closes the browser.
 struct Driver {
     child: Child,
     port: u16,
@@ -37,6 +39,8 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -78,8 +82,10 @@ fn ensure_chromium() -> PathBuf {
 
 fn start_driver() -> Driver {
     let driver = ensure_chromium();
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(driver)
         .arg("--port=0")
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -422,3 +422,45 @@ async fn pass_phrase_change_new_key_and_openssl_interop(store: Store) {
     assert!(!s.sealed && s.has_key);
     site.finish().await;
 }
+
+store_test!(a_user_key_is_registered_replaced_and_registered_again);
+/// RegisterUserKey: a first key is new, another replaces it (and says
+/// so), and after the key is forgotten the next one is new again.
+async fn a_user_key_is_registered_replaced_and_registered_again(store: Store) {
+    let site = TestSite::start(&store).await;
+    site.create_user("alice").await;
+    let mut vault = site.key_vault_as(id::USER_GATEWAY);
+    let (first, second) = (gateway_key_spki(), gateway_key_spki());
+    let mut register = async |key: &[u8]| {
+        vault
+            .register_user_key(kv::RegisterUserKeyRequest {
+                chip_id: "alice".into(),
+                public_key: key.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .replaced
+    };
+    assert!(!register(&first).await, "[{}] a first key", store.label());
+    assert!(register(&second).await, "another key replaces it");
+    assert!(register(&second).await, "the same key again: replaced by itself");
+    let held = site
+        .key_vault_as(id::ADMIN)
+        .get_user_key(kv::GetUserKeyRequest {
+            chip_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    assert_eq!(held, second);
+    site.key_vault_as(id::ADMIN)
+        .delete_user_key(kv::GetUserKeyRequest {
+            chip_id: "alice".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!register(&first).await, "forgotten, then new again");
+    site.finish().await;
+}
