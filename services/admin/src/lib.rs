@@ -646,12 +646,11 @@ impl Admin {
             .ok_or_else(|| AdminError::UserNotFound(chip_id.to_owned()))
     }
 
-    /// Users in CHIP ID order, after `after`, matching `query` (a substring of
-    /// CHIP ID or name).
     /// A page of users: those matching `list`, in its order, after its
     /// cursor; with the count of all that match.
     pub async fn list_users(&self, list: &UserList<'_>, size: u64) -> Result<UserPage, AdminError> {
         let sort = UserSort::parse(list.sort)?;
+        let after = sort.cursor(list.page_token)?;
         let mut q = user::Entity::find();
         if !list.query.is_empty() {
             q = q.filter(
@@ -668,7 +667,7 @@ impl Admin {
             q = q.filter(user::Column::Locked.eq(locked));
         }
         let total = q.clone().count(&self.db).await?;
-        if let Some(after) = sort.cursor(list.page_token)? {
+        if let Some(after) = after {
             q = q.filter(after);
         }
         let order = if sort.descending { Order::Desc } else { Order::Asc };

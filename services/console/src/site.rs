@@ -489,10 +489,14 @@ pub(crate) async fn import_key(
                     })
                     .await;
                 match r {
-                    Ok(v) => Notice::Done(format!(
-                        "The site key was imported; it is unsealed. Its pin: {}",
-                        v.into_inner().site_key_pin
-                    )),
+                    Ok(v) => {
+                        let v = v.into_inner();
+                        Notice::Done(format!(
+                            "The site key was imported; it is {}. Its pin: {}",
+                            if v.sealed { "sealed" } else { "unsealed" },
+                            v.site_key_pin
+                        ))
+                    }
                     Err(s) => Notice::Error(s.message().to_owned()),
                 }
             }
