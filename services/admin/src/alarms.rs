@@ -252,13 +252,4 @@ impl Admin {
             .await?
             .ok_or_else(|| AdminError::UserNotFound(chip_id.to_owned()))
     }
-
-    pub async fn pending_alarms(&self, chip_id: &str) -> Result<u64, AdminError> {
-        use sea_orm::PaginatorTrait;
-        Ok(alarm::Entity::find()
-            .filter(alarm::Column::ChipId.eq(chip_id))
-            .filter(alarm::Column::AckedAtMs.eq(0))
-            .count(&self.db)
-            .await?)
-    }
 }

@@ -17,6 +17,7 @@ mod https;
 mod pages;
 mod plain;
 mod site;
+mod upload;
 mod users;
 
 pub use https::{CertListener, CertPeer, serve_https};

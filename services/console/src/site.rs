@@ -281,7 +281,7 @@ fn key_page(chrome: Chrome, notice: Option<Notice>) -> Response {
 }
 
 /// A form with pass phrases; they are wiped when it is dropped.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 pub(crate) struct SecretForm {
     #[serde(default)]
     csrf: String,
@@ -431,61 +431,27 @@ pub(crate) async fn import_key(
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, Refusal> {
-    // No session: refuse before reading the upload.
-    let Some(op) = c.operator(&headers) else {
-        return Err(Refusal::Forbidden("sign in first"));
-    };
-    let Ok(mut form) = form else {
-        return Err(Refusal::Forbidden(
-            "the form is stale (CSRF check failed): reload the page",
-        ));
-    };
-    let mut f = SecretForm::default();
-    let (mut file, mut too_big) = (None::<String>, false);
-    let mut broken = None;
-    loop {
-        let field = match form.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => {
-                broken = Some(e.body_text());
-                break;
-            }
-        };
-        let name = field.name().unwrap_or_default().to_owned();
-        let bytes = match field.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                broken = Some(e.body_text());
-                break;
-            }
-        };
-        let text = || String::from_utf8_lossy(&bytes).into_owned();
-        match name.as_str() {
-            "csrf" => f.csrf = text(),
-            "passphrase" => f.passphrase = text(),
-            "old" => f.old = text(),
-            "file" if bytes.len() > MAX_KEY_FILE => too_big = true,
-            "file" => file = Some(text()),
-            _ => {}
-        }
-    }
-    checked(&c, &headers, Some(&f.csrf))?;
+    let (op, upload) = crate::upload::read(&c, &headers, form).await?;
     let refused = |why: String| Notice::Error(format!("{why}; the site key was not changed"));
-    let notice = if let Some(why) = broken {
-        refused(format!("the upload did not arrive whole ({why})"))
-    } else if too_big {
-        refused("the key file is larger than 64 KiB: it is not a key".into())
-    } else {
-        match file.filter(|pem| !pem.trim().is_empty()) {
+    let notice = match upload {
+        Err(why) => refused(why),
+        Ok(u) if u.file.as_ref().is_some_and(|f| f.len() > MAX_KEY_FILE) => {
+            refused("the key file is larger than 64 KiB: it is not a key".into())
+        }
+        Ok(u) => match u
+            .file
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .filter(|pem| !pem.trim().is_empty())
+        {
             None => refused("choose an encrypted key file (PEM); an empty file holds no key".into()),
             Some(pem) => {
                 let r = c
                     .admin()
                     .import_site_key(ad::ImportSiteKeyRequest {
-                        encrypted_pem: pem,
-                        passphrase: f.passphrase.clone(),
-                        current_passphrase: f.old.clone(),
+                        encrypted_pem: pem.into_owned(),
+                        passphrase: u.field("passphrase").to_owned(),
+                        current_passphrase: u.field("old").to_owned(),
                     })
                     .await;
                 match r {
@@ -500,7 +466,7 @@ pub(crate) async fn import_key(
                     Err(s) => Notice::Error(s.message().to_owned()),
                 }
             }
-        }
+        },
     };
     Ok(key_page(c.chrome(op).await, Some(notice)))
 }

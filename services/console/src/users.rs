@@ -231,10 +231,7 @@ pub(crate) async fn load(
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, Refusal> {
-    // No session: refuse before reading the upload.
-    let Some(op) = c.operator(&headers) else {
-        return Err(Refusal::Forbidden("sign in first"));
-    };
+    let (op, upload) = crate::upload::read(&c, &headers, form).await?;
     // A refused upload: the users page again, with why (a file input
     // cannot be filled in again: the operator chooses the file again).
     let refused = async |code: StatusCode, why: String| {
@@ -249,40 +246,11 @@ pub(crate) async fn load(
         )
         .await
     };
-    // Not a file upload: it has no CSRF token either.
-    let Ok(mut form) = form else {
-        return Err(Refusal::Forbidden(
-            "the form is stale (CSRF check failed): reload the page",
-        ));
+    let upload = match upload {
+        Ok(u) => u,
+        Err(why) => return Ok(refused(StatusCode::BAD_REQUEST, why).await),
     };
-    let (mut csrf, mut file, mut file_name) = (String::new(), None::<Vec<u8>>, String::new());
-    loop {
-        let field = match form.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                let why = format!("the upload did not arrive whole: {}", e.body_text());
-                return Ok(refused(StatusCode::BAD_REQUEST, why).await);
-            }
-        };
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" {
-            file_name = field.file_name().unwrap_or_default().to_owned();
-        }
-        let bytes = match field.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                let why = format!("the upload did not arrive whole: {}", e.body_text());
-                return Ok(refused(StatusCode::BAD_REQUEST, why).await);
-            }
-        };
-        match name.as_str() {
-            "csrf" => csrf = String::from_utf8_lossy(&bytes).into_owned(),
-            "file" => file = Some(bytes.to_vec()),
-            _ => {}
-        }
-    }
-    checked(&c, &headers, Some(&csrf))?;
+    let (file, file_name) = (upload.file, upload.file_name);
     let refuse = async |why: &str| refused(StatusCode::UNPROCESSABLE_ENTITY, why.to_owned()).await;
     let Some(file) = file.filter(|f| !f.is_empty()) else {
         // A browser sends an empty part with no file name when none was chosen.

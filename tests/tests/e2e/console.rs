@@ -460,17 +460,7 @@ async fn the_audit_names_the_operator_behind_each_console_action(store: Store) {
     .await;
     assert!(made.status < 400, "{}", made.body);
 
-    let audit = admin
-        .list_audit(pb::ListAuditRequest {
-            limit: 50,
-            source: "admin".into(),
-            contains: String::new(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = admin_audit(&site, "", 50).await;
     let row = |action: &str| {
         audit
             .iter()
@@ -588,6 +578,21 @@ async fn multipart(site: &TestSite, cookie: &str, path: &str, fields: &[(&str, &
     let mut out = vec![];
     tcp.read_to_end(&mut out).await.unwrap();
     reply(&out)
+}
+
+/// admin's audit rows with `contains` in them, newest first.
+async fn admin_audit(site: &TestSite, contains: &str, limit: u32) -> Vec<pb::AuditEntry> {
+    site.admin()
+        .list_audit(pb::ListAuditRequest {
+            limit,
+            source: "admin".into(),
+            contains: contains.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
 }
 
 /// The "Next page" link of a list page, unescaped.
@@ -780,18 +785,7 @@ async fn console_pages_do_what_they_say(store: Store) {
     );
     let r = http(&site, "POST", "/users/nobody/alarm", c, Some(&f("text=hello"))).await;
     assert!(r.status >= 400, "{}", r.body);
-    let raised = site
-        .admin()
-        .list_audit(pb::ListAuditRequest {
-            limit: 20,
-            source: "admin".into(),
-            contains: "raise_alarms".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let raised = admin_audit(&site, "raise_alarms", 20).await;
     assert!(
         raised
             .iter()
@@ -1447,18 +1441,7 @@ async fn the_admin_certificate_signs_in_over_https(store: Store) {
     // No client certificate: the handshake is refused, nothing is served.
     assert!(https(&site, None, "GET", "/signin", None).await.is_none());
     // The certificate sign-in is in the audit, once: the refused ones are not.
-    let audit = site
-        .admin()
-        .list_audit(pb::ListAuditRequest {
-            limit: 50,
-            source: "admin".into(),
-            contains: "console_sign_in".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = admin_audit(&site, "console_sign_in", 50).await;
     let rows: Vec<(&str, &str)> = audit
         .iter()
         .filter(|e| e.action == "console_sign_in")
