@@ -4,21 +4,29 @@ prints, once each, the service.name of every resource it is sent. (The
 compose file's collector is the real one; this only takes its place.)"""
 import re
 import sys
+import threading
 from concurrent import futures
 
 import grpc
 
 SERVICE_NAME = re.compile(rb"\x0a\x0cservice\.name\x12.\x0a(.)", re.S)
 seen = set()
+# Exports arrive on several threads at once. print() writes the text and the
+# newline separately, so two threads could run their lines together
+# ("...=tallytraces from ..."): one lock, one write per line.
+lock = threading.Lock()
 
 
 def export(request, context):
     for m in SERVICE_NAME.finditer(request):
         start = m.end()
         name = request[start:start + m.group(1)[0]].decode(errors="replace")
-        if name not in seen:
+        with lock:
+            if name in seen:
+                continue
             seen.add(name)
-            print(f"traces from service.name={name}", flush=True)
+            sys.stdout.write(f"traces from service.name={name}\n")
+            sys.stdout.flush()
     return b""  # an empty ExportTraceServiceResponse
 
 
