@@ -11,6 +11,7 @@ mod console;
 mod gateway;
 mod limits;
 mod peers;
+mod pool;
 mod python_client;
 mod python_peer_client;
 mod replicas;
