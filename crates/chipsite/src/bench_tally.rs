@@ -297,7 +297,6 @@ async fn drain(admin: &mut AdminServiceClient<chipsite_tls::InternalChannel>) ->
     Ok(())
 }
 
-/// The steps B recorded, oldest first: (signed at, recorded at), in ms.
 /// How many steps B has recorded.
 async fn recorded_count(db: &sea_orm::DatabaseConnection) -> anyhow::Result<i64> {
     let row = db
@@ -310,6 +309,7 @@ async fn recorded_count(db: &sea_orm::DatabaseConnection) -> anyhow::Result<i64>
     Ok(row.try_get("", "n")?)
 }
 
+/// The steps B recorded, oldest first: (signed at, recorded at), in ms.
 async fn recorded(db: &sea_orm::DatabaseConnection) -> anyhow::Result<Vec<(i64, i64)>> {
     let rows = db
         .query_all_raw(Statement::from_string(

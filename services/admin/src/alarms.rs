@@ -218,7 +218,6 @@ impl Admin {
         Ok(())
     }
 
-    /// How many unacknowledged alarms a user has.
     /// What an app's `status` shows of a user: CHIP ID, name, status,
     /// lockdown, and how many alarms wait to be acknowledged; one statement.
     pub async fn user_status(
