@@ -143,7 +143,7 @@ impl AdminGrpc {
         let result = f.await;
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
-            Err(s) => format!("{:?}: {}", s.code(), s.message()),
+            Err(s) => outcome_of(s),
         };
         if let Err(e) = self.admin.audit(caller, action, subject, &outcome).await {
             tracing::error!(error = %e, action, "could not write the admin audit record");
@@ -192,34 +192,58 @@ fn ticket_pb(t: tk::TicketInfo) -> pb::TicketInfo {
 
 type R<T> = Result<Response<T>, Status>;
 
+/// A refused command's audit outcome: its gRPC code and message.
+fn outcome_of(s: &Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
     async fn create_user(&self, req: Request<pb::CreateUserRequest>) -> R<pb::User> {
         let caller = actor(&req)?;
         let r = req.into_inner();
-        self.audited(&caller, "create_user", &r.chip_id.clone(), async {
-            let contact = r.contact.unwrap_or_default();
-            let data = UserData {
-                name: r.name,
-                address: r.address,
-                email: contact.email,
-                phone: contact.phone,
-            };
-            let u = self.admin.create_user(&r.chip_id, data).await?;
-            // A key key-vault still holds for this CHIP ID belongs to no
-            // one (a load that did not finish): it must not pass to the new
-            // user. If it cannot be checked, nothing is created.
-            if let Err(s) = self.forget_key(&u.chip_id).await {
-                self.admin.unload_user(&u.chip_id).await?;
-                return Err(status(
+        let contact = r.contact.unwrap_or_default();
+        let data = UserData {
+            name: r.name,
+            address: r.address,
+            email: contact.email,
+            phone: contact.phone,
+        };
+        // The user and its audit record commit together; a refusal is
+        // audited on its own.
+        let (u, audit_id) = match self.admin.create_user_audited(&caller, &r.chip_id, data).await {
+            Ok(created) => created,
+            Err(e) => {
+                let refused = Status::from(e);
+                return self
+                    .audited(&caller, "create_user", &r.chip_id, async { Err(refused) })
+                    .await;
+            }
+        };
+        // A key key-vault still holds for this CHIP ID belongs to no
+        // one (a load that did not finish): it must not pass to the new
+        // user. If it cannot be checked, nothing is created.
+        if let Err(s) = self.forget_key(&u.chip_id).await {
+            let undone = self.admin.unload_user(&u.chip_id).await;
+            let refused = match undone {
+                Ok(()) => status(
                     code_of(&s),
                     format!("key-vault: {}; nothing was created", s.message()),
-                ));
+                ),
+                Err(e) => Status::from(e),
+            };
+            if let Err(e) = self
+                .admin
+                .set_audit_outcome(audit_id, &outcome_of(&refused))
+                .await
+            {
+                tracing::error!(error = %e, "could not correct the admin audit record of create_user");
+                return Err(status(ErrorCode::Internal, "internal error"));
             }
-            // Just created, its key just forgotten: it has none.
-            Ok(user_view(u, false))
-        })
-        .await
+            return Err(refused);
+        }
+        // Just created, its key just forgotten: it has none.
+        Ok(Response::new(user_view(u, false)))
     }
 
     async fn get_user(&self, req: Request<pb::GetUserRequest>) -> R<pb::User> {

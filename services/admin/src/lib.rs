@@ -14,7 +14,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    EntityTrait, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::OnConflict,
+    DbBackend, EntityTrait, FromQueryResult, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement, sea_query::OnConflict,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -625,6 +626,101 @@ impl Admin {
             updated_at_ms: now,
         })
         .await
+    }
+
+    /// Create a user and record `actor`'s `create_user` in the audit log
+    /// (outcome `ok`) in one commit: on PostgreSQL one statement, on SQLite
+    /// one transaction. Returns the user and the audit row's id, so that a
+    /// step that undoes the creation can say so ([`Admin::set_audit_outcome`]).
+    /// A refusal (a bad CHIP ID, an existing user) writes nothing: the caller
+    /// audits it.
+    pub async fn create_user_audited(
+        &self,
+        actor: &str,
+        chip_id: &str,
+        data: UserData,
+    ) -> Result<(user::Model, i64), AdminError> {
+        validate_chip_id(chip_id)?;
+        validate_data(&data)?;
+        let now = now_ms();
+        let actor: String = actor.chars().take(64).collect();
+        let exists = |e: sea_orm::DbErr| {
+            if is_unique_violation(&e) {
+                AdminError::UserExists(chip_id.to_owned())
+            } else {
+                AdminError::Store(e)
+            }
+        };
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            let stmt = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "WITH created AS (INSERT INTO admin_users (chip_id, name, address, email, phone, \
+                 status, locked, created_at_ms, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, 'active', false, $6, $6) RETURNING *), \
+                 audited AS (INSERT INTO admin_audit (at_ms, actor, action, subject, outcome) \
+                 SELECT $6, $7, 'create_user', chip_id, 'ok' FROM created RETURNING id) \
+                 SELECT created.*, audited.id AS audit_id FROM created, audited",
+                [
+                    chip_id.into(),
+                    data.name.into(),
+                    data.address.into(),
+                    data.email.into(),
+                    data.phone.into(),
+                    now.into(),
+                    actor.into(),
+                ],
+            );
+            let row = self
+                .db
+                .query_one_raw(stmt)
+                .await
+                .map_err(exists)?
+                .ok_or_else(|| AdminError::Store(sea_orm::DbErr::RecordNotInserted))?;
+            let u = user::Model::from_query_result(&row, "")?;
+            let id: i64 = row.try_get("", "audit_id")?;
+            return Ok((u, id));
+        }
+        let txn = chipsite_store::begin_write(&self.db).await?;
+        let u = user::ActiveModel::from(user::Model {
+            chip_id: chip_id.to_owned(),
+            name: data.name,
+            address: data.address,
+            email: data.email,
+            phone: data.phone,
+            status: "active".to_owned(),
+            locked: false,
+            created_at_ms: now,
+            updated_at_ms: now,
+        })
+        .insert(&txn)
+        .await
+        .map_err(exists)?;
+        let a = audit::ActiveModel {
+            at_ms: Set(now),
+            actor: Set(actor),
+            action: Set("create_user".to_owned()),
+            subject: Set(u.chip_id.clone()),
+            outcome: Set("ok".to_owned()),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok((u, a.id))
+    }
+
+    /// Change the outcome of audit record `id` (an action undone after it
+    /// was recorded as done).
+    pub async fn set_audit_outcome(&self, id: i64, outcome: &str) -> Result<(), AdminError> {
+        audit::Entity::update_many()
+            .col_expr(
+                audit::Column::Outcome,
+                sea_orm::sea_query::Expr::value(outcome.chars().take(255).collect::<String>()),
+            )
+            .filter(audit::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     async fn insert_user(&self, u: user::Model) -> Result<user::Model, AdminError> {

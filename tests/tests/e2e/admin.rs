@@ -805,3 +805,121 @@ async fn configuration_is_cached_briefly_and_lockdown_is_read_fresh(store: Store
     assert_eq!(e.code(), Code::NotFound);
     site.finish().await;
 }
+
+store_test!(a_created_user_and_its_audit_record_commit_together);
+/// `CreateUser` writes the user and its audit record in one commit; a
+/// refusal is audited on its own; a creation undone because key-vault could
+/// not be asked leaves no user and one record that says so, not `ok`.
+async fn a_created_user_and_its_audit_record_commit_together(store: Store) {
+    let site = TestSite::start(&store).await;
+    let mut admin = site.admin();
+    let records = |entries: &[pb::AuditEntry], subject: &str| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|e| e.action == "create_user" && e.subject == subject)
+            .map(|e| e.outcome.clone())
+            .collect()
+    };
+    let audit = |mut admin: chipsite_proto::admin::v1::admin_service_client::AdminServiceClient<_>| async move {
+        admin
+            .list_audit(pb::ListAuditRequest {
+                limit: 100,
+                source: "admin".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    };
+
+    admin.create_user(create("alice", "Alice")).await.unwrap();
+    let again = admin
+        .create_user(create("alice", "Alice again"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    let bad = admin.create_user(create("Not An Id", "Bad")).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let entries = audit(site.admin()).await;
+    let alice = records(&entries, "alice");
+    assert_eq!(alice.len(), 2, "{alice:?}");
+    assert!(alice[0].starts_with("AlreadyExists"), "newest first: {alice:?}");
+    assert_eq!(alice[1], "ok");
+    let bad = records(&entries, "Not An Id");
+    assert!(bad.len() == 1 && bad[0].starts_with("InvalidArgument"), "{bad:?}");
+    let u = admin
+        .get_user(pb::GetUserRequest {
+            chip_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.name, "Alice", "the refused second creation changed nothing");
+
+    // A second admin process on the same store whose key-vault cannot be
+    // reached (a closed port): the user is created, then undone.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let url =
+        chipsite_e2e::config_for(site.dir.path(), &store).database_url_for(chipsite_site::Service::Admin);
+    let db = chipsite_store::connect(&url).await.unwrap();
+    let admin2 = std::sync::Arc::new(chipsite_admin::Admin::open(db).await.unwrap());
+    let channel =
+        |addr: &str, server: &str| chipsite_tls::connect_lazy(addr, server, site.tls(id::ADMIN)).unwrap();
+    let endpoints = site.site.endpoints.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin2_addr = listener.local_addr().unwrap().to_string();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(chipsite_admin::serve(
+        admin2,
+        chipsite_admin::Calls {
+            key_vault: channel(&nowhere, id::KEY_VAULT),
+            tickets: channel(&endpoints.ticket, id::TICKET),
+            peer_gateway: channel(&endpoints.peer_gateway, id::PEER_GATEWAY),
+            tally: channel(&endpoints.tally, id::TALLY),
+        },
+        listener,
+        site.tls(id::ADMIN),
+        false,
+        async move {
+            let _ = stop.await;
+        },
+    ));
+    let mut other = chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(
+        chipsite_tls::connect_tls_lazy(&admin2_addr, id::ADMIN, site.tls(id::ADMIN_CLIENT)).unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let refused = loop {
+        match other.create_user(create("bob", "Bob")).await {
+            Err(e) if e.message().contains("nothing was created") => break e,
+            // The second admin may not be serving yet.
+            Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("expected a refusal naming key-vault: {other:?}"),
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let gone = admin
+        .get_user(pb::GetUserRequest {
+            chip_id: "bob".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "nothing was created");
+    let bob = records(&audit(site.admin()).await, "bob");
+    assert_eq!(
+        bob.len(),
+        1,
+        "one record, corrected rather than added to: {bob:?}"
+    );
+    assert!(
+        bob[0].starts_with("Unavailable") && bob[0].contains("nothing was created"),
+        "{bob:?}"
+    );
+    let _ = stop_tx.send(());
+    site.finish().await;
+}
