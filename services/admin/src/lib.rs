@@ -610,31 +610,13 @@ impl Admin {
         Ok(ran)
     }
 
-    pub async fn create_user(&self, chip_id: &str, data: UserData) -> Result<user::Model, AdminError> {
-        validate_chip_id(chip_id)?;
-        validate_data(&data)?;
-        let now = now_ms();
-        self.insert_user(user::Model {
-            chip_id: chip_id.to_owned(),
-            name: data.name,
-            address: data.address,
-            email: data.email,
-            phone: data.phone,
-            status: "active".to_owned(),
-            locked: false,
-            created_at_ms: now,
-            updated_at_ms: now,
-        })
-        .await
-    }
-
     /// Create a user and record `actor`'s `create_user` in the audit log
     /// (outcome `ok`) in one commit: on PostgreSQL one statement, on SQLite
     /// one transaction. Returns the user and the audit row's id, so that a
     /// step that undoes the creation can say so ([`Admin::set_audit_outcome`]).
     /// A refusal (a bad CHIP ID, an existing user) writes nothing: the caller
     /// audits it.
-    pub async fn create_user_audited(
+    pub async fn create_user(
         &self,
         actor: &str,
         chip_id: &str,
