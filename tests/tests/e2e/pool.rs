@@ -1,7 +1,8 @@
-//! The database pools: a connection goes back to the pool without a round
-//! trip to the server (chipsite's one-line patch of sqlx-core,
-//! vendor/sqlx-core/CHIPSITE-PATCH.md), and still goes back clean after a
-//! dropped transaction or a query dropped mid-way.
+//! The database pools (chipsite's patch of sqlx-core,
+//! vendor/sqlx-core/CHIPSITE-PATCH.md): a connection goes back to the pool
+//! without a round trip to the server, and still goes back clean after a
+//! dropped transaction or a query dropped mid-way; the connection given back
+//! last is handed out first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -207,3 +208,66 @@ async fn connections_go_back_to_the_pool_clean_and_without_a_round_trip(store: S
     db.close().await.unwrap();
 }
 store_test!(connections_go_back_to_the_pool_clean_and_without_a_round_trip);
+
+/// How many connections sit idle in `db`'s pool.
+fn idle(db: &DatabaseConnection) -> usize {
+    match db.get_database_backend() {
+        DbBackend::Postgres => db.get_postgres_connection_pool().num_idle(),
+        _ => db.get_sqlite_connection_pool().num_idle(),
+    }
+}
+
+/// Wait (at most 10 s) until `n` connections are idle in `db`'s pool.
+async fn until_idle(db: &DatabaseConnection, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while idle(db) != n {
+        assert!(std::time::Instant::now() < deadline, "{} idle, not {n}", idle(db));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn the_connection_given_back_last_is_used_first(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match &store {
+        Store::Sqlite => chipsite_store::sqlite_url(&dir.path().join("pool.db")),
+        Store::Postgres { .. } => store.url(),
+    };
+    let mut opts = ConnectOptions::new(url);
+    opts.max_connections(3)
+        .min_connections(0)
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
+        .sqlx_logging(false);
+    let db = Database::connect(opts).await.unwrap();
+    // Three connections at once, each marked with its number in a
+    // temporary table (one per connection), given back 0, 1, 2 in turn.
+    let mut txns = vec![];
+    for n in 0..3 {
+        let txn = sea_orm::TransactionTrait::begin(&db).await.unwrap();
+        txn.execute_unprepared("CREATE TEMPORARY TABLE connection_mark (n INTEGER NOT NULL)")
+            .await
+            .unwrap();
+        txn.execute_unprepared(&format!("INSERT INTO connection_mark (n) VALUES ({n})"))
+            .await
+            .unwrap();
+        txns.push(txn);
+    }
+    for (n, txn) in txns.into_iter().enumerate() {
+        txn.commit().await.unwrap();
+        until_idle(&db, n + 1).await;
+    }
+    let mark = "SELECT CAST(n AS BIGINT) FROM connection_mark";
+    assert_eq!(
+        number(&db, mark).await,
+        2,
+        "the pool handed out a connection idle longer than another (is sqlx-core's FIFO queue back? vendor/sqlx-core)"
+    );
+    until_idle(&db, 3).await;
+    // While that one is busy, the next most recent.
+    let busy = sea_orm::TransactionTrait::begin(&db).await.unwrap();
+    let row = busy.query_one_raw(stmt(&db, mark)).await.unwrap().unwrap();
+    assert_eq!(row.try_get_by_index::<i64>(0).unwrap(), 2);
+    assert_eq!(number(&db, mark).await, 1);
+    busy.commit().await.unwrap();
+    db.close().await.unwrap();
+}
+store_test!(the_connection_given_back_last_is_used_first);

@@ -4,7 +4,6 @@ use crate::connection::Connection;
 use crate::database::Database;
 use crate::error::Error;
 use crate::pool::{deadline_as_timeout, CloseEvent, Pool, PoolOptions};
-use crossbeam_queue::ArrayQueue;
 
 use crate::sync::{AsyncSemaphore, AsyncSemaphoreReleaser};
 
@@ -22,9 +21,54 @@ use futures_util::FutureExt;
 use std::time::{Duration, Instant};
 use tracing::Level;
 
+/// chipsite: the idle connections, handed out most recently released first
+/// (sqlx's `ArrayQueue` hands out the one idle longest). A connection used
+/// again at once still has its caches: an SQLite connection's page cache,
+/// which it drops whenever another connection wrote since its last use, and a
+/// PostgreSQL backend's place in the CPU caches. The ones idle longest stay
+/// idle and the reaper closes them after `idle_timeout`. See
+/// CHIPSITE-PATCH.md.
+pub(super) struct IdleConns<T> {
+    capacity: usize,
+    conns: std::sync::Mutex<std::collections::VecDeque<T>>,
+}
+
+impl<T> IdleConns<T> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            conns: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+        }
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<T>> {
+        // Nothing panics while holding the lock; a poisoned one is still whole.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently released.
+    pub(super) fn pop(&self) -> Option<T> {
+        self.conns().pop_back()
+    }
+
+    /// The one released longest ago.
+    fn pop_oldest(&self) -> Option<T> {
+        self.conns().pop_front()
+    }
+
+    pub(super) fn push(&self, conn: T) -> Result<(), T> {
+        let mut conns = self.conns();
+        if conns.len() >= self.capacity {
+            return Err(conn);
+        }
+        conns.push_back(conn);
+        Ok(())
+    }
+}
+
 pub(crate) struct PoolInner<DB: Database> {
     pub(super) connect_options: RwLock<Arc<<DB::Connection as Connection>::Options>>,
-    pub(super) idle_conns: ArrayQueue<Idle<DB>>,
+    pub(super) idle_conns: IdleConns<Idle<DB>>,
     pub(super) semaphore: AsyncSemaphore,
     pub(super) size: AtomicU32,
     pub(super) num_idle: AtomicUsize,
@@ -53,7 +97,7 @@ impl<DB: Database> PoolInner<DB> {
 
         let pool = Self {
             connect_options: RwLock::new(Arc::new(connect_options)),
-            idle_conns: ArrayQueue::new(capacity),
+            idle_conns: IdleConns::new(capacity),
             semaphore: AsyncSemaphore::new(options.fair, semaphore_capacity),
             size: AtomicU32::new(0),
             num_idle: AtomicUsize::new(0),
@@ -187,6 +231,22 @@ impl<DB: Database> PoolInner<DB> {
         let permit = self.semaphore.try_acquire(1)?;
 
         self.pop_idle(permit).ok()
+    }
+
+    /// chipsite: [`Self::try_acquire`], but the connection idle longest (the
+    /// reaper goes through them oldest first).
+    fn try_acquire_oldest(self: &Arc<Self>) -> Option<Floating<DB, Idle<DB>>> {
+        if self.is_closed() {
+            return None;
+        }
+        let permit = self.semaphore.try_acquire(1)?;
+        match self.idle_conns.pop_oldest() {
+            Some(idle) => {
+                self.num_idle.fetch_sub(1, Ordering::AcqRel);
+                Some(Floating::from_idle(idle, (*self).clone(), permit))
+            }
+            None => None,
+        }
     }
 
     fn pop_idle<'a>(
@@ -546,7 +606,7 @@ fn spawn_maintenance_tasks<DB: Database>(pool: &Arc<PoolInner<DB>>) {
                     // open a new one immediately. Note that other connections may be popped from
                     // the queue in the meantime - that's fine, there is no harm in checking more
                     for _ in 0..pool.num_idle() {
-                        if let Some(conn) = pool.try_acquire() {
+                        if let Some(conn) = pool.try_acquire_oldest() {
                             if is_beyond_idle_timeout(&conn, &pool.options)
                                 || is_beyond_max_lifetime(&conn, &pool.options)
                             {
