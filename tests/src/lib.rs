@@ -575,6 +575,21 @@ pub fn captured_logs() -> String {
     String::from_utf8_lossy(logs.get(&id).map(Vec::as_slice).unwrap_or_default()).into_owned()
 }
 
+/// Fail the running test over `what`, with the warnings and errors this
+/// test has logged so far (the services' own account of why), which a bare
+/// panic would leave out.
+pub fn fail_with_logs(what: &str) -> ! {
+    let logs = captured_logs();
+    let noted: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .collect();
+    panic!(
+        "{what}\nwarnings and errors logged by this test:\n{}",
+        noted.join("\n")
+    )
+}
+
 /// Retry `f` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where

@@ -26,7 +26,7 @@ async fn concurrent_writers_all_succeed(store: Store) {
                     ..Default::default()
                 })
                 .await
-                .unwrap_or_else(|e| panic!("create {w}/{r}: {e:?}"));
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("create {w}/{r}: {e:?}")));
             admin
                 .update_user(ad::UpdateUserRequest {
                     chip_id: chip_id.clone(),
@@ -34,7 +34,7 @@ async fn concurrent_writers_all_succeed(store: Store) {
                     ..Default::default()
                 })
                 .await
-                .unwrap_or_else(|e| panic!("update {w}/{r}: {e:?}"));
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("update {w}/{r}: {e:?}")));
             for locked in [true, false] {
                 admin
                     .set_lockdown(ad::SetLockdownRequest {
@@ -42,7 +42,7 @@ async fn concurrent_writers_all_succeed(store: Store) {
                         locked,
                     })
                     .await
-                    .unwrap_or_else(|e| panic!("lockdown {w}/{r}: {e:?}"));
+                    .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("lockdown {w}/{r}: {e:?}")));
             }
             // admin's alarms.
             events
@@ -54,7 +54,7 @@ async fn concurrent_writers_all_succeed(store: Store) {
                     }],
                 })
                 .await
-                .unwrap_or_else(|e| panic!("alarm {w}/{r}: {e:?}"));
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("alarm {w}/{r}: {e:?}")));
             // ticket: one revoked, one redeemed (and key-vault registers the key).
             let spare = admin
                 .issue_user_ticket(ad::IssueUserTicketRequest {
@@ -62,18 +62,18 @@ async fn concurrent_writers_all_succeed(store: Store) {
                     ttl_seconds: 0,
                 })
                 .await
-                .unwrap_or_else(|e| panic!("issue {w}/{r}: {e:?}"))
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("issue {w}/{r}: {e:?}")))
                 .into_inner();
             admin
                 .revoke_ticket(ad::RevokeTicketRequest {
                     id: spare.ticket_id.clone(),
                 })
                 .await
-                .unwrap_or_else(|e| panic!("revoke {w}/{r}: {e:?}"));
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("revoke {w}/{r}: {e:?}")));
             let ticket = site.user_ticket(&chip_id, 0).await;
             enroll(&ticket, &chip_id, &AppKey::generate().unwrap())
                 .await
-                .unwrap_or_else(|e| panic!("enroll {w}/{r}: {e:?}"));
+                .unwrap_or_else(|e| chipsite_e2e::fail_with_logs(&format!("enroll {w}/{r}: {e:?}")));
         }
     });
     futures::future::join_all(writers).await;
