@@ -2,7 +2,8 @@
 //! vendor/sqlx-core/CHIPSITE-PATCH.md): a connection goes back to the pool
 //! without a round trip to the server, and still goes back clean after a
 //! dropped transaction or a query dropped mid-way; the connection given back
-//! last is handed out first.
+//! last is handed out first; a transaction after a dropped one begins as
+//! asked.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -271,3 +272,58 @@ async fn the_connection_given_back_last_is_used_first(store: Store) {
     db.close().await.unwrap();
 }
 store_test!(the_connection_given_back_last_is_used_first);
+
+/// A transaction dropped without a commit, then the next one at once on the
+/// same connection: on SQLite the next one still takes the write lock as it
+/// begins (`BEGIN IMMEDIATE`), so another connection's write waits for it;
+/// on both stores the dropped one's write is gone. (Without the release
+/// `ping` for a connection still in a transaction, SQLite's worker had not
+/// yet run the rollback when the connection was handed out again, and the
+/// next transaction began deferred.)
+async fn a_transaction_after_a_dropped_one_begins_as_asked(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match &store {
+        Store::Sqlite => chipsite_store::sqlite_url(&dir.path().join("pool.db")),
+        Store::Postgres { .. } => store.url(),
+    };
+    let db = pool_of_one(&url).await;
+    db.execute_unprepared("CREATE TABLE pool_probe (n INTEGER NOT NULL)")
+        .await
+        .unwrap();
+    let other = pool_of_one(&url).await;
+    if let Store::Sqlite = store {
+        // The other connection gives up at once instead of waiting.
+        other.execute_unprepared("PRAGMA busy_timeout = 0").await.unwrap();
+    }
+    for round in 0..50 {
+        {
+            let dropped = chipsite_store::begin_write(&db).await.unwrap();
+            dropped
+                .execute_unprepared("INSERT INTO pool_probe (n) VALUES (1000)")
+                .await
+                .unwrap();
+        }
+        let next = chipsite_store::begin_write(&db).await.unwrap();
+        if let Store::Sqlite = store {
+            let blocked = other
+                .execute_unprepared("INSERT INTO pool_probe (n) VALUES (7)")
+                .await;
+            assert!(
+                blocked.is_err(),
+                "round {round}: the transaction after a dropped one did not take the write lock as it began"
+            );
+        }
+        next.execute_unprepared("INSERT INTO pool_probe (n) VALUES (1)")
+            .await
+            .unwrap();
+        next.commit().await.unwrap();
+    }
+    assert_eq!(
+        number(&db, "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM pool_probe").await,
+        50,
+        "only the committed rows"
+    );
+    other.close().await.unwrap();
+    db.close().await.unwrap();
+}
+store_test!(a_transaction_after_a_dropped_one_begins_as_asked);

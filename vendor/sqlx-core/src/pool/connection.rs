@@ -318,7 +318,26 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // dropped mid-way), which is all the band-aid above needs; `ping`
         // added a Sync round trip to the server on every release, even of a
         // clean connection: a second round trip for every statement.
-        if let Err(error) = self.raw.flush().await {
+        //
+        // chipsite's patch, part 3: a transaction dropped without a commit
+        // leaves its rollback queued. PostgreSQL counts it done at once (the
+        // ROLLBACK is in the buffer `flush` sends), but SQLite's worker
+        // thread counts it only when it runs it. A connection handed out
+        // before that still says it is in a transaction, and sea-orm then
+        // begins the next one as a SAVEPOINT (a plain deferred `BEGIN` once
+        // the rollback has run) instead of `BEGIN IMMEDIATE`, whose writes can
+        // fail at once with "database is locked". So a connection still in a
+        // transaction waits for its driver with `ping`, as sqlx did for all.
+        let mut released = self.raw.flush().await;
+        if released.is_ok() && self.raw.is_in_transaction() {
+            released = self.raw.ping().await;
+            if released.is_ok() && self.raw.is_in_transaction() {
+                released = Err(crate::error::Error::Protocol(
+                    "a connection went back to the pool inside a transaction".into(),
+                ));
+            }
+        }
+        if let Err(error) = released {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
