@@ -401,6 +401,37 @@ impl TestSite {
         (port, stop)
     }
 
+    /// Another admin process in this one, serving `admin` (opened on a
+    /// store of this site's) on the returned address until the returned
+    /// sender says stop; it calls this site's services, but key-vault at
+    /// `key_vault_addr` (this site's, or somewhere nothing answers).
+    pub async fn extra_admin(
+        &self,
+        admin: Arc<chipsite_admin::Admin>,
+        key_vault_addr: &str,
+    ) -> (String, tokio::sync::watch::Sender<bool>) {
+        let e = &self.site.endpoints;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(chipsite_admin::serve(
+            admin,
+            chipsite_admin::Calls {
+                key_vault: self.service_channel(key_vault_addr, id::KEY_VAULT, id::ADMIN),
+                tickets: self.service_channel(&e.ticket, id::TICKET, id::ADMIN),
+                peer_gateway: self.service_channel(&e.peer_gateway, id::PEER_GATEWAY, id::ADMIN),
+                tally: self.service_channel(&e.tally, id::TALLY, id::ADMIN),
+            },
+            listener,
+            self.tls(id::ADMIN),
+            false,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        (addr, stop)
+    }
+
     /// The ticket service's audit records, newest first (up to 1,000).
     pub async fn ticket_audit(&self) -> Vec<chipsite_proto::ticket::v1::AuditRecord> {
         self.tickets_as(id::ADMIN)

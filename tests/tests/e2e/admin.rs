@@ -866,27 +866,7 @@ async fn a_created_user_and_its_audit_record_commit_together(store: Store) {
         chipsite_e2e::config_for(site.dir.path(), &store).database_url_for(chipsite_site::Service::Admin);
     let db = chipsite_store::connect(&url).await.unwrap();
     let admin2 = std::sync::Arc::new(chipsite_admin::Admin::open(db).await.unwrap());
-    let channel =
-        |addr: &str, server: &str| chipsite_tls::connect_lazy(addr, server, site.tls(id::ADMIN)).unwrap();
-    let endpoints = site.site.endpoints.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin2_addr = listener.local_addr().unwrap().to_string();
-    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(chipsite_admin::serve(
-        admin2,
-        chipsite_admin::Calls {
-            key_vault: channel(&nowhere, id::KEY_VAULT),
-            tickets: channel(&endpoints.ticket, id::TICKET),
-            peer_gateway: channel(&endpoints.peer_gateway, id::PEER_GATEWAY),
-            tally: channel(&endpoints.tally, id::TALLY),
-        },
-        listener,
-        site.tls(id::ADMIN),
-        false,
-        async move {
-            let _ = stop.await;
-        },
-    ));
+    let (admin2_addr, stop_admin2) = site.extra_admin(admin2, &nowhere).await;
     let mut other = chipsite_proto::admin::v1::admin_service_client::AdminServiceClient::new(
         chipsite_tls::connect_tls_lazy(&admin2_addr, id::ADMIN, site.tls(id::ADMIN_CLIENT)).unwrap(),
     );
@@ -896,7 +876,6 @@ async fn a_created_user_and_its_audit_record_commit_together(store: Store) {
             Err(e) if e.message().contains("nothing was created") => break e,
             // The second admin may not be serving yet.
             Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
-                tokio::task::yield_now().await;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             other => panic!("expected a refusal naming key-vault: {other:?}"),
@@ -920,6 +899,6 @@ async fn a_created_user_and_its_audit_record_commit_together(store: Store) {
         bob[0].starts_with("Unavailable") && bob[0].contains("nothing was created"),
         "{bob:?}"
     );
-    let _ = stop_tx.send(());
+    let _ = stop_admin2.send(true);
     site.finish().await;
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use chipsite_app::{AppError, AppKey, Session, enroll};
 use chipsite_e2e::{SmtpSink, Store, TestSite, WebhookSink, eventually, store_test};
 use chipsite_proto::{admin::v1 as pb, events::v1 as ev};
-use chipsite_tls::identity as id;
 use serde_json::json;
 
 /// The site's last word on a session, then the close; returns how long it took.
@@ -272,37 +271,19 @@ store_test!(events_reach_every_replica);
 async fn events_reach_every_replica(store: Store) {
     let site = TestSite::start(&store).await;
     let endpoints = site.site.endpoints.clone();
-    let channel =
-        |addr: &str, server: &str, me: &str| chipsite_tls::connect_lazy(addr, server, site.tls(me)).unwrap();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
     // On PostgreSQL, a second admin replica on the same database: the
     // second gateway watches it, events raised on the first reach it
     // through LISTEN/NOTIFY.
     let mut admin_addr = endpoints.admin.clone();
+    let mut stop_admin2 = None;
     if let chipsite_e2e::Store::Postgres { .. } = &store {
         let url = store.url();
         let db = chipsite_store::connect(&url).await.unwrap();
         let hub = chipsite_admin::Hub::for_database(&url, &db).await.unwrap();
         let admin2 = std::sync::Arc::new(chipsite_admin::Admin::open(db).await.unwrap().with_hub(hub));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        admin_addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(chipsite_admin::serve(
-            admin2,
-            chipsite_admin::Calls {
-                key_vault: channel(&endpoints.key_vault, id::KEY_VAULT, id::ADMIN),
-                tickets: channel(&endpoints.ticket, id::TICKET, id::ADMIN),
-                peer_gateway: channel(&endpoints.peer_gateway, id::PEER_GATEWAY, id::ADMIN),
-                tally: channel(&endpoints.tally, id::TALLY, id::ADMIN),
-            },
-            listener,
-            site.tls(id::ADMIN),
-            false,
-            stopped(stop.clone()),
-        ));
+        let (addr, stop) = site.extra_admin(admin2, &endpoints.key_vault).await;
+        admin_addr = addr;
+        stop_admin2 = Some(stop);
     }
     let (port, stop_gateway) = site.extra_gateway(&admin_addr).await;
 
@@ -347,7 +328,9 @@ async fn events_reach_every_replica(store: Store) {
     works(&s, "alice").await;
     lockdown(&site, "", true).await;
     closed_with(&s, "closed", -32002).await;
-    let _ = stop_tx.send(true);
+    if let Some(stop) = stop_admin2 {
+        let _ = stop.send(true);
+    }
     let _ = stop_gateway.send(true);
     site.finish().await;
 }
